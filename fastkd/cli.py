@@ -1,0 +1,65 @@
+"""The `fastkd` command: thin subcommands, each implemented in the module that owns its job.
+
+    fastkd demo-data OUT                 # ImageNet-style folder from scikit-learn's digits
+    fastkd pack SRC OUT                  # FFCV .beton + DALI WebDataset shards, one manifest
+    fastkd verify OUT                    # re-hash a packed directory against its manifest
+    fastkd train --data OUT ...          # teacher + two students, uncertainty-aware dual KD
+    fastkd eval CHECKPOINT --data OUT    # top-1/top-5 of a checkpoint
+    fastkd quickstart                    # demo data -> pack -> teacher -> students -> report
+
+Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; modules are
+imported only when their subcommand runs, so `fastkd --help` stays fast and a missing optional
+package (FFCV, DALI) only matters to the subcommand that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fastkd.errors import FastKDError
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo-data": ("fastkd.preprocess.demo", "write the embedded digits demo as an ImageNet-style folder"),
+    "pack": ("fastkd.preprocess.pack_cmd", "pack an ImageNet-style folder into FFCV and DALI formats"),
+    "verify": ("fastkd.preprocess.verify", "re-hash a packed directory against its manifest"),
+    "train": ("fastkd.train_cmd", "train a teacher or two students with (uncertainty-aware) distillation"),
+    "eval": ("fastkd.eval_cmd", "evaluate a checkpoint on a packed directory"),
+    "quickstart": ("fastkd.quickstart", "demo data -> pack -> teacher -> two students -> report"),
+}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
+    parser = argparse.ArgumentParser(prog="fastkd", description=__doc__.split("\n")[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the module that will run
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            if module.__doc__:
+                sub.description = module.__doc__
+                sub.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, module = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except FastKDError as error:
+        print(f"fastkd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
