@@ -1,0 +1,394 @@
+"""The one typed training config: nested dataclasses, YAML file, then `--section.key value` flags.
+
+    cfg = resolve_config("fastkd/configs/imagenet100_uadkd.yaml", {"optim.lr": "0.3"})
+    cfg.optim.lr                    # 0.3
+    save_config(cfg, run_dir / "config.yaml")
+
+Order of layers: dataclass defaults -> (when resuming) the checkpoint's config -> the YAML file
+-> command-line overrides. Every layer is checked against the dataclasses: an unknown key or a
+value of the wrong type raises FastKDError naming `section.key`. Each field's trailing comment
+is its `--help` text, so keep it to one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import types
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from fastkd.errors import FastKDError
+
+METHODS = ("ce", "kd", "uakd", "dml", "dual", "uadkd")
+TEACHER_METHODS = ("kd", "uakd", "dual", "uadkd")  # methods that distil from a teacher
+PEER_METHODS = ("dml", "dual", "uadkd")  # methods with a student-student term: two students
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dir: str | None = None  # packed directory written by `fastkd pack` (alias --data)
+    backend: Literal["ffcv", "dali", "torch", "folder"] = "ffcv"  # loader (alias --backend)
+    batch_size: int = 256  # images per step per rank; lr scales with batch_size x ranks / 256
+    num_workers: int | None = None  # loader workers; null = the backend's default
+    resolution: int = 160  # train resolution (px) when progressive resizing is off
+    val_resolution: int = 224  # val resolution (px)
+    min_resolution: int | None = None  # progressive resizing: first-epoch resolution (set with max)
+    max_resolution: int | None = None  # progressive resizing: last-ramp-epoch resolution
+    ramp_end_epoch: int | None = None  # epoch reaching max_resolution; null = the last epoch
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    teacher: str = "resnet50"  # torchvision architecture of the teacher (alias --teacher)
+    teacher_weights: str | None = None  # fastkd checkpoint, state_dict file, or `imagenet`
+    students: list[str] = field(default_factory=lambda: ["resnet18", "mobilenet_v2"])  # 1 or 2 archs
+    sync_bn: bool = False  # SyncBatchNorm in the students across ranks (CUDA only)
+
+
+@dataclass(kw_only=True)
+class LossSection:
+    method: Literal["ce", "kd", "uakd", "dml", "dual", "uadkd"] = "uadkd"  # preset (alias --method)
+    temperature: float = 4.0  # softening temperature of the distillation terms
+    entropy_temperature: float = 1.0  # temperature of the teacher softmax inside w(x)
+    a_ce: float = 1.0  # weight of the cross-entropy term
+    a_kd: float = 1.0  # weight of the teacher -> student term
+    a_peer: float = 1.0  # weight of the student <-> student term
+    label_smoothing: float = 0.1  # label smoothing of the cross-entropy term
+    fused: bool = True  # fused loss op (CUDA kernel on GPU); false = plain PyTorch reference
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 0.5  # peak SGD learning rate per 256 images
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: float = 5.0e-5  # L2 on conv/linear weights only (not BN, not biases)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    epochs: int = 16  # training epochs (alias --epochs)
+    warmup_epochs: float = 1.0  # linear warm-up from 0 to the peak lr, per iteration
+    shape: Literal["cosine", "linear"] = "cosine"  # decay to zero after warm-up
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: bool = True  # NHWC memory format for the networks and images
+
+
+@dataclass(kw_only=True)
+class CompileConfig:
+    mode: Literal["none", "inductor", "cudagraphs"] = "none"  # torch.compile of each network
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    out: str = "runs/fastkd"  # run directory (alias --out)
+    seed: int = 0  # seed of weights init, data order and augmentation
+    log_every: int = 50  # steps between metric reads (the only host syncs of the loop)
+    eval_every: int = 1  # epochs between val passes (the last epoch is always evaluated)
+    resume: str | None = None  # `auto` (OUT/checkpoints/last.pt if present) or a checkpoint path
+    device: str = "auto"  # auto (cuda if available), cpu, cuda
+    deterministic: bool = False  # deterministic kernels, no cudnn autotuning (exact resume)
+    stop_after: int | None = None  # end this invocation after that many epochs (split a run)
+    live: bool = True  # rich live progress display on rank 0
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    gpus: int = 1  # ranks on this node: >1 relaunches under torch.distributed.run (alias --gpus)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# Short flags for the keys people type most.
+ALIASES: dict[str, str] = {
+    "--data": "data.dir",
+    "--backend": "data.backend",
+    "--batch-size": "data.batch_size",
+    "--method": "loss.method",
+    "--students": "model.students",
+    "--teacher": "model.teacher",
+    "--teacher-weights": "model.teacher_weights",
+    "--epochs": "schedule.epochs",
+    "--compile": "compile.mode",
+    "--out": "run.out",
+    "--resume": "run.resume",
+    "--gpus": "dist.gpus",
+}
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
+
+
+@lru_cache(maxsize=None)
+def _field_help(cls: type) -> dict[str, str]:
+    """Field name -> its trailing `# comment` in the class source (the one-line doc)."""
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if match:
+            helps[match.group(1)] = match.group(2).strip()
+    return helps
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """`value` converted to `tp` (int -> float, comma string -> list) or FastKDError naming key."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _check(value, arg, key)
+            except FastKDError:
+                continue
+    elif origin is Literal:
+        if value in get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [_check(v, get_args(tp)[0], key) for v in value]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `5e-5` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise FastKDError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _merge(base: dict, update: dict, source: str) -> dict:
+    """`update` (a partial nested dict) checked and laid over `base` (a full nested dict)."""
+    if not isinstance(update, dict):
+        raise FastKDError(f"{source}: expected a mapping of sections, got {type(update).__name__}")
+    sections = _sections()
+    merged = {name: dict(values) for name, values in base.items()}
+    for section, values in update.items():
+        if section not in sections:
+            raise FastKDError(f"{source}: unknown config section {section!r} (known: {', '.join(sections)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise FastKDError(f"{source}: section {section} must be a mapping, got {values!r}")
+        hints = get_type_hints(sections[section])
+        for key, value in values.items():
+            if key not in hints:
+                raise FastKDError(
+                    f"{source}: unknown config key {section}.{key} (known: {', '.join(hints)})"
+                )
+            merged[section][key] = _check(value, hints[key], f"{section}.{key}")
+    return merged
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, source: str = "config") -> TrainConfig:
+    """A full TrainConfig from a (possibly partial) nested dict over the defaults, validated."""
+    merged = _merge(config_to_dict(TrainConfig()), data, source)
+    sections = _sections()
+    cfg = TrainConfig(**{name: sections[name](**values) for name, values in merged.items()})
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FastKDError(f"config file {path} not found") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise FastKDError(f"config file {path}: {error}") from None
+    return data or {}
+
+
+def parse_overrides(overrides: dict[str, Any]) -> dict:
+    """{"optim.lr": "0.3"} -> {"optim": {"lr": 0.3}}: strings from the command line typed by
+    the field (`null` means None; `str` fields keep the text as it is)."""
+    sections = _sections()
+    nested: dict[str, dict] = {}
+    for dotted, raw in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in sections or key not in get_type_hints(sections[section]):
+            raise FastKDError(f"unknown config key {dotted}")
+        tp = get_type_hints(sections[section])[key]
+        value = raw
+        if isinstance(raw, str):
+            if raw in ("null", "None", "~") and _check_or_none(None, tp, dotted):
+                value = None
+            elif not _accepts_str(tp):
+                try:
+                    value = yaml.safe_load(raw)
+                except yaml.YAMLError:
+                    value = raw
+        elif isinstance(raw, list) and len(raw) == 1 and get_origin(tp) is list:
+            value = raw[0]  # `--students a,b` arrives as ["a,b"]
+        nested.setdefault(section, {})[key] = value
+    return nested
+
+
+def _accepts_str(tp: Any) -> bool:
+    if get_origin(tp) in (Union, types.UnionType):
+        return any(_accepts_str(a) for a in get_args(tp))
+    return tp is str or get_origin(tp) in (Literal, list)
+
+
+def _check_or_none(value: Any, tp: Any, key: str) -> bool:
+    try:
+        _check(value, tp, key)
+        return True
+    except FastKDError:
+        return False
+
+
+def resolve_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict | None = None,
+) -> TrainConfig:
+    """defaults -> base (e.g. a checkpoint's config) -> YAML file -> overrides, validated."""
+    merged = config_to_dict(TrainConfig())
+    if base:
+        merged = _merge(merged, base, "checkpoint config")
+    if path is not None:
+        merged = _merge(merged, load_yaml(path), f"config file {path}")
+    if overrides:
+        merged = _merge(merged, parse_overrides(overrides), "command line")
+    return config_from_dict(merged)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks across keys; each message names the key(s) to change."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise FastKDError(f"config: {message}")
+
+    d, m, s, r = cfg.data, cfg.model, cfg.schedule, cfg.run
+    need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    need(d.resolution >= 8 and d.val_resolution >= 8, "data.resolution and data.val_resolution must be >= 8")
+    need(
+        (d.min_resolution is None) == (d.max_resolution is None),
+        "data.min_resolution and data.max_resolution must be set together (progressive resizing)",
+    )
+    if d.min_resolution is not None:
+        need(8 <= d.min_resolution <= d.max_resolution, "need 8 <= data.min_resolution <= data.max_resolution")
+    need(d.num_workers is None or d.num_workers >= 0, "data.num_workers must be >= 0 or null")
+    need(1 <= len(m.students) <= 2, f"model.students must name 1 or 2 networks, got {m.students}")
+    method = cfg.loss.method
+    need(
+        method not in PEER_METHODS or len(m.students) == 2,
+        f"loss.method {method} has a student-student term: model.students needs 2 networks",
+    )
+    need(
+        method not in TEACHER_METHODS or bool(m.teacher_weights),
+        f"loss.method {method} distils from a teacher: set model.teacher_weights "
+        "(--teacher-weights CHECKPOINT|STATE_DICT|imagenet)",
+    )
+    need(cfg.loss.temperature > 0 and cfg.loss.entropy_temperature > 0, "loss temperatures must be > 0")
+    need(0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
+    need(cfg.optim.lr > 0, "optim.lr must be > 0")
+    need(not cfg.optim.nesterov or cfg.optim.momentum > 0, "optim.nesterov needs optim.momentum > 0")
+    need(s.epochs >= 1, f"schedule.epochs must be >= 1, got {s.epochs}")
+    need(0 <= s.warmup_epochs <= s.epochs, "schedule.warmup_epochs must be in [0, schedule.epochs]")
+    need(r.log_every >= 1 and r.eval_every >= 1, "run.log_every and run.eval_every must be >= 1")
+    need(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "run.device: auto, cpu or cuda")
+    need(r.stop_after is None or r.stop_after >= 1, "run.stop_after must be >= 1 or null")
+    need(cfg.dist.gpus >= 1, "dist.gpus must be >= 1")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--section.key VALUE` for every config field (plus the short aliases), help from the
+    field comments. Values stay strings here; `overrides_from_args` collects the ones given."""
+    inverse = {key: alias for alias, key in ALIASES.items()}
+    for section, cls in _sections().items():
+        group = parser.add_argument_group(f"{section} (config section)")
+        helps = _field_help(cls)
+        hints = get_type_hints(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            dotted = f"{section}.{f.name}"
+            flags = [f"--{dotted}"] + ([inverse[dotted]] if dotted in inverse else [])
+            tp = hints[f.name]
+            kwargs: dict[str, Any] = {"nargs": "+"} if get_origin(tp) is list else {}
+            group.add_argument(
+                *flags,
+                dest=dotted,
+                default=argparse.SUPPRESS,
+                metavar=_metavar(tp),
+                help=f"{helps.get(f.name, '')} [{getattr(default, f.name)}]",
+                **kwargs,
+            )
+
+
+def _metavar(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "{" + ",".join(str(a) for a in get_args(tp)) + "}"
+    if get_origin(tp) in (Union, types.UnionType):
+        return _metavar(next(a for a in get_args(tp) if a is not type(None)))
+    if get_origin(tp) is list:
+        return "NAME"
+    return {int: "N", float: "X", bool: "true|false"}.get(tp, "VALUE")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The `--section.key` values present on the command line, as {"section.key": raw}."""
+    sections = _sections()
+    return {
+        key: value
+        for key, value in vars(args).items()
+        if "." in key and key.partition(".")[0] in sections
+    }

@@ -1,0 +1,141 @@
+"""Config: defaults, YAML then flags, rejected keys/types named, every shipped config valid."""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastkd.config import (
+    TrainConfig,
+    add_config_arguments,
+    config_to_dict,
+    overrides_from_args,
+    resolve_config,
+    save_config,
+)
+from fastkd.errors import FastKDError
+from fastkd.schedule import lr_at, resolution_at, scaled_lr
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def shipped_configs() -> list[Path]:
+    return sorted(Path(str(resources.files("fastkd").joinpath("configs"))).glob("*.yaml"))
+
+
+def test_defaults_match_contract():
+    cfg = TrainConfig()
+    assert cfg.model.students == ["resnet18", "mobilenet_v2"] and cfg.model.teacher == "resnet50"
+    assert cfg.loss.method == "uadkd" and cfg.optim.lr == 0.5 and cfg.compile.mode == "none"
+
+
+def test_yaml_then_flags_and_aliases(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": 0.2, "weight_decay": "5e-5"}, "loss": {"method": "ce"}}))
+    args = parse(["--config", str(path), "--optim.lr", "0.3", "--data", "D", "--students", "resnet18",
+                  "--gpus", "2", "--batch-size", "64", "--model.teacher_weights", "null", "--run.live", "false"])
+    cfg = resolve_config(args.config, overrides_from_args(args))
+    assert cfg.optim.lr == 0.3  # flag beats file
+    assert cfg.optim.weight_decay == 5e-5  # YAML-1.1 string float accepted
+    assert cfg.loss.method == "ce" and cfg.data.dir == "D" and cfg.dist.gpus == 2
+    assert cfg.model.students == ["resnet18"] and cfg.data.batch_size == 64
+    assert cfg.model.teacher_weights is None and cfg.run.live is False
+
+
+def test_students_comma_and_list():
+    cfg = resolve_config(None, overrides_from_args(parse(["--students", "resnet18,resnet18",
+                                                          "--teacher-weights", "imagenet"])))
+    assert cfg.model.students == ["resnet18", "resnet18"]
+    cfg = resolve_config(None, overrides_from_args(parse(["--students", "a", "b", "--teacher-weights", "x"])))
+    assert cfg.model.students == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"optim": {"lr": "fast"}}, "optim.lr"),
+        ({"optim": {"learning_rate": 0.1}}, "optim.learning_rate"),
+        ({"optimizer": {"lr": 0.1}}, "optimizer"),
+        ({"run": {"seed": 1.5}}, "run.seed"),
+        ({"run": {"log_every": True}}, "run.log_every"),
+        ({"loss": {"method": "magic"}}, "loss.method"),
+        ({"model": {"students": "resnet18"}, "loss": {"method": "uadkd"}}, "model.students"),
+        ({"model": {"teacher_weights": None}}, "model.teacher_weights"),
+        ({"data": {"min_resolution": 128}}, "data.max_resolution"),
+    ],
+)
+def test_rejects_with_key_named(tmp_path, data, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(FastKDError, match=key.replace(".", r"\.")):
+        resolve_config(path)
+
+
+def test_unknown_flag_value_type_named():
+    with pytest.raises(FastKDError, match=r"data\.batch_size"):
+        resolve_config(None, overrides_from_args(parse(["--batch-size", "lots"])))
+
+
+def test_missing_config_file_named(tmp_path):
+    with pytest.raises(FastKDError, match="nope.yaml"):
+        resolve_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = resolve_config(None, {"optim.lr": "0.25", "model.teacher_weights": "imagenet"})
+    save_config(cfg, tmp_path / "config.yaml")
+    again = resolve_config(tmp_path / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_every_field_has_help():
+    help_text = argparse.ArgumentParser()
+    add_config_arguments(help_text)
+    for action in help_text._actions[1:]:
+        assert action.help and not action.help.startswith(" ["), action.dest
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
+def test_shipped_configs_valid(path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = resolve_config(path)
+    # every key the file sets survives resolution unchanged (no silently ignored keys)
+    resolved = config_to_dict(cfg)
+    for section, values in raw.items():
+        for key, value in (values or {}).items():
+            assert resolved[section][key] == value, f"{section}.{key}"
+
+
+def test_paper_recipe():
+    names = [p.name for p in shipped_configs()]
+    assert "imagenet100_uadkd.yaml" in names and "imagenet100_teacher.yaml" in names
+    cfg = resolve_config(next(p for p in shipped_configs() if p.name == "imagenet100_uadkd.yaml"))
+    assert (cfg.model.teacher, cfg.model.students, cfg.loss.method) == ("resnet50", ["resnet18", "mobilenet_v2"], "uadkd")
+    teacher = resolve_config(next(p for p in shipped_configs() if p.name == "imagenet100_teacher.yaml"))
+    assert teacher.loss.method == "ce" and teacher.model.students == ["resnet50"]
+
+
+def test_schedule_shapes():
+    peak = scaled_lr(0.5, 128, 2)
+    assert peak == 0.5
+    lrs = [lr_at(s, 100, 10, peak, "cosine") for s in range(100)]
+    assert lrs[0] == pytest.approx(0.05) and lrs[9] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.001
+    lin = [lr_at(s, 100, 0, 1.0, "linear") for s in range(100)]
+    assert lin[0] == 1.0 and lin[50] == pytest.approx(0.5)
+
+
+def test_resolution_ramp():
+    res = [resolution_at(e, 16, 160, 192, 224, ramp_end_epoch=13) for e in range(16)]
+    assert res[0] == 160 and res[13:] == [192, 192, 192]
+    assert res == sorted(res) and all(r % 16 == 0 for r in res)
+    assert resolution_at(3, 16, None, None, 176) == 176

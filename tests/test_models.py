@@ -1,0 +1,74 @@
+"""Models: torchvision by name, teacher head slicing, teachers and students from files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from fastkd.errors import FastKDError
+from fastkd.models import build_model, load_teacher, network_names, slice_head
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def manifest_for(indices):
+    return {"classes": [{"label": i, "wnid": f"n{i:08d}", "name": f"c{i}", "imagenet_index": idx}
+                        for i, idx in enumerate(indices)]}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "squeezenet1_0"])
+def test_sliced_logits_are_full_logits_rows(arch):
+    torch.manual_seed(0)
+    full = torchvision.models.get_model(arch, weights=None, num_classes=1000).eval()
+    x = torch.randn(2, 3, 64, 64)
+    indices = [15, 3, 999, 0, 417]
+    with torch.no_grad():
+        expected = full(x)[:, indices]
+        sliced = slice_head(full, indices)
+        got = sliced(x)
+    assert got.shape == (2, 5)
+    torch.testing.assert_close(got, expected)
+
+
+def test_teacher_from_imagenet_state_dict_is_sliced(tmp_path):
+    """A 1000-way torchvision state_dict file (what `imagenet` downloads) keeps the manifest rows."""
+    torch.manual_seed(0)
+    full = torchvision.models.get_model("resnet18", weights=None, num_classes=1000).eval()
+    torch.save(full.state_dict(), tmp_path / "resnet18-imagenet.pth")
+    indices = [7, 1, 500]
+    teacher = load_teacher(str(tmp_path / "resnet18-imagenet.pth"), "resnet18", manifest_for(indices))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x.contiguous(memory_format=torch.channels_last)), full(x)[:, indices])
+
+
+def test_imagenet_teacher_needs_imagenet_classes():
+    manifest = {"classes": [{"label": 0, "wnid": "digit0", "name": "0", "imagenet_index": None}]}
+    with pytest.raises(FastKDError, match="digit0"):
+        load_teacher("imagenet", "resnet18", manifest)
+
+
+def test_k_way_state_dict_and_errors(tmp_path):
+    net = build_model("mobilenet_v2", 10)
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    teacher = load_teacher(str(tmp_path / "m.pt"), "mobilenet_v2", manifest_for([None] * 10))
+    for a, b in zip(teacher.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(FastKDError, match="m.pt"):
+        load_teacher(str(tmp_path / "m.pt"), "resnet18", manifest_for([None] * 10))
+    with pytest.raises(FastKDError, match="missing.pt"):
+        load_teacher(str(tmp_path / "missing.pt"), "resnet18", manifest_for([None] * 10))
+
+
+def test_build_model_by_name():
+    net = build_model("resnet18", 7)
+    assert net.fc.out_features == 7
+    assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(FastKDError, match="resnet1800"):
+        build_model("resnet1800", 7)
+
+
+def test_network_names():
+    assert network_names(["resnet18", "resnet18", "mobilenet_v2"]) == ["resnet18", "resnet18-2", "mobilenet_v2"]
