@@ -1,0 +1,121 @@
+"""`OUT/manifest.json` of a packed directory: written last by `fastkd pack`, read by every loader.
+
+    manifest = load_manifest(OUT)                          # FastKDError if missing/invalid
+    problems = check_outputs(OUT, manifest, full_hash=True)   # [] when every file matches
+    tars = split_files(OUT, manifest, "train", "dali")     # shard tars in order
+
+The schema is in docs/CONTRACTS.md ("Packed directory"). Its presence means the pack completed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from fastkd.errors import FastKDError
+
+FORMAT = "fastkd-pack"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FORMATS = ("ffcv", "dali")
+_HASH_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, path: Path, size: int | None = None, sha256: str | None = None) -> dict:
+    """Manifest row of one output file; size and hash are computed unless given."""
+    return {"path": Path(path).relative_to(root).as_posix(),
+            "size": path.stat().st_size if size is None else size,
+            "sha256": sha256_file(path) if sha256 is None else sha256}
+
+
+def write_manifest(root: Path, manifest: dict) -> Path:
+    """Write atomically: a temporary name, fsync, then rename over manifest.json."""
+    path = Path(root) / MANIFEST_NAME
+    tmp = path.with_name(MANIFEST_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+def load_manifest(root) -> dict:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise FastKDError(f"{path}: no manifest (not a packed directory, or the pack did not finish); "
+                          "run `fastkd pack SRC OUT` first")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FastKDError(f"{path}: unreadable manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise FastKDError(f"{path}: not a fastkd pack manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FastKDError(f"{path}: format version {manifest.get('format_version')!r}, this fastkd reads "
+                          f"version {FORMAT_VERSION}; re-pack with this version")
+    for key in ("params", "classes", "splits", "files"):
+        if key not in manifest:
+            raise FastKDError(f"{path}: manifest has no '{key}'")
+    return manifest
+
+
+def _format_of(rel_path: str) -> str:
+    return rel_path.split("/", 1)[0]
+
+
+def check_outputs(root, manifest: dict, full_hash: bool = False, formats=None) -> list[str]:
+    """One message per listed file that is missing, has another size, or (full_hash) another sha256."""
+    root = Path(root)
+    wanted = set(formats) if formats else None
+    problems = []
+    for entry in manifest["files"]:
+        rel = entry["path"]
+        if wanted is not None and _format_of(rel) not in wanted:
+            continue
+        path = root / rel
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if size != entry["size"]:
+            problems.append(f"{rel}: size {size} bytes, manifest says {entry['size']}")
+        elif full_hash:
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                problems.append(f"{rel}: sha256 {digest[:16]}..., manifest says {entry['sha256'][:16]}...")
+    return problems
+
+
+def split_files(root, manifest: dict, split: str, fmt: str) -> list[Path]:
+    """The `.beton` (one) or the shard tars of a split, in order."""
+    root = Path(root)
+    if fmt not in FORMATS:
+        raise FastKDError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if fmt not in manifest["params"].get("formats", FORMATS):
+        raise FastKDError(f"{root}: packed without the {fmt} format (formats: "
+                          f"{', '.join(manifest['params']['formats'])}); re-pack with --formats {fmt}")
+    if split not in manifest["splits"]:
+        raise FastKDError(f"{root}: no split {split!r} in the manifest")
+    if fmt == "ffcv":
+        prefix, suffix = f"ffcv/{split}.beton", ""
+        paths = [e["path"] for e in manifest["files"] if e["path"] == prefix]
+    else:
+        prefix, suffix = f"dali/{split}/shard-", ".tar"
+        paths = sorted(e["path"] for e in manifest["files"]
+                       if e["path"].startswith(prefix) and e["path"].endswith(suffix))
+    if not paths:
+        raise FastKDError(f"{root / MANIFEST_NAME}: lists no {fmt} files for split {split!r}")
+    return [root / p for p in paths]

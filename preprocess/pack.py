@@ -1,0 +1,276 @@
+"""Pack an ImageNet-style folder into FFCV and DALI formats: the library behind `fastkd pack`.
+
+    result = pack("imagenet/", "packed/", classes="imagenet100", max_side=400, quality=90)
+
+scan (classes, files in pack order) -> a process pool decodes/encodes each image once
+(`encode.encode_file`) -> the main process writes the same JPEG bytes, in order, to the
+`.beton` and to the tar shards (`writers`) -> hashes -> `manifest.json`, written last.
+
+Safety: everything is written into a hidden temporary folder next to OUT (same file system) and
+renamed into place at the end, so an interrupted pack (Ctrl-C, kill -9) never leaves a
+manifest at OUT; an existing OUT is replaced only with `overwrite=True`, and only once the new
+pack is complete. Pool workers die with the parent (PR_SET_PDEATHSIG) so a killed pack leaves
+no orphans; a later pack removes temporary folders left by dead packs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fastkd
+from fastkd.errors import FastKDError
+from fastkd.preprocess import encode as _encode
+from fastkd.preprocess.manifest import FORMAT, FORMAT_VERSION, FORMATS, file_entry, write_manifest
+from fastkd.preprocess.scan import SPLITS, ScannedSplit, check_source, scan_split, select_classes
+from fastkd.preprocess.writers import PAGE_SIZE, BetonWriter, ShardWriter
+
+TMP_MARK = ".packing-"  # hidden temporary folder: OUT.parent/.{OUT.name}.packing-{pid}
+
+
+class Progress:
+    """Callbacks for a progress display; the default shows nothing."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+@dataclass
+class SplitStats:
+    count: int = 0
+    skipped: int = 0
+    jpeg_bytes: int = 0
+    shards: int = 0
+    ignored_folders: int = 0
+    ignored_files: int = 0
+
+
+@dataclass
+class PackResult:
+    out: Path
+    manifest: dict
+    seconds: float
+    splits: dict[str, SplitStats] = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return sum(s.count for s in self.splits.values())
+
+
+# ----------------------------------------------------------------------------- pool workers
+
+_JOB: tuple[int, int] = (400, 90)  # (max_side, quality), set by _init_worker
+
+
+def _init_worker(max_side: int, quality: int) -> None:
+    global _JOB
+    _JOB = (max_side, quality)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    try:  # die with the parent, even on kill -9 (Linux)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _encode_job(path: str):
+    """-> (jpeg, width, height) or the reason (str) the input was skipped."""
+    try:
+        e = _encode.encode_file(path, *_JOB)
+    except _encode.BadImage as error:
+        return str(error)
+    except Exception as error:  # a decoder bug on odd data must not kill the pack: report it
+        return f"cannot decode: {type(error).__name__}: {error}"
+    return e.jpeg, e.width, e.height
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_params(max_side, quality, formats, workers, shard_size) -> None:
+    if max_side < 0:
+        raise FastKDError(f"--max-side {max_side}: must be >= 0 (0 keeps the original size)")
+    if not 1 <= quality <= 100:
+        raise FastKDError(f"--quality {quality}: must be in 1..100")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise FastKDError(f"--formats {','.join(formats)}: expected one or both of {','.join(FORMATS)}")
+    if workers < 1:
+        raise FastKDError(f"--workers {workers}: must be >= 1")
+    if shard_size < 1:
+        raise FastKDError(f"--shard-size {shard_size}: must be >= 1")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary folders of earlier packs into OUT whose process is gone (kill -9, power loss)."""
+    prefix = f".{out.name}{TMP_MARK}"
+    for candidate in out.parent.glob(prefix + "*"):
+        pid = candidate.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- pack
+
+
+def pack(
+    src,
+    out,
+    *,
+    classes: str = "imagenet100",
+    val_labels=None,
+    max_side: int = 400,
+    quality: int = 90,
+    formats=FORMATS,
+    workers: int | None = None,
+    shard_size: int = 1000,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> PackResult:
+    t0 = time.perf_counter()
+    workers = default_workers() if workers is None else int(workers)
+    _check_params(max_side, quality, tuple(formats), workers, shard_size)
+    formats = tuple(f for f in FORMATS if f in formats)  # canonical order
+    progress = progress or Progress()
+    src, out = Path(src).absolute(), Path(out).absolute()
+    val_labels = Path(val_labels).absolute() if val_labels else None
+
+    check_source(src)
+    if out.exists() and not overwrite:
+        raise FastKDError(f"{out} already exists; pass --overwrite to replace it")
+    if out == src or src in out.parents:
+        raise FastKDError(f"{out}: the output folder must not be inside the source folder {src}")
+    chosen = select_classes(src, classes)
+    scanned: dict[str, ScannedSplit] = {s: scan_split(src, s, chosen, val_labels) for s in SPLITS}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
+        tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as error:
+        raise FastKDError(f"{out.parent}: cannot create the output ({error.strerror or error})") from None
+
+    stats = {s: SplitStats(ignored_folders=len(scanned[s].ignored_folders),
+                           ignored_files=scanned[s].ignored_files) for s in SPLITS}
+    skipped: list[dict] = []
+    betons: dict[str, BetonWriter] = {}
+    shards: dict[str, ShardWriter] = {}
+    pool = None
+    try:
+        jobs = [(s, item) for s in SPLITS for item in scanned[s].items]
+        progress.start(len(jobs))
+        # fork: workers start in milliseconds and inherit the encoder module; they use only PIL
+        ctx = multiprocessing.get_context("fork")
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(max_side, quality))
+        results = pool.imap(_encode_job, [str(item.path) for _, item in jobs],
+                            chunksize=max(1, min(32, len(jobs) // (workers * 8) or 1)))
+        for s in SPLITS:
+            if "ffcv" in formats:
+                (tmp / "ffcv").mkdir(exist_ok=True)
+                betons[s] = BetonWriter(tmp / "ffcv" / f"{s}.beton", capacity=len(scanned[s].items))
+            if "dali" in formats:
+                shards[s] = ShardWriter(tmp / "dali" / s, shard_size=shard_size)
+
+        for (s, item), result in zip(jobs, results):
+            if isinstance(result, tuple) and "ffcv" in formats and len(result[0]) > PAGE_SIZE:
+                result = f"encoded JPEG of {len(result[0])} bytes exceeds FFCV's page ({PAGE_SIZE} bytes); lower --max-side"
+            if isinstance(result, str):
+                if strict:
+                    raise FastKDError(f"{item.path}: {result} (--strict: bad inputs are fatal)")
+                skipped.append({"split": s, "path": item.rel, "reason": result})
+                stats[s].skipped += 1
+            else:
+                jpeg, width, height = result
+                if s in betons:
+                    betons[s].add(jpeg, width, height, item.label)
+                if s in shards:
+                    shards[s].add(jpeg, item.label)
+                stats[s].count += 1
+                stats[s].jpeg_bytes += len(jpeg)
+            progress.advance(1)
+        pool.close()
+        pool.join()
+        pool = None
+
+        for s in SPLITS:
+            if stats[s].count == 0:
+                raise FastKDError(f"{src / s}: no readable images among {len(scanned[s].items)} file(s) "
+                                  f"of the chosen classes (all skipped)")
+        files = []
+        for s in SPLITS:
+            if s in betons:
+                betons[s].close()
+                files.append(file_entry(tmp, betons[s].path))
+        for s in SPLITS:
+            if s in shards:
+                shards[s].close()
+                stats[s].shards = shards[s].shards
+                files += [file_entry(tmp, p, size, digest) for p, size, digest in shards[s].files]
+
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fastkd_version": fastkd.__version__,
+            "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "source": str(src),
+            "params": {"max_side": max_side, "quality": quality, "classes": classes,
+                       "formats": list(formats), "shard_size": shard_size,
+                       "val_labels": str(val_labels) if val_labels else None},
+            "classes": [c.to_json() for c in chosen],
+            "splits": {s: {"count": stats[s].count, "skipped": stats[s].skipped, "shards": stats[s].shards}
+                       for s in SPLITS},
+            "files": files,
+            "skipped": skipped,
+        }
+        write_manifest(tmp, manifest)
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for writer in [*betons.values(), *shards.values()]:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PackResult(out, manifest, time.perf_counter() - t0, stats)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FastKDError(f"{out} appeared while packing; pass --overwrite to replace it")
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        tmp.rename(out)

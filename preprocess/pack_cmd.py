@@ -1,0 +1,114 @@
+"""Pack an ImageNet-style folder into FFCV and DALI formats, the same JPEG bytes in both.
+
+    fastkd pack ~/imagenet packed/in100                       # ImageNet-100, both formats
+    fastkd pack ~/imagenet packed/in1k --classes all --workers 16
+    fastkd pack ~/ILSVRC packed/in100 --val-labels LOC_val_solution.csv   # flat val folder
+    fastkd pack demo/ packed/demo --classes all --max-side 64
+
+SRC holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or a flat val/ folder labelled by Kaggle's
+LOC_val_solution.csv). Each image is decoded once (by content; no EXIF rotation), converted to
+RGB, shrunk so its longer side is at most --max-side, and encoded once as a baseline JPEG.
+Output: OUT/ffcv/{train,val}.beton, OUT/dali/{train,val}/shard-NNNNNN.tar + .idx, and
+OUT/manifest.json (written last: its presence means the pack is complete). Unreadable inputs
+are skipped and listed (path + reason); --strict makes them fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fastkd.preprocess.manifest import FORMATS
+from fastkd.preprocess.pack import Progress, default_workers, pack
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="ImageNet-style folder with train/ and val/")
+    parser.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--classes", default="imagenet100",
+                        help="imagenet100 (CMC list, default) | all | a file of WNIDs, one per line")
+    parser.add_argument("--val-labels", metavar="CSV", default=None,
+                        help="Kaggle LOC_val_solution.csv, for a flat ILSVRC-2012 val/ folder")
+    parser.add_argument("--max-side", type=int, default=400,
+                        help="shrink so the longer side is at most this many px; 0 keeps the size (default 400)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="ffcv,dali (default) | ffcv | dali")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"decode/encode processes (default: all cores, here {default_workers()})")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per DALI tar shard (default 1000)")
+    parser.add_argument("--strict", action="store_true", help="any unreadable input is an error")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (once the new pack is done)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class RichProgress(Progress):
+    def __init__(self, console, enabled: bool):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RP, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.enabled = enabled
+        self.bar = RP(TextColumn("packing"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                      TimeRemainingColumn(), console=console, transient=False, disable=not enabled)
+        self.task = None
+
+    def start(self, total: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("pack", total=total, rate="- img/s")
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(self.task, n)
+        task = self.bar.tasks[0]
+        if task.completed % 16 == 0 or task.finished:
+            speed = task.speed
+            self.bar.update(self.task, rate=f"{speed:,.0f} img/s" if speed else "- img/s")
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def summary(console, result) -> None:
+    from rich.table import Table
+
+    m = result.manifest
+    table = Table(title=f"fastkd pack -> {result.out}")
+    for header in ("split", "images", "skipped", "ignored folders", "JPEG bytes", "shards"):
+        table.add_column(header, justify="left" if header == "split" else "right")
+    for name, s in result.splits.items():
+        table.add_row(name, f"{s.count:,}", f"{s.skipped:,}", f"{s.ignored_folders:,}", _mib(s.jpeg_bytes),
+                      str(s.shards))
+    console.print(table)
+    sizes = {f: sum(e["size"] for e in m["files"] if e["path"].startswith(f + "/")) for f in m["params"]["formats"]}
+    console.print(f"{len(m['classes'])} classes, max side {m['params']['max_side']}, quality "
+                  f"{m['params']['quality']}; " + ", ".join(f"{f} {_mib(b)}" for f, b in sizes.items()))
+    total = result.images + sum(s.skipped for s in result.splits.values())
+    console.print(f"{total:,} inputs in {result.seconds:.1f} s: {total / max(result.seconds, 1e-9):,.0f} images/s")
+    if m["skipped"]:
+        skipped = Table(title=f"skipped inputs ({len(m['skipped'])}, also in manifest.json)")
+        skipped.add_column("path")
+        skipped.add_column("reason")
+        for row in m["skipped"][:50]:
+            skipped.add_row(row["path"], row["reason"])
+        if len(m["skipped"]) > 50:
+            skipped.add_row("...", f"{len(m['skipped']) - 50} more in manifest.json")
+        console.print(skipped)
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    progress = RichProgress(console, enabled=not args.quiet)
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    try:
+        result = pack(args.src, args.out, classes=args.classes, val_labels=args.val_labels,
+                      max_side=args.max_side, quality=args.quality, formats=formats, workers=args.workers,
+                      shard_size=args.shard_size, strict=args.strict, overwrite=args.overwrite,
+                      progress=progress)
+    finally:
+        progress.stop()
+    summary(Console(), result)
+    return 0

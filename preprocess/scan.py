@@ -1,0 +1,208 @@
+"""Find the classes and image files of an ImageNet-style source folder.
+
+    classes = select_classes(SRC, "imagenet100")          # list[ClassInfo], label order
+    split = scan_split(SRC, "train", classes)            # ScannedSplit(items, ignored_folders, ...)
+    split = scan_split(SRC, "val", classes, val_labels="LOC_val_solution.csv")   # flat ILSVRC val
+
+Layout: SRC/{train,val}/<wnid>/*.JPEG. Labels are 0..K-1 in sorted-WNID order of the chosen
+classes; within a class, files are sorted by name (the contract's pack order). Folders of classes
+that were not chosen are ignored and counted; so are files whose extension is not an image's.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastkd.errors import FastKDError
+from fastkd.resources import imagenet100_wnids, imagenet1k_synsets
+
+SPLITS = ("train", "val")
+# torchvision's IMG_EXTENSIONS, lower-case; matched case-insensitively
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    label: int
+    wnid: str
+    name: str
+    imagenet_index: int | None  # row in an ImageNet-1k head; None for non-ImageNet classes
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "wnid": self.wnid, "name": self.name,
+                "imagenet_index": self.imagenet_index}
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path  # absolute
+    rel: str  # relative to SRC, posix, for messages and the manifest
+    label: int
+
+
+@dataclass
+class ScannedSplit:
+    name: str
+    items: list[Item] = field(default_factory=list)
+    ignored_folders: list[str] = field(default_factory=list)  # class folders not chosen
+    ignored_files: int = 0  # non-image extensions, hidden files
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _listdir(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:
+        raise FastKDError(f"{folder}: no such folder") from None
+    except NotADirectoryError:
+        raise FastKDError(f"{folder}: not a folder") from None
+    except PermissionError:
+        raise FastKDError(f"{folder}: cannot read folder (permission denied)") from None
+    except OSError as error:
+        raise FastKDError(f"{folder}: cannot read folder ({error.strerror or error})") from None
+
+
+def check_source(src: Path) -> None:
+    """SRC must be a readable folder holding train/ and val/ folders."""
+    if not src.exists():
+        raise FastKDError(f"source folder {src} does not exist")
+    if not src.is_dir():
+        raise FastKDError(f"source {src} is not a folder")
+    _listdir(src)
+    missing = [s for s in SPLITS if not (src / s).is_dir()]
+    if missing:
+        raise FastKDError(f"source folder {src} has no {' or '.join(s + '/' for s in missing)} folder "
+                          f"(expected {src}/train/<wnid>/*.JPEG and {src}/val/<wnid>/*.JPEG)")
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    return [e.name for e in _listdir(split_dir) if e.is_dir() and not e.name.startswith(".")]
+
+
+def _read_wnid_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise FastKDError(f"--classes {path}: cannot read ({error.strerror or error})") from None
+    wnids = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            wnids.append(line.split()[0])
+    if not wnids:
+        raise FastKDError(f"--classes {path}: no WNIDs in file")
+    return wnids
+
+
+def select_classes(src: Path, spec: str) -> list[ClassInfo]:
+    """`imagenet100` | `all` | path to a file of WNIDs (one per line) -> classes in label order."""
+    available = class_folders(src / "train")
+    if spec == "all":
+        wnids = available
+        if not wnids:
+            raise FastKDError(f"{src / 'train'}: no class folders")
+    elif spec == "imagenet100":
+        wnids = list(imagenet100_wnids())
+    else:
+        wnids = _read_wnid_file(Path(spec))
+    wnids = sorted(set(wnids))
+    missing = [w for w in wnids if w not in set(available)]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise FastKDError(f"--classes {spec}: {len(missing)} requested class(es) missing from "
+                          f"{src / 'train'}: {shown}")
+    synsets = imagenet1k_synsets()
+    classes = []
+    for label, wnid in enumerate(wnids):
+        synset = synsets.get(wnid)
+        classes.append(ClassInfo(label, wnid, synset.name if synset else wnid,
+                                 synset.imagenet_index if synset else None))
+    return classes
+
+
+def _files_of(folder: Path, src: Path, label: int, split: ScannedSplit) -> list[Item]:
+    items = []
+    for entry in _listdir(folder):
+        if entry.is_file() and _is_image_name(entry.name):
+            path = Path(entry.path)
+            items.append(Item(path.absolute(), path.relative_to(src).as_posix(), label))
+        else:
+            split.ignored_files += 1
+    return items
+
+
+def read_val_labels(csv_path: Path) -> dict[str, str]:
+    """Kaggle's LOC_val_solution.csv: `ImageId,PredictionString` where the string starts with
+    the WNID ("n01751748 86 55 412 303 n01751748 ..."). Returns ImageId -> WNID."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except OSError as error:
+        raise FastKDError(f"--val-labels {csv_path}: cannot read ({error.strerror or error})") from None
+    if not rows or [c.strip() for c in rows[0][:2]] != ["ImageId", "PredictionString"]:
+        raise FastKDError(f"--val-labels {csv_path}: expected a header 'ImageId,PredictionString' "
+                          "(Kaggle's LOC_val_solution.csv)")
+    labels = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) < 2 or not row[1].split():
+            raise FastKDError(f"--val-labels {csv_path}: line {n} has no WNID")
+        labels[row[0].strip()] = row[1].split()[0]
+    return labels
+
+
+def scan_split(src: Path, name: str, classes: list[ClassInfo], val_labels: Path | None = None) -> ScannedSplit:
+    split = ScannedSplit(name)
+    split_dir = src / name
+    by_wnid = {c.wnid: c for c in classes}
+    if name == "val" and val_labels is not None:
+        # flat ILSVRC-2012 val folder: val/ILSVRC2012_val_00000001.JPEG ...
+        labels = read_val_labels(val_labels)
+        per_class: dict[int, list[Item]] = {c.label: [] for c in classes}
+        unlabelled = []
+        for entry in _listdir(split_dir):
+            if not (entry.is_file() and _is_image_name(entry.name)):
+                split.ignored_files += 1
+                continue
+            wnid = labels.get(entry.name.rsplit(".", 1)[0])
+            if wnid is None:
+                unlabelled.append(entry.name)
+            elif wnid in by_wnid:
+                path = Path(entry.path)
+                per_class[by_wnid[wnid].label].append(
+                    Item(path.absolute(), path.relative_to(src).as_posix(), by_wnid[wnid].label))
+            else:
+                split.ignored_files += 1  # an image of a class that was not chosen
+        if unlabelled:
+            raise FastKDError(f"--val-labels {val_labels}: no label for {len(unlabelled)} file(s) of "
+                              f"{split_dir}, e.g. {unlabelled[0]}")
+        empty = [c.wnid for c in classes if not per_class[c.label]]
+        if empty:
+            raise FastKDError(f"{split_dir}: no images of class(es) {', '.join(empty[:20])} "
+                              f"according to {val_labels}")
+        split.items = [item for c in classes for item in per_class[c.label]]
+        return split
+
+    folders = class_folders(split_dir)
+    if not folders and any(_is_image_name(e.name) for e in _listdir(split_dir)):
+        raise FastKDError(f"{split_dir} holds images but no class folders: for the flat ILSVRC-2012 "
+                          "val folder, pass --val-labels LOC_val_solution.csv")
+    missing = [c.wnid for c in classes if c.wnid not in set(folders)]
+    if missing:
+        raise FastKDError(f"{split_dir}: {len(missing)} chosen class(es) have no folder: "
+                          f"{', '.join(missing[:20])}")
+    split.ignored_folders = [f for f in folders if f not in by_wnid]
+    for c in classes:
+        items = _files_of(split_dir / c.wnid, src, c.label, split)
+        if not items:
+            raise FastKDError(f"{split_dir / c.wnid}: empty class folder (no image files)")
+        split.items.extend(items)
+    return split
