@@ -8,7 +8,7 @@ Series read from the records (schema in fastkd.report):
                per-student lists or {network: number} dicts) against the global step; val CE
                per network against epochs from eval records.
 - accuracy:    val top-1 (solid) and top-5 (dashed) per network per eval; the teacher as a
-               horizontal line.
+               horizontal line; step records' `train_top1` ({network: percent}) as thin lines.
 - w_hist:      the latest eval record's `teacher_w` histogram, with its mean.
 - reliability: the latest eval record's reliability data per network, with its ECE.
 """
@@ -62,6 +62,25 @@ def _step_x(steps: list[dict]) -> tuple[list[float], str]:
         else:
             xs.append(float(i))
     return xs, "epoch"
+
+
+def _epoch_x(steps: list[dict]) -> list[float]:
+    """Fractional epochs trained at each step record: epoch e spans the global steps after the
+    last record of epoch e-1 up to its own last record (the trainer logs each epoch's end)."""
+    end: dict[int, float] = {}
+    for r in steps:
+        if _is_number(r.get("epoch")) and _is_number(r.get("step")):
+            end[r["epoch"]] = max(end.get(r["epoch"], 0.0), r["step"])
+    xs = []
+    for r in steps:
+        e, s = r.get("epoch"), r.get("step")
+        if not (_is_number(e) and _is_number(s)):
+            xs.append(float("nan"))
+            continue
+        lo = end.get(e - 1, 0.0) if e > 0 else 0.0
+        hi = end[e]
+        xs.append(e + (s - lo) / (hi - lo) if hi > lo else e + 1.0)
+    return xs
 
 
 def _series(steps: list[dict], keep) -> dict[str, tuple[list[float], list[float]]]:
@@ -137,7 +156,7 @@ def plot_loss(steps: list[dict], evals: list[dict], method: str) -> bytes | None
     return _png(fig)
 
 
-def plot_accuracy(evals: list[dict], method: str) -> bytes | None:
+def plot_accuracy(steps: list[dict], evals: list[dict], method: str) -> bytes | None:
     curves: dict[str, dict[str, list[float]]] = {}
     for record in evals:
         if not _is_number(record.get("epoch")):
@@ -147,22 +166,30 @@ def plot_accuracy(evals: list[dict], method: str) -> bytes | None:
             c["x"].append(record["epoch"] + 1)
             c["top1"].append(m.get("top1", float("nan")))
             c["top5"].append(m.get("top5", float("nan")))
-    if not curves:
+    train: dict[str, tuple[list[float], list[float]]] = {}
+    for x, record in zip(_epoch_x(steps), steps):
+        for name, v in _flatten("train", record.get("train_top1")).items():
+            train.setdefault(name.removeprefix("train "), ([], []))
+            train[name.removeprefix("train ")][0].append(x)
+            train[name.removeprefix("train ")][1].append(v)
+    if not curves and not train:
         return None
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.subplots()
-    colors = _network_colors(curves)
+    colors = _network_colors(list(curves) + [n for n in train if n not in curves])
+    for name, (xs, ys) in train.items():
+        ax.plot(xs, ys, color=colors[name], linewidth=1, alpha=0.5, label=f"{name} train top-1 (window)")
     for name, c in curves.items():
         if name == "teacher":  # frozen: one level, however often it was evaluated
             ax.axhline(c["top1"][-1], color="0.3", linestyle=":", label=f"teacher top-1 ({c['top1'][-1]:.1f})")
             continue
-        ax.plot(c["x"], c["top1"], marker="o", color=colors[name], label=f"{name} top-1")
-        ax.plot(c["x"], c["top5"], linestyle="--", color=colors[name], alpha=0.6, label=f"{name} top-5")
+        ax.plot(c["x"], c["top1"], marker="o", color=colors[name], label=f"{name} val top-1")
+        ax.plot(c["x"], c["top5"], linestyle="--", color=colors[name], alpha=0.6, label=f"{name} val top-5")
     ax.set_ylim(0, 101)
     ax.set_xlabel("epochs trained")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"fastkd {method}: validation accuracy")
+    ax.set_title(f"fastkd {method}: accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
@@ -238,7 +265,7 @@ def render_plots(records: list[dict], report: Mapping[str, Any]) -> dict[str, by
     method = str(report.get("method", ""))
     made = {
         "loss": plot_loss(steps, evals, method),
-        "accuracy": plot_accuracy(evals, method),
+        "accuracy": plot_accuracy(steps, evals, method),
         "w_hist": plot_w_hist(evals, method),
         "reliability": plot_reliability(evals, method),
     }

@@ -55,6 +55,8 @@ def fabricate_metrics(path, epochs=4, steps_per_epoch=5, with_teacher=True):
                 "ce": {n: 1.5 * math.exp(-step / 8) for n in NETS},
                 "kd": torch.tensor([0.5 * math.exp(-step / 10), 0.6 * math.exp(-step / 10)]),
                 "peer": [0.2, 0.25],
+                "train_top1": {n: min(100.0, 30 + 3 * step) for n in NETS},
+                "w_mean": 0.7,
             })
         log.write({"kind": "eval", "epoch": epoch, "step": (epoch + 1) * steps_per_epoch, **fake_eval(epoch, with_teacher)})
     log.close()
