@@ -1,0 +1,100 @@
+"""Loaders: a packed directory -> normalised channels_last batches on the device, four backends.
+
+    from fastkd.data import build_loader
+    loader = build_loader("packed/", "train", "ffcv", batch_size=256, resolution=176,
+                          device="cuda", dtype="bf16", rank=rank, world_size=world_size, seed=0)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch); loader.set_resolution(res(epoch))
+        for images, labels in loader: ...
+
+Backends (contract: docs/CONTRACTS.md "Loaders"; details in each module's docstring):
+  ffcv    .beton via FFCV (JIT CPU decode+crop)        options: os_cache, order, batches_ahead
+  dali    shards via DALI (GPU "mixed" decode or CPU)  options: initial_fill, hw_decoder_load,
+                                                                device_memory_padding, host_memory_padding,
+                                                                prefetch_queue_depth
+  torch   shards via torchvision decode_jpeg (nvJPEG on cuda)   options: prefetch_factor
+  folder  source JPEG folder via ImageFolder + PIL     options: source
+Common options: verify (sha256 of the backend's files before the first batch; sizes are always
+checked), expected_classes (class count, WNIDs in label order, or a manifest's `classes`),
+return_indices (also yield the samples' pack indices).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fastkd.data.contract import BACKEND_FORMAT, BACKENDS, Loader, LoaderSpec
+from fastkd.errors import FastKDError
+
+__all__ = ["build_loader", "available_backends", "Loader", "BACKENDS"]
+
+_INSTALL = {
+    "ffcv": "FFCV (`bash scripts/setup.sh`, or `pip install -e .[ffcv]` after installing libturbojpeg0-dev, "
+            "libopencv-dev and pkg-config)",
+    "dali": "NVIDIA DALI (`pip install nvidia-dali-cuda130`, or `pip install -e .[dali]`)",
+}
+
+
+_OPTIONS = {
+    "ffcv": {"os_cache", "order", "batches_ahead"},
+    "dali": {"initial_fill", "hw_decoder_load", "device_memory_padding", "host_memory_padding",
+             "prefetch_queue_depth"},
+    "torch": {"prefetch_factor"},
+    "folder": {"source"},
+}
+
+
+def _why_unavailable(backend: str) -> str | None:
+    if backend == "ffcv":
+        from fastkd.data.ffcv_loader import available
+        return available()
+    if backend == "dali":
+        from fastkd.data.dali_loader import available
+        return available()
+    return None  # torch and folder need only torch/torchvision
+
+
+def available_backends() -> list[str]:
+    return [b for b in BACKENDS if _why_unavailable(b) is None]
+
+
+def build_loader(data_dir, split: str, backend: str, batch_size: int, resolution: int,
+                 device: torch.device | str, dtype: torch.dtype | str, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int | None = None, drop_last: bool | None = None, *,
+                 verify: bool = False, expected_classes: Sequence | int | None = None,
+                 return_indices: bool = False, **backend_opts) -> Loader:
+    """A loader for `split` of the packed directory `data_dir` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise FastKDError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    unknown = sorted(set(backend_opts) - _OPTIONS[backend])
+    if unknown:
+        raise FastKDError(f"backend {backend!r} does not take option(s) {unknown}; "
+                          f"it takes {sorted(_OPTIONS[backend])}")
+    why = _why_unavailable(backend)
+    if why is not None:
+        others = [b for b in available_backends() if b != backend]
+        raise FastKDError(f"backend {backend!r} cannot run here: {why}. Install {_INSTALL[backend]}; "
+                          f"backends that work on this machine: {', '.join(others)}")
+    spec = LoaderSpec.make(data_dir, split, batch_size, resolution, device, dtype, rank, world_size, seed,
+                           num_workers, drop_last, return_indices)
+
+    from fastkd.data.packed import open_packed, shard_paths
+
+    manifest = open_packed(data_dir, split, BACKEND_FORMAT[backend], verify=verify,
+                           expected_classes=expected_classes)
+    if backend == "ffcv":
+        from fastkd.data.ffcv_loader import FFCVLoader
+        from fastkd.preprocess.manifest import split_files
+
+        beton = split_files(data_dir, manifest, split, "ffcv")[0]
+        return FFCVLoader(spec, manifest, str(beton), **backend_opts)
+    if backend == "dali":
+        from fastkd.data.dali_loader import DALILoader
+        return DALILoader(spec, manifest, shard_paths(data_dir, manifest, split), **backend_opts)
+    if backend == "torch":
+        from fastkd.data.torch_loader import TorchLoader
+        return TorchLoader(spec, manifest, shard_paths(data_dir, manifest, split), **backend_opts)
+    from fastkd.data.folder_loader import FolderLoader
+    return FolderLoader(spec, manifest, **backend_opts)

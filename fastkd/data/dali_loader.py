@@ -1,0 +1,183 @@
+"""`dali` backend: the split's WebDataset shards through NVIDIA DALI's `fn.readers.webdataset`.
+
+Pipeline (one per pass, built for that epoch and resolution):
+  reader(jpg, cls) -> train: decoders.image_random_crop (decode only the RandomResizedCrop window,
+  area 0.08-1, aspect 3/4-4/3) -> resize r x r;  val: decoders.image_crop of the centre square
+  int(0.875 * shorter side) -> resize r x r  (antialiased linear)
+  -> crop_mirror_normalize (flip p=0.5 on train, ImageNet mean/std, NHWC, fp16 or fp32)
+Device: on CUDA the decoders run with device="mixed" (nvJPEG, plus the A100/H100 hardware JPEG
+decoder for `hw_decoder_load` of the batch) and everything after on the GPU; on CPU the same
+operators run with device="cpu" in a pipeline built with device_id=None. NHWC viewed as NCHW is
+exactly torch.channels_last. DALI has no bfloat16: bf16 runs take fp32 from DALI and cast.
+
+Sharding and remainder (DALI's own, not sharding.py): the reader splits the epoch's sample list
+into `world_size` contiguous parts (part k = samples floor(N*k/W) .. floor(N*(k+1)/W)-1, so sizes
+differ by at most one); `pad_last_batch` keeps a rank's last batch inside its part and the
+iterator strips the padding. drop_last=False: every sample exactly once per epoch across ranks,
+last batches partial. drop_last=True: every rank yields (N // W) // B batches (equal on all ranks)
+and the rest of its part is not read that epoch.
+
+Shuffling and determinism: DALI cannot permute a tar dataset globally. Per epoch it shuffles the
+order of the tar shards (shuffle_after_epoch, seeded from (seed, epoch), same on all ranks, so the
+parts stay disjoint) and draws samples at random from a buffer of `initial_fill` samples read in
+that order. Because packs store samples sorted by label, a batch mixes only the classes in the
+buffer's ~initial_fill / shard_size shards: raise `initial_fill` (memory: that many encoded
+JPEGs per rank) or use the ffcv/torch backends when that matters. Same seed -> same order and the
+same crops and flips (the pipeline and reader seeds derive from (seed, epoch, rank)); on the GPU
+the hardware decoder may differ from nvJPEG's CUDA decoder in the last bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastkd.data.contract import (FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO, TRAIN_SCALE,
+                                  VAL_CROP_RATIO, Loader, LoaderSpec)
+from fastkd.data.sharding import derive_seed
+from fastkd.errors import FastKDError
+
+_LABEL_BYTES = 12  # .cls holds an ASCII decimal label; padded to this many bytes for a dense batch
+_KEY_BYTES = 256  # source_info ("shard.tar:offset:00000042.jpg"), padded, for return_indices
+
+
+def _labels_from_ascii(cls: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, L] ASCII digits, zero padded -> int64 [B]."""
+    digits = cls.to(torch.int64) - 48
+    valid = cls > 0
+    n = valid.sum(1, keepdim=True)
+    pos = torch.arange(cls.shape[1]).unsqueeze(0)
+    power = torch.where(valid, n - 1 - pos, torch.zeros_like(pos)).clamp_(min=0)
+    return (torch.where(valid, digits, torch.zeros_like(digits)) * (10 ** power)).sum(1)
+
+
+def _indices_from_keys(info: torch.Tensor) -> np.ndarray:
+    out = []
+    for row in info.numpy():
+        name = bytes(row).rstrip(b"\0 ").decode().rsplit(":", 1)[-1]
+        out.append(int(name.split("/")[-1].split(".")[0]))
+    return np.asarray(out, dtype=np.int64)
+
+
+class DALILoader(Loader):
+    backend = "dali"
+
+    def __init__(self, spec: LoaderSpec, manifest: dict, shards: list, initial_fill: int = 4096,
+                 hw_decoder_load: float = 0.65, device_memory_padding: int = 211025920,
+                 host_memory_padding: int = 140544512, prefetch_queue_depth: int = 2):
+        super().__init__(spec, manifest)
+        self.tars = [str(t) for t, _ in shards]
+        self.idxs = [str(i) for _, i in shards]
+        self.initial_fill = int(initial_fill)
+        self.hw_decoder_load = float(hw_decoder_load)
+        self.device_memory_padding = int(device_memory_padding)
+        self.host_memory_padding = int(host_memory_padding)
+        self.prefetch_queue_depth = int(prefetch_queue_depth)
+        self._gpu = spec.device.type == "cuda"
+        # per-rank sample count of DALI's contiguous split
+        N, W, r = self.num_samples, spec.world_size, spec.rank
+        self.part_size = (N * (r + 1)) // W - (N * r) // W
+
+    def __len__(self) -> int:
+        s = self.spec
+        if s.drop_last:
+            return (self.num_samples // s.world_size) // s.batch_size
+        return -(-self.part_size // s.batch_size)
+
+    def _pipeline(self, epoch: int):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import math as dmath
+
+        s, r, train = self.spec, self.resolution, self.spec.train
+        dec_device = "mixed" if self._gpu else "cpu"
+        dec_opts = {}
+        if self._gpu:
+            dec_opts = dict(hw_decoder_load=self.hw_decoder_load,
+                            device_memory_padding=self.device_memory_padding,
+                            host_memory_padding=self.host_memory_padding)
+        out_type = types.FLOAT16 if s.dtype == torch.float16 else types.FLOAT
+
+        @pipeline_def
+        def pipe():
+            shuffle = {}
+            if train:  # tar order from (seed, epoch), same on all ranks; buffer draws per rank
+                shuffle = dict(random_shuffle=True, initial_fill=self.initial_fill, shuffle_after_epoch=True,
+                               shuffle_after_epoch_seed=derive_seed(s.seed, epoch),
+                               seed=derive_seed(s.seed, epoch, s.rank, 1))
+            jpegs, cls = fn.readers.webdataset(
+                paths=self.tars, index_paths=self.idxs, ext=["jpg", "cls"], name="reader",
+                shard_id=s.rank, num_shards=s.world_size, pad_last_batch=True,
+                missing_component_behavior="error", **shuffle)
+            if train:
+                images = fn.decoders.image_random_crop(
+                    jpegs, device=dec_device, output_type=types.RGB, random_area=list(TRAIN_SCALE),
+                    random_aspect_ratio=list(TRAIN_RATIO), num_attempts=10, **dec_opts)
+                mirror = fn.random.coin_flip(probability=FLIP_PROB)
+            else:
+                # the same integer box as transforms.center_crop_box: side = int(0.875 * min(H, W)),
+                # top-left = ((H - side) // 2, (W - side) // 2); decoded as a region of interest
+                shape = fn.peek_image_shape(jpegs, dtype=types.INT32)  # [H, W, C]
+                height, width = shape[0], shape[1]
+                side = fn.cast(dmath.floor(fn.cast(dmath.min(height, width), dtype=types.FLOAT) * VAL_CROP_RATIO),
+                               dtype=types.INT32)
+                start = fn.stack((width - side) // 2, (height - side) // 2)
+                images = fn.decoders.image_slice(jpegs, device=dec_device, output_type=types.RGB,
+                                                 start=start, shape=fn.stack(side, side), axis_names="WH",
+                                                 **dec_opts)
+                mirror = 0
+            images = fn.resize(images, size=[r, r], interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.crop_mirror_normalize(
+                images, dtype=out_type, output_layout="HWC", mirror=mirror,
+                mean=[m * 255 for m in IMAGENET_MEAN], std=[v * 255 for v in IMAGENET_STD])
+            labels = fn.pad(cls, axes=(0,), shape=(_LABEL_BYTES,), fill_value=0)
+            outputs = [images, labels]
+            if s.return_indices:
+                info = fn.get_property(jpegs, key="source_info")
+                outputs.append(fn.pad(info, axes=(0,), shape=(_KEY_BYTES,), fill_value=0))
+            return tuple(outputs)
+
+        device_id = (s.device.index or 0) if self._gpu else None  # None: CPU-only pipeline
+        p = pipe(batch_size=s.batch_size, num_threads=s.num_workers, device_id=device_id,
+                 seed=derive_seed(s.seed, epoch, s.rank, 2), prefetch_queue_depth=self.prefetch_queue_depth)
+        try:
+            p.build()
+        except RuntimeError as error:
+            raise FastKDError(f"DALI could not build its pipeline on {s.device} ({str(error).splitlines()[0]}); "
+                              "the torch backend reads the same shards without DALI") from None
+        return p
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        epoch = self._start_pass()
+        s = self.spec
+        names = ["images", "labels"] + (["info"] if s.return_indices else [])
+        pipe = self._pipeline(epoch)
+        it = DALIGenericIterator(pipe, names, reader_name="reader", auto_reset=False,
+                                 last_batch_policy=LastBatchPolicy.PARTIAL)
+        steps = len(self)
+        try:
+            for step, batch in enumerate(it):
+                if step >= steps:  # drop_last: equal step count on all ranks
+                    break
+                data = batch[0]
+                labels = _labels_from_ascii(data["labels"].cpu())
+                if s.drop_last and len(labels) < s.batch_size:
+                    break
+                images = data["images"].permute(0, 3, 1, 2)  # NHWC -> NCHW view = channels_last
+                if images.device != s.device:
+                    images = images.to(s.device, non_blocking=True)
+                images = images.to(s.dtype)
+                indices = _indices_from_keys(data["info"].cpu()) if s.return_indices else None
+                yield self._output(images, labels, indices)
+        finally:
+            del it, pipe
+
+
+def available() -> str | None:
+    try:
+        import nvidia.dali.fn  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None

@@ -1,0 +1,131 @@
+"""`ffcv` backend: the split's .beton through FFCV's Loader (JIT-compiled decode + crop + flip on CPU).
+
+Pipeline: RandomResizedCropRGBImageDecoder (train) / CenterCropRGBImageDecoder(ratio 0.875) (val)
+-> RandomHorizontalFlip (train) -> ToTensor -> ToDevice (cuda only) -> ToTorchImage(channels_last),
+then normalisation and dtype conversion in torch on the device (`Loader.normalize`).
+
+Order: `order="random"` (default for train) and `"sequential"` use fastkd's own sharding
+(sharding.py) through FFCV's `indices`/traversal hook, identical to the torch and folder
+backends. FFCV's own `distributed=True` is not used: it builds a torch DistributedSampler, which
+needs an initialised torch.distributed process group and pads the last rank's part with repeated
+samples. `order="quasi_random"` (data larger than RAM; reads page by page) is FFCV's QuasiRandom:
+single process only (FFCV does not implement it distributed) and it needs `os_cache=False`.
+
+Determinism: the sample order is a function of (seed, epoch) (quasi_random: FFCV's own function
+of (seed, epoch)). Crops and flips are NOT reproducible: FFCV draws them with numba's per-thread
+np.random inside a parallel loop, unseeded, and which thread handles a sample varies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastkd.data.contract import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO, Loader, LoaderSpec
+from fastkd.data.sharding import epoch_indices, num_batches
+from fastkd.errors import FastKDError
+
+ORDERS = ("random", "sequential", "quasi_random")
+
+
+class _ShardOrder:
+    """FFCV TraversalOrder stand-in: this rank's indices of an epoch (sharding.py)."""
+
+    def __init__(self, spec: LoaderSpec, num_samples: int, shuffle: bool):
+        self.spec, self.num_samples, self.shuffle = spec, num_samples, shuffle
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        s = self.spec
+        # drop_last=True cuts N % W here; FFCV then drops the partial batch (Loader drop_last)
+        return epoch_indices(self.num_samples, self.shuffle, s.seed, epoch, s.rank, s.world_size,
+                             s.drop_last).astype(np.uint64)
+
+
+class FFCVLoader(Loader):
+    backend = "ffcv"
+
+    def __init__(self, spec: LoaderSpec, manifest: dict, beton: str, os_cache: bool = True,
+                 order: str | None = None, batches_ahead: int = 3):
+        super().__init__(spec, manifest)
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader as FFCVBaseLoader
+        from ffcv.loader import OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        order = order or ("random" if spec.train else "sequential")
+        if order not in ORDERS:
+            raise FastKDError(f"ffcv order must be one of {ORDERS}, not {order!r}")
+        if order == "quasi_random" and spec.world_size > 1:
+            raise FastKDError("ffcv order='quasi_random' does not work with world_size > 1 (FFCV "
+                              "implements QUASI_RANDOM for a single process only); use order='random' "
+                              "(needs the data in RAM: os_cache=True) or the dali backend")
+        if order == "quasi_random" and os_cache:
+            raise FastKDError("ffcv order='quasi_random' needs os_cache=False (it exists to read page "
+                              "by page when the data does not fit in RAM)")
+        self.order = order
+        r = spec.resolution
+        r_train = (r, r)
+        if spec.train:
+            self._decoder = RandomResizedCropRGBImageDecoder(r_train, scale=TRAIN_SCALE, ratio=TRAIN_RATIO)
+            image_ops = [self._decoder, RandomHorizontalFlip(FLIP_PROB)]
+        else:
+            self._decoder = CenterCropRGBImageDecoder(r_train, ratio=VAL_CROP_RATIO)
+            image_ops = [self._decoder]
+        image_ops.append(ToTensor())
+        label_ops = [IntDecoder(), ToTensor(), Squeeze()]
+        if spec.device.type == "cuda":
+            image_ops.append(ToDevice(spec.device, non_blocking=True))
+            label_ops.append(ToDevice(spec.device, non_blocking=True))
+        image_ops.append(ToTorchImage(channels_last=True))
+        self._shard_order = _ShardOrder(spec, self.num_samples, shuffle=spec.train)
+        if order == "quasi_random":
+            ffcv_order, indices = OrderOption.QUASI_RANDOM, None
+        else:  # start from the epoch-0 part; our traversal replaces FFCV's below
+            ffcv_order, indices = OrderOption.SEQUENTIAL, self._shard_order.sample_order(0)
+        try:
+            self._loader = FFCVBaseLoader(
+                beton, batch_size=spec.batch_size, num_workers=spec.num_workers, os_cache=os_cache,
+                order=ffcv_order, distributed=False, seed=spec.seed, indices=indices,
+                pipelines={"image": image_ops, "label": label_ops}, drop_last=spec.drop_last,
+                batches_ahead=batches_ahead)
+        except (ValueError, KeyError, OSError) as error:
+            raise FastKDError(f"{beton}: FFCV cannot open it ({error}); re-run `fastkd pack`") from None
+        if order != "quasi_random":
+            self._loader.traversal_order = self._shard_order
+        self._built_resolution = r
+
+    def __len__(self) -> int:
+        s = self.spec
+        if self.order == "quasi_random":
+            return len(self._loader)
+        return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
+
+    def _sync_resolution(self) -> None:
+        if self.resolution != self._built_resolution:
+            # the output size is a constant of the JIT-compiled decoder: recompile (a few seconds)
+            self._decoder.output_size = (self.resolution, self.resolution)
+            self._loader.generate_code()
+            self._built_resolution = self.resolution
+
+    def __iter__(self):
+        epoch = self._start_pass()
+        self._sync_resolution()
+        self._loader.next_epoch = epoch
+        order = self._loader.traversal_order.sample_order(epoch) if self.spec.return_indices else None
+        B = self.spec.batch_size
+        for b, (images, labels) in enumerate(self._loader):
+            images = images if images.device == self.spec.device else images.to(self.spec.device)
+            out = self.normalize(images)
+            indices = None if order is None else order[b * B:b * B + len(labels)].astype(np.int64)
+            yield self._output(out, labels, indices)
+
+
+def available() -> str | None:
+    """None when FFCV imports, else why not."""
+    try:
+        import ffcv.loader  # noqa: F401
+    except Exception as error:  # ImportError, or OSError from a missing libturbojpeg/OpenCV
+        return f"{type(error).__name__}: {error}"
+    return None
+
+

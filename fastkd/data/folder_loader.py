@@ -1,0 +1,124 @@
+"""`folder` backend: the usual baseline, torchvision ImageFolder + DataLoader + PIL transforms.
+
+Reads the original ImageNet-style source (`manifest["source"]`, or the `source=` option) with
+PIL in DataLoader worker processes: train RandomResizedCrop(r, scale 0.08-1, ratio 3/4-4/3) +
+RandomHorizontalFlip; val Resize(int(r / 0.875)) + CenterCrop(r); PILToTensor (uint8), then
+normalisation on the device like every backend. Only the manifest's classes are read, labelled
+in the manifest's order, and the files the packer skipped are left out, so sample i is pack
+index i (checked: the file count must match the manifest). Order and sharding: sharding.py.
+Determinism: same seed -> same order; crops come from torch's RNG in each worker, seeded from
+(seed, epoch), so they repeat for the same seed and the same num_workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+from torchvision import transforms as T
+
+from fastkd.data.contract import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO, Loader, LoaderSpec
+from fastkd.data.sharding import derive_seed, epoch_indices, num_batches, split_batches
+from fastkd.errors import FastKDError
+
+
+class ManifestImageFolder(datasets.ImageFolder):
+    """ImageFolder over the manifest's classes (label = manifest label), minus skipped files."""
+
+    def __init__(self, root: Path, manifest: dict, split: str, transform):
+        self._wnids = [c["wnid"] for c in manifest["classes"]]
+        self._skipped = {Path(s["path"]).as_posix() for s in manifest.get("skipped", []) if s.get("split") == split}
+        super().__init__(str(root), transform=transform)
+        top = Path(root)
+        self.samples = [(p, y) for p, y in self.samples
+                        if Path(p).relative_to(top.parent).as_posix() not in self._skipped]
+        self.imgs, self.targets = self.samples, [y for _, y in self.samples]
+
+    def find_classes(self, directory):
+        missing = [w for w in self._wnids if not Path(directory, w).is_dir()]
+        if missing:
+            raise FastKDError(f"{directory}: no folder for class(es) {missing[:5]} of the manifest")
+        return list(self._wnids), {w: i for i, w in enumerate(self._wnids)}
+
+
+class _Sampler:
+    def __init__(self):
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Adds the sample index to ImageFolder items (for return_indices)."""
+
+    def __init__(self, folder: ManifestImageFolder):
+        self.folder = folder
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        image, label = self.folder[i]
+        return image, label, i
+
+
+class FolderLoader(Loader):
+    backend = "folder"
+
+    def __init__(self, spec: LoaderSpec, manifest: dict, source: str | None = None):
+        super().__init__(spec, manifest)
+        source = source or manifest.get("source")
+        if not source:
+            raise FastKDError("folder backend: the manifest names no source folder; pass source=PATH")
+        root = Path(source) / spec.split
+        if not root.is_dir():
+            raise FastKDError(f"folder backend: {root} is not a directory (source of the pack moved? pass source=PATH)")
+        self._transform = _Transform(spec.train, spec.resolution)
+        self.folder = ManifestImageFolder(root, manifest, spec.split, self._transform)
+        if len(self.folder) != self.num_samples:
+            raise FastKDError(f"folder backend: {root} has {len(self.folder)} usable images of the manifest's "
+                              f"classes, the manifest says {self.num_samples}: the source changed since packing")
+        self._sampler = _Sampler()
+        self._generator = torch.Generator()
+        self._loader = torch.utils.data.DataLoader(
+            _Indexed(self.folder), batch_sampler=self._sampler, num_workers=spec.num_workers,
+            generator=self._generator, pin_memory=spec.device.type == "cuda")
+
+    def __len__(self) -> int:
+        s = self.spec
+        return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
+
+    def __iter__(self):
+        s = self.spec
+        epoch = self._start_pass()
+        self._transform.resolution = self.resolution  # workers start per pass and copy it
+        order = epoch_indices(self.num_samples, s.train, s.seed, epoch, s.rank, s.world_size, s.drop_last)
+        self._sampler.batches = [b.tolist() for b in split_batches(order, s.batch_size, s.drop_last)]
+        self._generator.manual_seed(derive_seed(s.seed, epoch, s.rank, 3))  # worker seeds
+        for images, labels, indices in self._loader:
+            images = images.to(s.device, non_blocking=True)
+            yield self._output(self.normalize(images), labels, indices.numpy())
+
+
+class _Transform:
+    """PIL image -> uint8 [3,r,r]; `resolution` is read at call time (progressive resizing)."""
+
+    def __init__(self, train: bool, resolution: int):
+        self.train, self.resolution = train, resolution
+        self._built: tuple | None = None
+
+    def __call__(self, image):
+        r = self.resolution
+        if self._built is None or self._built[0] != r:
+            if self.train:
+                ops = [T.RandomResizedCrop(r, scale=TRAIN_SCALE, ratio=TRAIN_RATIO, antialias=True),
+                       T.RandomHorizontalFlip(FLIP_PROB)]
+            else:
+                ops = [T.Resize(int(r / VAL_CROP_RATIO), antialias=True), T.CenterCrop(r)]
+            self._built = (r, T.Compose(ops + [T.PILToTensor()]))
+        return self._built[1](image)

@@ -1,0 +1,199 @@
+"""`torch` backend: the WebDataset shards read without DALI; JPEGs decoded by torchvision.
+
+Reading: the shards' index files give each sample's byte range, so sample i is one slice of a
+memory-mapped tar (no tar parsing while training). Order and sharding: sharding.py (the same
+as ffcv and folder).
+
+Decoding, by device:
+- cuda: DataLoader workers (`num_workers` processes) only read bytes; a background thread decodes
+  each batch with one `torchvision.io.decode_jpeg(list, device="cuda")` call (nvJPEG, batched),
+  then crops/resizes/flips every image on the GPU and normalises, on a side CUDA stream, one batch
+  ahead of the training step.
+- cpu: the workers decode (libjpeg-turbo), crop and resize (uint8 antialiased bilinear) and
+  return a uint8 batch; normalisation happens in the main process.
+
+Crops: transforms.py (torchvision's RandomResizedCrop algorithm; val centre square of
+0.875 * shorter side). Every random number comes from (seed, epoch, pack index), so the same
+seed gives the same order, crops and flips on any number of workers, CPU or GPU (pixel values
+then agree up to the decoder: nvJPEG vs libjpeg-turbo differ by a few levels).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import threading
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from fastkd.data.contract import Loader, LoaderSpec
+from fastkd.data.packed import read_shard_index
+from fastkd.data.sharding import epoch_indices, num_batches, split_batches
+from fastkd.data.transforms import center_crop_box, crop_resize, train_params
+from fastkd.errors import FastKDError
+
+
+class ShardStore:
+    """Sample i of a split -> its JPEG bytes and label, via the shards' index files."""
+
+    def __init__(self, shards: list, expected_count: int):
+        self.tars = [str(t) for t, _ in shards]
+        tables = [read_shard_index(i) for _, i in shards]
+        self.shard = np.concatenate([np.full(len(t), k, np.int64) for k, t in enumerate(tables)])
+        table = np.concatenate(tables) if tables else np.zeros((0, 4), np.int64)
+        self.offset, self.size = table[:, 0], table[:, 1]
+        if len(self.shard) != expected_count:
+            raise FastKDError(f"{os.path.dirname(self.tars[0]) if self.tars else 'shards'}: index files list "
+                              f"{len(self.shard)} samples, the manifest says {expected_count}; re-run `fastkd pack`")
+        self._maps: list[mmap.mmap] | None = None
+        self._pid = None
+        self.labels = np.array([int(self._slice(k, o, s)) for k, o, s in
+                                zip(self.shard, table[:, 2], table[:, 3])], dtype=np.int64)
+
+    def _slice(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # (re)map after a fork: one set of maps per process
+            self._maps = []
+            for path in self.tars:
+                with open(path, "rb") as f:
+                    self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            self._pid = os.getpid()
+        data = self._maps[shard][offset:offset + size]
+        if len(data) != size:
+            raise FastKDError(f"{self.tars[shard]}: sample at byte {offset} runs past the end of the file "
+                              "(truncated shard); re-run `fastkd pack`")
+        return data
+
+    def jpeg(self, index: int) -> torch.Tensor:
+        i = int(index)
+        return torch.frombuffer(bytearray(self._slice(self.shard[i], self.offset[i], self.size[i])),
+                                dtype=torch.uint8)
+
+    def __getstate__(self):  # mmaps do not pickle; workers map the files themselves
+        return {**self.__dict__, "_maps": None, "_pid": None}
+
+
+def _boxes(shapes, indices, seed: int, epoch: int, train: bool):
+    if train:
+        return [train_params(seed, epoch, i, h, w) for (h, w), i in zip(shapes, indices)]
+    return [(center_crop_box(h, w), False) for h, w in shapes]
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Item (epoch, resolution, indices) -> (uint8 [B,3,r,r] or list of JPEG byte tensors, labels, indices)."""
+
+    def __init__(self, store: ShardStore, seed: int, train: bool, decode: bool):
+        self.store, self.seed, self.train, self.decode = store, seed, train, decode
+
+    def __getitem__(self, item):
+        epoch, resolution, indices = item
+        data = [self.store.jpeg(i) for i in indices]
+        labels = torch.from_numpy(self.store.labels[indices])
+        if not self.decode:
+            return data, labels, indices
+        images = decode_jpeg(data, mode=ImageReadMode.RGB)
+        boxes = _boxes([im.shape[1:] for im in images], indices, self.seed, epoch, self.train)
+        out = torch.stack([crop_resize(im, box, resolution, flip) for im, (box, flip) in zip(images, boxes)])
+        return out, labels, indices
+
+
+def _identity(batch):
+    return batch
+
+
+class _PassSampler:
+    """The batches of the current pass; re-read by persistent DataLoader workers every pass."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+class TorchLoader(Loader):
+    backend = "torch"
+
+    def __init__(self, spec: LoaderSpec, manifest: dict, shards: list, prefetch_factor: int = 2):
+        super().__init__(spec, manifest)
+        self.store = ShardStore(shards, self.num_samples)
+        self._gpu = spec.device.type == "cuda"
+        workers = 0 if spec.num_workers <= 1 and not self._gpu else spec.num_workers
+        self._sampler = _PassSampler()
+        self._reader = _BatchReader(self.store, spec.seed, spec.train, decode=not self._gpu)
+        self._loader = torch.utils.data.DataLoader(
+            self._reader, batch_size=None, sampler=self._sampler, num_workers=workers,
+            persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers else None,
+            collate_fn=_identity)
+
+    def __len__(self) -> int:
+        s = self.spec
+        return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
+
+    def __iter__(self):
+        s = self.spec
+        epoch = self._start_pass()
+        order = epoch_indices(self.num_samples, s.train, s.seed, epoch, s.rank, s.world_size, s.drop_last)
+        self._sampler.items = [(epoch, self.resolution, b) for b in split_batches(order, s.batch_size, s.drop_last)]
+        if self._gpu:
+            yield from self._gpu_batches(iter(self._loader), epoch)
+            return
+        for images, labels, indices in self._loader:
+            yield self._output(self.normalize(images), labels, indices)
+
+    def _gpu_batches(self, raw, epoch: int):
+        """Decode + augment one batch ahead on a side stream, in a thread (nvJPEG holds the GIL little)."""
+        s, device, r = self.spec, self.spec.device, self.resolution
+        stream = torch.cuda.Stream(device)
+        ready: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def work():
+            try:
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    for data, labels, indices in raw:
+                        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+                        boxes = _boxes([im.shape[1:] for im in images], indices, s.seed, epoch, s.train)
+                        batch = torch.stack([crop_resize(im, box, r, flip) for im, (box, flip) in zip(images, boxes)])
+                        out = self.normalize(batch)
+                        labels = labels.to(device, non_blocking=True)
+                        done = torch.cuda.Event()
+                        done.record(stream)
+                        if not put((out, labels, indices, done)):
+                            return
+                put(None)
+            except BaseException as error:  # re-raised in the consumer
+                put(error)
+
+        thread = threading.Thread(target=work, daemon=True, name="fastkd-nvjpeg")
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                images, labels, indices, done = item
+                current = torch.cuda.current_stream(device)
+                current.wait_event(done)
+                images.record_stream(current)
+                labels.record_stream(current)
+                yield self._output(images, labels, indices)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
