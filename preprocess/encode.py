@@ -45,6 +45,7 @@ def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 def encode_image(data: bytes, max_side: int, quality: int) -> Encoded:
     if not data:
         raise BadImage("empty file (0 bytes)")
+    source_format = "image"  # until PIL has identified it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
