@@ -72,7 +72,9 @@ def encode_image(data: bytes, max_side: int, quality: int) -> Encoded:
     try:
         image = image.convert("RGB")  # same call as torchvision's pil_loader
         if image.size != size:
-            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+            # area averaging (OpenCV's INTER_AREA, what FFCV's writer uses); the cheapest
+            # antialiased filter in Pillow, ~30 % faster than BILINEAR at 500 -> 400 px
+            image = image.resize(size, Image.Resampling.BOX)
     except (OSError, ValueError) as error:
         raise BadImage(f"cannot convert {image.mode} image to RGB: {error}") from None
     if max(size) > MAX_DIMENSION:
