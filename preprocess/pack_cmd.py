@@ -63,11 +63,15 @@ class RichProgress(Progress):
             self.bar.update(self.task, rate=f"{speed:,.0f} img/s" if speed else "- img/s")
 
     def stop(self) -> None:
-        self.bar.stop()
+        if self.task is not None:
+            self.bar.stop()
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
 
 
 def summary(console, result) -> None:

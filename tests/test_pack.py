@@ -55,7 +55,7 @@ def make_folder(root: Path, wnids=WNIDS, sizes=SIZES, val_sizes=((100, 80), (70,
             for i, (w, h) in enumerate(split_sizes):
                 # names sort differently from creation order: pack order must be by name
                 name = f"{wnid}_{(len(split_sizes) - i) * 7 % 10}_{i}.JPEG"
-                (folder / name).write_bytes(jpeg_bytes(photo(w, h, seed=hash((split, c, i)) % 2**32)))
+                (folder / name).write_bytes(jpeg_bytes(photo(w, h, seed=(split == "val") * 1000 + c * 100 + i)))
     return root
 
 
