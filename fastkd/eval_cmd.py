@@ -1,0 +1,85 @@
+"""Evaluate a checkpoint on the val split of a packed directory: top-1/top-5, loss, ECE per network.
+
+    fastkd eval runs/uadkd/checkpoints/last.pt --data data/imagenet100-packed      # every student
+    fastkd eval runs/uadkd --data data/imagenet100-packed                          # same (run dir)
+    fastkd eval runs/uadkd/checkpoints/best-resnet18.pt --data DIR                 # arch from the name
+    fastkd eval weights.pt --arch resnet50 --data DIR                              # any state_dict
+
+Resolution, backend and batch size default to the checkpoint's config (last.pt) or to 224 / ffcv
+/ 256; a 1000-way ImageNet state_dict is sliced to the manifest's classes like a teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from fastkd.errors import FastKDError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="last.pt, best-<net>.pt, a state_dict file or a run directory")
+    parser.add_argument("--data", required=True, help="packed directory (val split)")
+    parser.add_argument("--backend", default=None, choices=["ffcv", "dali", "torch", "folder"])
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="val resolution (px)")
+    parser.add_argument("--arch", default=None, help="architecture of a plain state_dict")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--num-workers", type=int, default=None)
+
+
+def _networks(path: Path, arch: str | None, manifest: dict) -> tuple[dict, dict]:
+    """(name -> model, config dict or {}) for the file at `path`."""
+    from fastkd.models import CHECKPOINT_FORMAT, build_model, load_file, load_teacher, state_from_file
+
+    obj = load_file(path)
+    num_classes = len(manifest["classes"])
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        if obj["num_classes"] != num_classes:
+            raise FastKDError(f"{path} has {obj['num_classes']} classes, the data {num_classes}")
+        nets = {}
+        for name, a in obj["archs"].items():
+            nets[name] = build_model(a, num_classes)
+            nets[name].load_state_dict(obj["models"][name])
+        return nets, obj.get("config", {})
+    if arch is None:  # best-<net>.pt: the network name is the arch, maybe suffixed -2
+        stem = path.stem.removeprefix("best-")
+        arch = stem.rsplit("-", 1)[0] if stem.rsplit("-", 1)[-1].isdigit() else stem
+    state_from_file(obj, path, arch)  # validates it is a state_dict
+    return {arch: load_teacher(str(path), arch, manifest)}, {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastkd.data import build_loader
+    from fastkd.evaluate import evaluate
+    from fastkd.preprocess.manifest import load_manifest
+    from fastkd.train import resolve_device
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    manifest = load_manifest(args.data)
+    nets, config = _networks(path, args.arch, manifest)
+    data_cfg = config.get("data", {})
+    device = resolve_device(args.device)
+    backend = args.backend or data_cfg.get("backend", "ffcv")
+    resolution = args.resolution or data_cfg.get("val_resolution", 224)
+    batch_size = args.batch_size or data_cfg.get("batch_size", 256)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loader = build_loader(args.data, "val", backend, batch_size, resolution, device, dtype, num_workers=args.num_workers)
+    nets = {name: net.to(device) for name, net in nets.items()}
+    res = evaluate(nets, loader)
+
+    table = Table(title=f"{path} on {args.data} (val, {resolution} px)")
+    for column in ("network", "top-1 %", "top-5 %", "loss", "ECE %", "images"):
+        table.add_column(column, justify="left" if column == "network" else "right")
+    for name in nets:
+        r = res[name]
+        table.add_row(name, f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['loss']:.4f}", f"{100 * r['ece']:.2f}", str(r["n"]))
+    Console().print(table)
+    return 0
