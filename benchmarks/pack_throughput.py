@@ -21,7 +21,6 @@ are shrunk to 400.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys

@@ -51,6 +51,7 @@ class SplitStats:
     shards: int = 0
     ignored_folders: int = 0
     ignored_files: int = 0
+    seconds: float = 0.0  # wall time from the split's first to its last result (decode pipelined)
 
 
 @dataclass
@@ -197,7 +198,11 @@ def pack(
             if "dali" in formats:
                 shards[s] = ShardWriter(tmp / "dali" / s, shard_size=shard_size)
 
-        for (s, item), result in zip(jobs, results):
+        t_split = time.perf_counter()
+        for n, ((s, item), result) in enumerate(zip(jobs, results)):
+            if n and jobs[n - 1][0] != s:  # first result of the next split
+                now = time.perf_counter()
+                stats[jobs[n - 1][0]].seconds, t_split = now - t_split, now
             if isinstance(result, tuple) and "ffcv" in formats and len(result[0]) > PAGE_SIZE:
                 result = f"encoded JPEG of {len(result[0])} bytes exceeds FFCV's page ({PAGE_SIZE} bytes); lower --max-side"
             if isinstance(result, str):
@@ -214,6 +219,8 @@ def pack(
                 stats[s].count += 1
                 stats[s].jpeg_bytes += len(jpeg)
             progress.advance(1)
+        if jobs:
+            stats[jobs[-1][0]].seconds = time.perf_counter() - t_split
         pool.close()
         pool.join()
         pool = None

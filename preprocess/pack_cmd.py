@@ -79,17 +79,19 @@ def summary(console, result) -> None:
 
     m = result.manifest
     table = Table(title=f"fastkd pack -> {result.out}")
-    for header in ("split", "images", "skipped", "ignored folders", "JPEG bytes", "shards"):
+    for header in ("split", "images", "skipped", "ignored folders", "JPEG bytes", "shards", "time", "images/s"):
         table.add_column(header, justify="left" if header == "split" else "right")
     for name, s in result.splits.items():
+        rate = (s.count + s.skipped) / s.seconds if s.seconds > 0 else float("nan")
         table.add_row(name, f"{s.count:,}", f"{s.skipped:,}", f"{s.ignored_folders:,}", _mib(s.jpeg_bytes),
-                      str(s.shards))
+                      str(s.shards), f"{s.seconds:.1f} s", f"{rate:,.0f}")
     console.print(table)
     sizes = {f: sum(e["size"] for e in m["files"] if e["path"].startswith(f + "/")) for f in m["params"]["formats"]}
     console.print(f"{len(m['classes'])} classes, max side {m['params']['max_side']}, quality "
                   f"{m['params']['quality']}; " + ", ".join(f"{f} {_mib(b)}" for f, b in sizes.items()))
     total = result.images + sum(s.skipped for s in result.splits.values())
-    console.print(f"{total:,} inputs in {result.seconds:.1f} s: {total / max(result.seconds, 1e-9):,.0f} images/s")
+    console.print(f"{total:,} inputs in {result.seconds:.1f} s end to end (scan, encode, write, hash): "
+                  f"{total / max(result.seconds, 1e-9):,.0f} images/s")
     if m["skipped"]:
         skipped = Table(title=f"skipped inputs ({len(m['skipped'])}, also in manifest.json)")
         skipped.add_column("path")

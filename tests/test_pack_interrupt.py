@@ -5,7 +5,6 @@ with one worker (one 1200x900 JPEG copied many times: cheap to make, slow to re-
 from __future__ import annotations
 
 import io
-import os
 import signal
 import subprocess
 import sys
