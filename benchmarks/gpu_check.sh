@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# The one prepared check for a lent GPU machine (H100/H200, torch 2.11 + CUDA 13, nvcc, ninja,
+# Triton, Python 3.12 as `python3`, no FFCV/DALI, no internet), run from the repository root:
+#
+#   OUT=/some/empty/dir bash benchmarks/gpu_check.sh          # on the GPU machine ($OUT is set there)
+#   OUT=/tmp/gpucheck bash benchmarks/gpu_check.sh            # CPU dry run: tiny sizes, CUDA stages skipped
+#
+# Stages, each under its own `timeout`, each recorded pass/fail/skip, a failure never stops the rest;
+# a stage that would start after BUDGET_S seconds (default 390) is skipped so the whole check ends
+# in about 6-7 minutes on an H100:
+#   env      GPU (nvidia-smi), driver, torch/CUDA/cuDNN/Triton/torchvision, nvcc, ninja, cores
+#   install  make `fastkd` importable with no internet: `pip install --no-build-isolation --no-deps
+#            --no-index -e .` (setuptools maps preprocess/ -> fastkd.preprocess and kernels/ ->
+#            fastkd.kernels); if that fails, a PYTHONPATH shim (sitecustomize finder) does the mapping
+#   kernel   build the CUDA loss kernel (torch.utils.cpp_extension, first use) and compare the fused
+#            op with the reference on random bf16/fp32 logits (relative error printed)
+#   gputest  pytest -m gpu tests/
+#   step     benchmarks/step_throughput.py (4 variants x 160/192/224 px x batch 128/256; compiled
+#            variant at 160 px x 256 only)
+#   loss     benchmarks/loss_kernel.py
+#   data     a synthetic ImageNet-style folder of photo-sized JPEGs -> `fastkd pack --formats dali`
+#            (or DATA=carried/packed/dir to use a carried pack)
+#   loader   benchmarks/loader_throughput.py, `torch` backend (nvJPEG decode on the GPU)
+#   e2e      benchmarks/e2e_throughput.py, `torch` backend vs synthetic data
+#   losstest pytest of the loss tests (CPU reference, op under compile; GPU tests too if marked)
+# Last: benchmarks/run_all.py --collect merges the JSONs into results.{json,md,png}, then a short
+# table (stages + goals) is printed. Under $OUT (at most 8 files, none in sub-folders):
+#   gpu_check.log  this console output       summary.md   stage table + results.md
+#   results.json   all benchmark JSONs + stages + machine     results.png  bar chart
+#   logs.tar.gz    every stage's full log, the JSONs and the results folder
+# Environment knobs: PY (python; default .venv/bin/python if present, else python3), BUDGET_S,
+# DATA (a packed dir), WORK (scratch dir), QUICK=1 (tiny sizes even on a GPU).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+: "${OUT:?set OUT to an (empty) output folder}"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [ -z "${PY:-}" ]; then
+  if [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"; else PY=python3; fi
+fi
+W=${WORK:-$(mktemp -d /tmp/fastkd-gpucheck.XXXXXX)}
+mkdir -p "$W/logs" "$W/json"
+BUDGET_S=${BUDGET_S:-390}
+START=$(date +%s)
+STAGES="$W/stages.tsv"
+: > "$STAGES"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PY W REPO   # read by the functions that `stage` runs through bash -c
+unset FASTKD_LOSS_IMPL
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  HAS_CUDA=1
+else
+  HAS_CUDA=0
+fi
+if [ "$HAS_CUDA" = 1 ] && [ "${QUICK:-0}" != 1 ]; then MODE=gpu; else MODE=dry; fi
+echo "gpu_check: repo $REPO | python $PY | CUDA $HAS_CUDA | mode $MODE | work $W | budget ${BUDGET_S}s"
+
+# stage NAME TIMEOUT_S NEEDS(cuda|any) CMD...: run CMD under timeout, log to $W/logs/NAME.log,
+# show its last lines, record "NAME status seconds note" in $STAGES.
+stage() {
+  local name=$1 limit=$2 needs=$3
+  shift 3
+  local now; now=$(elapsed)
+  if [ "$needs" = cuda ] && [ "$HAS_CUDA" != 1 ]; then
+    printf '%s\tskip\t0\tneeds CUDA\n' "$name" >> "$STAGES"
+    echo "=== [$name] skipped: needs CUDA"
+    return 0
+  fi
+  if [ "$now" -ge "$BUDGET_S" ]; then
+    printf '%s\tskip\t0\tover budget (%ss)\n' "$name" "$now" >> "$STAGES"
+    echo "=== [$name] skipped: ${now}s elapsed, budget ${BUDGET_S}s"
+    return 0
+  fi
+  echo "=== [$name] t=${now}s timeout ${limit}s: $*"
+  local t0 rc status note=""
+  t0=$(date +%s)
+  if [ "$(type -t "$1")" = function ]; then  # timeout runs programs: a shell function goes via bash -c
+    timeout -k 10 "$limit" bash -c "$(declare -f "$1"); \"\$@\"" _ "$@" > "$W/logs/$name.log" 2>&1
+  else
+    timeout -k 10 "$limit" "$@" > "$W/logs/$name.log" 2>&1
+  fi
+  rc=$?
+  case $rc in
+    0) status=pass ;;
+    5) if [ "$name" = gputest ]; then status=pass; note="no test collected"; else status=fail; note="exit 5"; fi ;;
+    124|137) status=fail; note="timeout ${limit}s" ;;
+    *) status=fail; note="exit $rc" ;;
+  esac
+  tail -n "${TAIL_LINES:-12}" "$W/logs/$name.log" | sed "s/^/  [$name] /"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$note" >> "$STAGES"
+  echo "=== [$name] $status in $(( $(date +%s) - t0 ))s ${note}"
+  return 0
+}
+
+# ------------------------------------------------------------------ env
+env_report() {
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(hostname)  cores: $(nproc)"
+  free -g 2>/dev/null | head -2
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+      --format=csv 2>&1
+  else
+    echo "nvidia-smi: not found"
+  fi
+  command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc: not found"
+  command -v ninja >/dev/null && echo "ninja $(ninja --version)" || echo "ninja: not found"
+  "$PY" - <<'EOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA build", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {p.name}: {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, capability {p.major}.{p.minor}")
+for mod in ("torchvision", "triton", "numpy", "PIL", "yaml", "rich", "matplotlib", "sklearn", "pytest", "ffcv", "nvidia.dali"):
+    try:
+        m = importlib.import_module(mod)
+        print(f"{mod} {getattr(m, '__version__', '?')}")
+    except Exception as e:
+        print(f"{mod}: not importable ({type(e).__name__})")
+EOF
+}
+stage env 60 any env_report
+
+# ------------------------------------------------------------------ install
+fastkd_importable() {
+  (cd / && "$PY" -c "import fastkd, fastkd.preprocess, fastkd.kernels, fastkd.data; print('fastkd importable from', fastkd.__file__)")
+}
+make_shim() {
+  mkdir -p "$W/shim"
+  cat > "$W/shim/sitecustomize.py" <<EOF
+# gpu_check.sh shim: the package-dir mapping of pyproject.toml without an install.
+import importlib.abc, importlib.util, os, sys
+_MAP = {"fastkd.preprocess": "$REPO/preprocess", "fastkd.kernels": "$REPO/kernels"}
+class _FastkdDirs(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        d = _MAP.get(name)
+        if d is None:
+            return None
+        return importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"),
+                                                      submodule_search_locations=[d])
+sys.meta_path.insert(0, _FastkdDirs())
+EOF
+}
+install_fastkd() {
+  if [ "${FORCE_SHIM:-0}" != 1 ] && fastkd_importable; then return 0; fi
+  if [ "${FORCE_SHIM:-0}" != 1 ]; then
+    echo "+ pip install --no-build-isolation --no-deps --no-index -e ."
+    "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e "$REPO" && fastkd_importable && return 0
+    echo "pip editable install failed: falling back to the PYTHONPATH shim"
+  fi
+  make_shim
+  export PYTHONPATH="$W/shim:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  fastkd_importable
+}
+# runs in this shell (not via `stage`, and a function with a redirection stays in this shell)
+# so that a PYTHONPATH shim reaches the later stages
+echo "=== [install] t=$(elapsed)s"
+t0=$(date +%s)
+if install_fastkd > "$W/logs/install.log" 2>&1; then st=pass; else st=fail; fi
+sed 's/^/  [install] /' "$W/logs/install.log" | tail -8
+case "${PYTHONPATH:-}" in *"$W/shim"*) how="PYTHONPATH shim" ;; *) how="installed" ;; esac
+printf 'install\t%s\t%s\t%s\n' "$st" "$(( $(date +%s) - t0 ))" "$how" >> "$STAGES"
+echo "=== [install] $st"
+FASTKD="$PY -m fastkd.cli"
+export FASTKD
+
+# ------------------------------------------------------------------ kernel build + check
+kernel_check() {
+  "$PY" - <<'EOF'
+import time, torch
+t0 = time.perf_counter()
+from fastkd.kernels.build import load_extension
+load_extension()  # builds (or loads the cached build); raises with the compiler's log on failure
+print(f"CUDA extension ready in {time.perf_counter() - t0:.1f} s")
+from fastkd.losses import LossConfig, distillation_loss
+cfg = LossConfig.from_method("uadkd", temperature=4.0)
+torch.manual_seed(0)
+worst = 0.0
+for dtype in (torch.float32, torch.bfloat16):
+    for B, C in ((256, 100), (37, 1000)):
+        t = (torch.randn(B, C, device="cuda") * 3).to(dtype)
+        sa = (torch.randn(B, C, device="cuda") * 3).to(dtype).requires_grad_()
+        sb = (torch.randn(B, C, device="cuda") * 3).to(dtype).requires_grad_()
+        y = torch.randint(0, C, (B,), device="cuda")
+        outs, grads = [], []
+        for fused in (True, False):
+            out = distillation_loss(t, [sa, sb], y, cfg, fused=fused)
+            ga, gb = torch.autograd.grad(out["loss"], [sa, sb])
+            outs.append(out["loss"].float()); grads.append(torch.cat([ga.float().flatten(), gb.float().flatten()]))
+        torch.cuda.synchronize()
+        rel_l = ((outs[0] - outs[1]).abs() / outs[1].abs().clamp_min(1e-12)).item()
+        rel_g = ((grads[0] - grads[1]).norm() / grads[1].norm().clamp_min(1e-12)).item()
+        worst = max(worst, rel_l if dtype == torch.float32 else 0.0)
+        print(f"{str(dtype):15s} B={B:4d} C={C:4d}: loss rel err {rel_l:.2e}, grad rel err {rel_g:.2e}")
+print(f"fused op built and checked in {time.perf_counter() - t0:.1f} s")
+assert worst < 1e-4, f"fp32 fused vs reference relative error {worst:.2e} >= 1e-4"
+EOF
+}
+stage kernel 240 cuda kernel_check
+
+# ------------------------------------------------------------------ gpu tests
+stage gputest 180 any "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider
+
+# ------------------------------------------------------------------ step benchmark
+if [ "$MODE" = gpu ]; then
+  STEP_ARGS=(--windows 5 --steps 3 --warmup 2)
+  STEP_T=260
+else
+  STEP_ARGS=(--res 32 --batch 4 --steps 1 --windows 2 --warmup 1 --variants fp32_nchw,bf16_cl,bf16_cl_fused)
+  STEP_T=300  # shared CPUs: tiny shapes can still take minutes
+fi
+stage step "$STEP_T" any "$PY" benchmarks/step_throughput.py "${STEP_ARGS[@]}" --json "$W/json/step.json"
+
+# ------------------------------------------------------------------ loss benchmark
+if [ -f benchmarks/loss_kernel.py ]; then
+  if [ "$MODE" = gpu ]; then LOSS_ARGS=(--device cuda); else LOSS_ARGS=(--device cpu --warmup 1 --iters 3 --no-compile); fi
+  # pass only flags the script accepts
+  LOSS_ARGS=($( "$PY" benchmarks/run_all.py --filter-flags benchmarks/loss_kernel.py -- "${LOSS_ARGS[@]}" 2>/dev/null ))
+  stage loss 150 any "$PY" benchmarks/loss_kernel.py "${LOSS_ARGS[@]}" --json "$W/json/loss.json"
+else
+  printf 'loss\tskip\t0\tbenchmarks/loss_kernel.py missing\n' >> "$STAGES"
+fi
+
+# ------------------------------------------------------------------ data: synthetic folder -> pack
+if [ "$MODE" = gpu ]; then SYNTH="--classes 8 --train 256 --val 8 --size 400"; else SYNTH="--classes 4 --train 12 --val 2 --size 96"; fi
+export SYNTH
+make_data() {
+  # shellcheck disable=SC2086  # SYNTH is a list of flags
+  "$PY" benchmarks/common.py synth-folder "$W/src" $SYNTH &&
+  $FASTKD pack "$W/src" "$W/packed" --classes all --formats dali --workers "$(nproc)" &&
+  test -f "$W/packed/manifest.json"
+}
+if [ -n "${DATA:-}" ]; then
+  PACKED=$DATA
+  printf 'data\tpass\t0\tcarried %s\n' "$DATA" >> "$STAGES"
+else
+  PACKED="$W/packed"
+  stage data 120 any make_data
+fi
+
+# ------------------------------------------------------------------ loader benchmark (torch backend)
+if [ "$MODE" = gpu ]; then
+  LOADER_EXTRA=(--device cuda --batch-size 256 --resolution 160 --epochs 3)
+else
+  LOADER_EXTRA=(--device cpu --batch-size 8 --resolution 32 --epochs 1)
+fi
+if [ -f benchmarks/loader_throughput.py ]; then
+  LOADER_ARGS=($( "$PY" benchmarks/run_all.py --filter-flags benchmarks/loader_throughput.py -- \
+                   --data "$PACKED" --backends torch "${LOADER_EXTRA[@]}" 2>/dev/null ))
+  stage loader 120 any "$PY" benchmarks/loader_throughput.py "${LOADER_ARGS[@]}" --json "$W/json/loader.json"
+else
+  printf 'loader\tskip\t0\tbenchmarks/loader_throughput.py missing\n' >> "$STAGES"
+fi
+
+# ------------------------------------------------------------------ end to end (torch backend)
+if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 40 --warmup 5); else E2E_ARGS=(--res 32 --batch 4 --steps 2 --warmup 1); fi
+stage e2e 120 any "$PY" benchmarks/e2e_throughput.py --data "$PACKED" --backends torch "${E2E_ARGS[@]}" \
+  --json "$W/json/e2e.json"
+
+# ------------------------------------------------------------------ loss tests (CPU + GPU)
+LOSS_TESTS=$(ls tests/test_loss*.py tests/test_kernel*.py 2>/dev/null | tr '\n' ' ')
+if [ -n "$LOSS_TESTS" ]; then
+  stage losstest 150 any "$PY" -m pytest -q -rs $LOSS_TESTS -p no:cacheprovider
+else
+  printf 'losstest\tskip\t0\tno tests/test_loss*.py\n' >> "$STAGES"
+fi
+
+# ------------------------------------------------------------------ collect + summary
+RESDIR="$W/results"
+"$PY" benchmarks/run_all.py --collect "$W/json" --stages "$STAGES" --out "$RESDIR" > "$W/logs/collect.log" 2>&1 \
+  || { echo "run_all --collect failed:"; tail -5 "$W/logs/collect.log"; }
+for f in results.json results.png; do [ -f "$RESDIR/$f" ] && cp "$RESDIR/$f" "$OUT/$f"; done
+[ -f "$RESDIR/results.md" ] && cp "$RESDIR/results.md" "$OUT/summary.md"
+tar -czf "$OUT/logs.tar.gz" -C "$W" logs json results stages.tsv 2>/dev/null
+echo
+echo "gpu_check finished in $(elapsed)s (mode $MODE); files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+"$PY" benchmarks/run_all.py --summary "$RESDIR/results.json" 2>/dev/null || column -t -s $'\t' "$STAGES"
