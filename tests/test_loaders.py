@@ -289,6 +289,17 @@ def test_epoch_and_seed(get_loader, backend):
         assert torch.equal(ia, i0) and torch.equal(xa, x0)
 
 
+def test_dali_reader_shuffle_is_seeded(get_loader):
+    """shuffle="reader" (fn.readers.webdataset's own shuffling): reproducible, new each epoch."""
+    a = get_loader("train", "dali", shuffle="reader")
+    x0, _, i0 = _pass(a)
+    x1, _, i1 = _pass(a)
+    b = get_loader("train", "dali", shuffle="reader")
+    xb, _, ib = _pass(b)
+    assert torch.equal(i0, ib) and torch.equal(x0, xb)
+    assert not torch.equal(i0, i1)
+
+
 def test_torch_crops_independent_of_workers(get_loader):
     x1, _, i1 = _pass(get_loader("train", "torch", num_workers=1))
     x2, _, i2 = _pass(get_loader("train", "torch", num_workers=2))
@@ -309,16 +320,18 @@ def test_set_resolution(get_loader, backend):
 # ----------------------------------------------------------------------------- distributed
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali", "folder"])
+@pytest.mark.parametrize("backend", ["torch", "dali", "dali-reader", "folder"])
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_sharding(get_loader, backend, world_size, split):
     n = N_CLASSES * (N_TRAIN if split == "train" else N_VAL)
     batch = 4
+    opts = {"shuffle": "reader"} if backend == "dali-reader" else {}
+    backend = backend.split("-")[0]
     for epoch in (0, 1):
         parts = []
         for rank in range(world_size):
-            loader = get_loader(split, backend, rank=rank, world_size=world_size, batch_size=batch)
+            loader = get_loader(split, backend, rank=rank, world_size=world_size, batch_size=batch, **opts)
             loader.set_epoch(epoch)
             seen = [i for _, _, idx in loader for i in idx.tolist()]
             assert len(loader) == -(-len(seen) // batch)
@@ -329,7 +342,7 @@ def test_sharding(get_loader, backend, world_size, split):
             assert sorted(joined) == list(range(n))
         else:  # drop_last=True: equal steps on every rank, the remainder is dropped
             assert {len(p) for p in parts} == {(n // world_size) // batch * batch}
-            assert len({len(get_loader(split, backend, rank=r, world_size=world_size, batch_size=batch))
+            assert len({len(get_loader(split, backend, rank=r, world_size=world_size, batch_size=batch, **opts))
                         for r in range(world_size)}) == 1
 
 

@@ -9,7 +9,7 @@
 
 Backends (contract: docs/CONTRACTS.md "Loaders"; details in each module's docstring):
   ffcv    .beton via FFCV (JIT CPU decode+crop)        options: os_cache, order, batches_ahead
-  dali    shards via DALI (GPU "mixed" decode or CPU)  options: initial_fill, hw_decoder_load,
+  dali    shards via DALI (GPU "mixed" decode or CPU)  options: shuffle, initial_fill, hw_decoder_load,
                                                                 device_memory_padding, host_memory_padding,
                                                                 prefetch_queue_depth
   torch   shards via torchvision decode_jpeg (nvJPEG on cuda)   options: prefetch_factor
@@ -39,7 +39,7 @@ _INSTALL = {
 
 _OPTIONS = {
     "ffcv": {"os_cache", "order", "batches_ahead"},
-    "dali": {"initial_fill", "hw_decoder_load", "device_memory_padding", "host_memory_padding",
+    "dali": {"shuffle", "initial_fill", "hw_decoder_load", "device_memory_padding", "host_memory_padding",
              "prefetch_queue_depth"},
     "torch": {"prefetch_factor"},
     "folder": {"source"},

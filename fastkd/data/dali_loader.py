@@ -10,21 +10,27 @@ decoder for `hw_decoder_load` of the batch) and everything after on the GPU; on 
 operators run with device="cpu" in a pipeline built with device_id=None. NHWC viewed as NCHW is
 exactly torch.channels_last. DALI has no bfloat16: bf16 runs take fp32 from DALI and cast.
 
-Sharding and remainder (DALI's own, not sharding.py): the reader splits the epoch's sample list
-into `world_size` contiguous parts (part k = samples floor(N*k/W) .. floor(N*(k+1)/W)-1, so sizes
-differ by at most one); `pad_last_batch` keeps a rank's last batch inside its part and the
-iterator strips the padding. drop_last=False: every sample exactly once per epoch across ranks,
-last batches partial. drop_last=True: every rank yields (N // W) // B batches (equal on all ranks)
-and the rest of its part is not read that epoch.
+Reading, two ways (`shuffle=`):
+- "global" (train default): fastkd's sharding.py order (a permutation of the whole split from
+  (seed, epoch), rank r takes every W-th sample; remainder as documented there: drop_last=True
+  cuts N % W and partial batches, drop_last=False drops nothing), the JPEG bytes read through the
+  shards' index files and fed with `fn.external_source`. Identical order to ffcv/torch/folder.
+- "reader" (val always; train on request): `fn.readers.webdataset` with shard_id=rank,
+  num_shards=world_size. DALI splits the epoch's sample list into W contiguous parts (part k =
+  samples floor(N*k/W) .. floor(N*(k+1)/W)-1, sizes differ by at most one); pad_last_batch keeps a
+  rank's last batch inside its part and the iterator strips the padding. drop_last=False: every
+  sample exactly once per epoch across ranks, last batches partial. drop_last=True: every rank
+  yields (N // W) // B batches (equal on all ranks), the rest of its part is not read that epoch.
+  DALI cannot permute a tar dataset globally: per epoch it shuffles the order of the tar files
+  (shuffle_after_epoch, seeded from (seed, epoch), same on all ranks so the parts stay disjoint)
+  and draws samples at random from a buffer of `initial_fill` samples read in that order. Packs
+  store samples sorted by label, so a batch then mixes only the classes of the buffer's
+  ~initial_fill / shard_size shards: that is why "global" is the train default.
 
-Shuffling and determinism: DALI cannot permute a tar dataset globally. Per epoch it shuffles the
-order of the tar shards (shuffle_after_epoch, seeded from (seed, epoch), same on all ranks, so the
-parts stay disjoint) and draws samples at random from a buffer of `initial_fill` samples read in
-that order. Because packs store samples sorted by label, a batch mixes only the classes in the
-buffer's ~initial_fill / shard_size shards: raise `initial_fill` (memory: that many encoded
-JPEGs per rank) or use the ffcv/torch backends when that matters. Same seed -> same order and the
-same crops and flips (the pipeline and reader seeds derive from (seed, epoch, rank)); on the GPU
-the hardware decoder may differ from nvJPEG's CUDA decoder in the last bit.
+Determinism: same seed -> same order and the same crops and flips (pipeline and reader seeds
+derive from (seed, epoch, rank)); DALI's crop RNG differs from the torch backend's, so the two
+backends' crops differ; on the GPU the hardware decoder may differ from nvJPEG's CUDA decoder in
+the last bit.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import torch
 
 from fastkd.data.contract import (FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO, TRAIN_SCALE,
                                   VAL_CROP_RATIO, Loader, LoaderSpec)
-from fastkd.data.sharding import derive_seed
+from fastkd.data.packed import ShardStore
+from fastkd.data.sharding import derive_seed, epoch_indices, num_batches, split_batches
 from fastkd.errors import FastKDError
 
 _LABEL_BYTES = 12  # .cls holds an ASCII decimal label; padded to this many bytes for a dense batch
@@ -62,10 +69,16 @@ def _indices_from_keys(info: torch.Tensor) -> np.ndarray:
 class DALILoader(Loader):
     backend = "dali"
 
-    def __init__(self, spec: LoaderSpec, manifest: dict, shards: list, initial_fill: int = 4096,
+    def __init__(self, spec: LoaderSpec, manifest: dict, shards: list, shuffle: str | None = None,
+                 initial_fill: int = 4096,
                  hw_decoder_load: float = 0.65, device_memory_padding: int = 211025920,
                  host_memory_padding: int = 140544512, prefetch_queue_depth: int = 2):
         super().__init__(spec, manifest)
+        shuffle = shuffle or ("global" if spec.train else "reader")
+        if shuffle not in ("global", "reader"):
+            raise FastKDError(f"dali shuffle must be 'global' or 'reader', not {shuffle!r}")
+        self.shuffle = shuffle
+        self.store = ShardStore(shards, self.num_samples) if shuffle == "global" else None
         self.tars = [str(t) for t, _ in shards]
         self.idxs = [str(i) for _, i in shards]
         self.initial_fill = int(initial_fill)
@@ -80,6 +93,8 @@ class DALILoader(Loader):
 
     def __len__(self) -> int:
         s = self.spec
+        if self.shuffle == "global":
+            return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
         if s.drop_last:
             return (self.num_samples // s.world_size) // s.batch_size
         return -(-self.part_size // s.batch_size)
@@ -99,15 +114,19 @@ class DALILoader(Loader):
 
         @pipeline_def
         def pipe():
-            shuffle = {}
-            if train:  # tar order from (seed, epoch), same on all ranks; buffer draws per rank
-                shuffle = dict(random_shuffle=True, initial_fill=self.initial_fill, shuffle_after_epoch=True,
-                               shuffle_after_epoch_seed=derive_seed(s.seed, epoch),
-                               seed=derive_seed(s.seed, epoch, s.rank, 1))
-            jpegs, cls = fn.readers.webdataset(
-                paths=self.tars, index_paths=self.idxs, ext=["jpg", "cls"], name="reader",
-                shard_id=s.rank, num_shards=s.world_size, pad_last_batch=True,
-                missing_component_behavior="error", **shuffle)
+            if self.shuffle == "global":
+                jpegs, indices = fn.external_source(source=self._external(epoch), num_outputs=2, batch=True,
+                                                    dtype=[types.UINT8, types.INT64])
+            else:
+                shuffle = {}
+                if train:  # tar order from (seed, epoch), same on all ranks; buffer draws per rank
+                    shuffle = dict(random_shuffle=True, initial_fill=self.initial_fill, shuffle_after_epoch=True,
+                                   shuffle_after_epoch_seed=derive_seed(s.seed, epoch),
+                                   seed=derive_seed(s.seed, epoch, s.rank, 1))
+                jpegs, cls = fn.readers.webdataset(
+                    paths=self.tars, index_paths=self.idxs, ext=["jpg", "cls"], name="reader",
+                    shard_id=s.rank, num_shards=s.world_size, pad_last_batch=True,
+                    missing_component_behavior="error", **shuffle)
             if train:
                 images = fn.decoders.image_random_crop(
                     jpegs, device=dec_device, output_type=types.RGB, random_area=list(TRAIN_SCALE),
@@ -129,6 +148,8 @@ class DALILoader(Loader):
             images = fn.crop_mirror_normalize(
                 images, dtype=out_type, output_layout="HWC", mirror=mirror,
                 mean=[m * 255 for m in IMAGENET_MEAN], std=[v * 255 for v in IMAGENET_STD])
+            if self.shuffle == "global":
+                return images, indices
             labels = fn.pad(cls, axes=(0,), shape=(_LABEL_BYTES,), fill_value=0)
             outputs = [images, labels]
             if s.return_indices:
@@ -146,13 +167,33 @@ class DALILoader(Loader):
                               "the torch backend reads the same shards without DALI") from None
         return p
 
+    def _external(self, epoch: int):
+        """Batches of (JPEG bytes, pack index) in sharding.py order, for fn.external_source."""
+        s = self.spec
+        order = epoch_indices(self.num_samples, s.train, s.seed, epoch, s.rank, s.world_size, s.drop_last)
+        for batch in split_batches(order, s.batch_size, s.drop_last):
+            yield ([np.frombuffer(self.store.jpeg_bytes(i), np.uint8) for i in batch],
+                   [np.array([i], np.int64) for i in batch])
+
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         epoch = self._start_pass()
         s = self.spec
-        names = ["images", "labels"] + (["info"] if s.return_indices else [])
         pipe = self._pipeline(epoch)
+        if self.shuffle == "global":
+            it = DALIGenericIterator(pipe, ["images", "indices"], auto_reset=False,
+                                     last_batch_policy=LastBatchPolicy.PARTIAL)
+            try:
+                for batch in it:
+                    indices = batch[0]["indices"].reshape(-1).cpu().numpy()
+                    images = batch[0]["images"].permute(0, 3, 1, 2)  # NHWC -> NCHW view = channels_last
+                    images = images.to(s.device, non_blocking=True).to(s.dtype)
+                    yield self._output(images, torch.from_numpy(self.store.labels[indices]), indices)
+            finally:
+                del it, pipe
+            return
+        names = ["images", "labels"] + (["info"] if s.return_indices else [])
         it = DALIGenericIterator(pipe, names, reader_name="reader", auto_reset=False,
                                  last_batch_policy=LastBatchPolicy.PARTIAL)
         steps = len(self)

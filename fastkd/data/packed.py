@@ -9,10 +9,13 @@ segfault inside FFCV/DALI later.
 
 from __future__ import annotations
 
+import mmap
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from fastkd.errors import FastKDError
 
@@ -102,3 +105,44 @@ def read_shard_index(idx_path: Path) -> np.ndarray:
     except (OSError, ValueError, KeyError, IndexError) as error:
         raise FastKDError(f"{idx_path}: unreadable webdataset index ({error}); re-run `fastkd pack`") from None
     return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+
+
+class ShardStore:
+    """Sample i of a split -> its JPEG bytes and label, via the shards' index files."""
+
+    def __init__(self, shards: list, expected_count: int):
+        self.tars = [str(t) for t, _ in shards]
+        tables = [read_shard_index(i) for _, i in shards]
+        self.shard = np.concatenate([np.full(len(t), k, np.int64) for k, t in enumerate(tables)])
+        table = np.concatenate(tables) if tables else np.zeros((0, 4), np.int64)
+        self.offset, self.size = table[:, 0], table[:, 1]
+        if len(self.shard) != expected_count:
+            raise FastKDError(f"{os.path.dirname(self.tars[0]) if self.tars else 'shards'}: index files list "
+                              f"{len(self.shard)} samples, the manifest says {expected_count}; re-run `fastkd pack`")
+        self._maps: list[mmap.mmap] | None = None
+        self._pid = None
+        self.labels = np.array([int(self._slice(k, o, s)) for k, o, s in
+                                zip(self.shard, table[:, 2], table[:, 3])], dtype=np.int64)
+
+    def _slice(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # (re)map after a fork: one set of maps per process
+            self._maps = []
+            for path in self.tars:
+                with open(path, "rb") as f:
+                    self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            self._pid = os.getpid()
+        data = self._maps[shard][offset:offset + size]
+        if len(data) != size:
+            raise FastKDError(f"{self.tars[shard]}: sample at byte {offset} runs past the end of the file "
+                              "(truncated shard); re-run `fastkd pack`")
+        return data
+
+    def jpeg_bytes(self, index: int) -> bytes:
+        i = int(index)
+        return self._slice(self.shard[i], self.offset[i], self.size[i])
+
+    def jpeg(self, index: int) -> torch.Tensor:
+        return torch.frombuffer(bytearray(self.jpeg_bytes(index)), dtype=torch.uint8)
+
+    def __getstate__(self):  # mmaps do not pickle; workers map the files themselves
+        return {**self.__dict__, "_maps": None, "_pid": None}

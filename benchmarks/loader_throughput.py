@@ -1,0 +1,163 @@
+"""Loader throughput: images/s of each fastkd.data backend vs the torchvision ImageFolder baseline.
+
+    .venv/bin/python benchmarks/loader_throughput.py --json benchmarks/results/loader_cpu.json
+    .venv/bin/python benchmarks/loader_throughput.py --device cuda --json benchmarks/results/loader_gpu.json
+    .venv/bin/python benchmarks/loader_throughput.py --data PACKED_DIR   # your own packed data
+
+What it measures: one process, one run: for each backend (folder, ffcv, dali, torch) the train
+split of the same packed data with the same augmentation (RandomResizedCrop 0.08-1, flip, at
+--resolution), batches normalised in --dtype, channels_last, on --device, exactly what a training
+step receives. Per backend: one warm-up epoch (JIT compile, page cache, worker start-up) that is
+not timed, then --epochs timed epochs; reported: the median epoch's images/s and its ratio to
+`folder`. All backends get --workers decode workers (default: every core). On cuda the batch is
+synchronised at the end of each epoch; a backend whose package is missing is skipped with the
+reason.
+
+Data: --data PACKED_DIR (its `source` folder serves `folder`), or --images JPEGs of 200-500 px (default 2000; structured: gradients, shapes, texture and
+noise so JPEG sizes are like photos', ~30-60 KB at quality 90), generated once into --work and
+packed with `fastkd pack` (max side 400, quality 90); later runs reuse them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BACKENDS = ("folder", "ffcv", "dali", "torch")
+
+
+def make_images(src: Path, count: int, classes: int = 10, seed: int = 0) -> None:
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        label = i % classes
+        split = "val" if (i // classes) % 10 == 0 else "train"
+        w, h = (int(v) for v in rng.integers(200, 501, size=2))
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        angle = rng.uniform(0, 2 * np.pi)
+        base = (np.cos(angle) * x + np.sin(angle) * y) / max(w, h)
+        colour_a, colour_b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        img = colour_a + (colour_b - colour_a) * base[..., None]
+        image = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(5, 15))):
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            x1, y1 = x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))
+            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+        pixels = np.asarray(image).astype(np.float32)
+        pixels += rng.normal(0, 6, size=(h, w, 1)) * rng.uniform(0.5, 1.5, size=3)  # sensor-like texture
+        folder = src / split / f"n{label:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"img{i:06d}.JPEG", quality=92)
+
+
+def prepare(work: Path, count: int) -> Path:
+    from fastkd.preprocess.pack import pack
+
+    src, packed = work / f"src-{count}", work / f"packed-{count}"
+    if not (packed / "manifest.json").exists():
+        if not (src / "val").exists():
+            print(f"generating {count} images in {src} ...", flush=True)
+            make_images(src, count)
+        print(f"packing into {packed} ...", flush=True)
+        pack(src, packed, classes="all", max_side=400, quality=90, overwrite=True)
+    return packed
+
+
+def measure(packed: Path, backend: str, args) -> dict:
+    from fastkd.data import build_loader
+    from fastkd.errors import FastKDError
+
+    t0 = time.perf_counter()
+    try:
+        loader = build_loader(packed, "train", backend, args.batch_size, args.resolution, args.device,
+                              args.dtype, num_workers=args.workers, seed=0)
+    except FastKDError as error:
+        return {"backend": backend, "skipped": str(error)}
+    build_s = time.perf_counter() - t0
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
+    rates, first_s = [], None
+    for epoch in range(args.epochs + 1):
+        loader.set_epoch(epoch)
+        t = time.perf_counter()
+        images = 0
+        for x, _ in loader:
+            images += x.shape[0]
+        sync()
+        elapsed = time.perf_counter() - t
+        if epoch == 0:
+            first_s = elapsed
+        else:
+            rates.append(images / elapsed)
+    return {"backend": backend, "images_per_s": statistics.median(rates), "epoch_rates": rates,
+            "images_per_epoch": images, "build_s": build_s, "warmup_epoch_s": first_s}
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--data", type=Path, default=None, help="packed directory to read (default: generate)")
+    parser.add_argument("--images", type=int, default=2000, help="generated images (90%% train)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: all cores)")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fastkd-loader-bench"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 300 images, r=64, 1 timed epoch")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    args.device = common.pick_device(args.device)
+    if args.quick:
+        args.images, args.resolution, args.epochs, args.batch_size = 300, 64, 1, 32
+    args.workers = args.workers or len(os.sched_getaffinity(0))
+
+    packed = args.data or prepare(args.work, args.images)
+    info = common.machine_info(args.device)
+    print(f"{info['date_utc']}  {info['cpu']} ({args.workers} workers)  {info.get('gpu', 'no GPU')}  "
+          f"torch {info['torch']}")
+    print(f"device={args.device} dtype={args.dtype} batch={args.batch_size} r={args.resolution} data={packed}",
+          flush=True)
+    results = []
+    for backend in args.backends.split(","):
+        result = measure(packed, backend, args)
+        results.append(result)
+        print(f"  {backend}: " + (f"skipped: {result['skipped']}" if "skipped" in result else
+                                  f"{result['images_per_s']:.0f} img/s"), flush=True)
+    base = next((r["images_per_s"] for r in results if r["backend"] == "folder" and "images_per_s" in r), None)
+    for r in results:
+        if "images_per_s" in r:
+            r["ratio_to_folder"] = r["images_per_s"] / base if base else None
+    measured = [r for r in results if "images_per_s" in r]
+    common.print_table(measured, [("backend", "backend"), ("images_per_s", "img/s"),
+                                  ("ratio_to_folder", "x folder"), ("build_s", "build s"),
+                                  ("warmup_epoch_s", "warm-up s")],
+                       title=f"train loaders, r={args.resolution}, batch {args.batch_size}, {args.device}")
+    for r in results:
+        if "skipped" in r:
+            print(f"skipped {r['backend']}: {r['skipped']}")
+    common.write_result(
+        args.json, "loader_throughput", results, machine=info,
+        params={k: str(v) for k, v in vars(args).items() if k != "json"},
+        headline=[{"label": f"{r['backend']} loader", "value": r["images_per_s"], "unit": "img/s"}
+                  for r in measured],
+        notes=[f"device {args.device}; ratios are to the folder baseline measured in the same run"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
