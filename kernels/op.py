@@ -44,6 +44,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _rowdot(x: Tensor, y: Tensor, scratch: Tensor) -> Tensor:
+    """sum_j x[b, j] * y[b, j]: [B, C] x 2 -> [B], the products in a reused [B, C] scratch."""
+    return torch.mul(x, y, out=scratch).sum(dim=1)
+
+
+def _kl_rows(p: Tensor, log_p: Tensor, log_q: Tensor, scratch: Tensor) -> Tensor:
+    """KL(p || q) = sum_j p_j (log p_j - log q_j) per row, differences taken elementwise (not
+    as cross-entropy minus entropy, which loses ~1e-7 log C absolute, times T^2 in the loss)."""
+    return torch.sub(log_p, log_q, out=scratch).mul_(p).sum(dim=1)
+
+
+def _softmax_and_log(x: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(x) and log_softmax(x), [B, C] each.
+
+    Two passes rather than exp(log_softmax(x)): on CPU softmax is vectorised and exp is several
+    times slower. Deriving log p from p (log p = x - max x + log max p) would save a pass but
+    costs ~1.5e-7 absolute in every log p, which the T^2 factor turns into > 1e-6 of the loss.
+    """
+    return torch.softmax(x, dim=1), torch.log_softmax(x, dim=1)
+
+
 def dual_kd_loss_torch(
     teacher: Tensor | None,
     s_a: Tensor,
@@ -58,46 +79,64 @@ def dual_kd_loss_torch(
     weighting: bool,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The op's maths in PyTorch (any device): per-row losses, parts, w and gradients."""
+    """The op's maths in PyTorch (any device): per-row losses, parts, w and gradients.
+
+    On CPU this is the fused op, so it is written for few passes over [B, C] and few [B, C]
+    temporaries: the smoothed CE from softmax(s) alone (which is also the CE gradient), the KL
+    and entropy products in one reused scratch buffer, the gradient assembled in place.
+    """
     T, eps = temperature, label_smoothing
     B, C = s_a.shape
     cd = compute_dtype(s_a.dtype)
     students = [s_a.to(cd)] + ([s_b.to(cd)] if s_b is not None else [])
     n = len(students)
     y = labels.unsqueeze(1)  # [B, 1]
-    logp1 = [torch.log_softmax(s, dim=1) for s in students]  # CE softmax, T = 1
-    logpT = [torch.log_softmax(s / T, dim=1) for s in students]  # [B, C] each
-    pT = [lp.exp() for lp in logpT]
+    scratch = torch.empty((B, C), dtype=cd, device=s_a.device)
+    p1, pT, logpT, ce = [], [], [], []
+    for s in students:
+        s_max = s.amax(dim=1)
+        p = torch.softmax(s, dim=1)
+        p1.append(p)
+        # CE = lse - (1-eps) s_y - (eps/C) sum s with lse = max s - log max p (max p >= 1/C: no
+        # underflow), as a sum of terms >= 0; the log max p rounding (~1e-7) is not scaled by T^2.
+        neg_log_pmax = -p.amax(dim=1).log()
+        ce.append((1.0 - eps) * (s_max - s.gather(1, y).squeeze(1) + neg_log_pmax)
+                  + eps * (s_max - s.mean(dim=1) + neg_log_pmax))
+        p, log_p = _softmax_and_log(s / T)
+        pT.append(p)
+        logpT.append(log_p)  # log p_s, [B, C]
     w = torch.ones(B, dtype=cd, device=s_a.device)
+    zeros = torch.zeros(B, dtype=cd, device=s_a.device)
+    kd = [zeros] * n
     if teacher is not None:
         t = teacher.to(cd)
-        logpt = torch.log_softmax(t / T, dim=1)
-        pt = logpt.exp()
+        pt, logpt = _softmax_and_log(t / T)
         if weighting:
-            logpw = torch.log_softmax(t / entropy_temperature, dim=1)
-            entropy = -(logpw.exp() * logpw).sum(1)
+            pw, logpw = _softmax_and_log(t / entropy_temperature)
+            entropy = -_rowdot(pw, logpw, scratch)  # -sum p log p, elementwise
             w = (1.0 - entropy / math.log(C)).clamp(0.0, 1.0)
-    zeros = torch.zeros(B, dtype=cd, device=s_a.device)
-    parts, grads = [], []
-    for i in range(n):
-        o = 1 - i
-        ce = -((1.0 - eps) * logp1[i].gather(1, y).squeeze(1) + (eps / C) * logp1[i].sum(1))
-        kd = a_kd * T * T * w * (pt * (logpt - logpT[i])).sum(1) if teacher is not None else zeros
-        peer = a_peer * T * T * (pT[o] * (logpT[o] - logpT[i])).sum(1) if n == 2 else zeros
-        parts.append(torch.stack([a_ce * ce, kd, peer], dim=1))
-        if need_grad:
-            g = a_ce * logp1[i].exp() - a_ce * eps / C
-            g = g.scatter_add(1, y, torch.full_like(y, -a_ce * (1.0 - eps), dtype=cd))
+        kd = [a_kd * T * T * w * _kl_rows(pt, logpt, lp, scratch) for lp in logpT]
+    peer = [zeros] * n
+    if n == 2:
+        peer = [a_peer * T * T * _kl_rows(pT[1], logpT[1], logpT[0], scratch),
+                a_peer * T * T * _kl_rows(pT[0], logpT[0], logpT[1], scratch)]
+    parts = torch.stack([torch.stack([a_ce * ce[i], kd[i], peer[i]], dim=1) for i in range(n)], dim=1)  # [B, n, 3]
+    grads = []
+    if need_grad:
+        for i in range(n):
+            # a_ce (softmax(s) - target) + T a_kd w (p_s - p_t) + T a_peer (p_s - p_peer), in place in p1
+            g = p1[i].mul_(a_ce).sub_(a_ce * eps / C)
+            g.scatter_add_(1, y, torch.full((B, 1), -a_ce * (1.0 - eps), dtype=cd, device=g.device))
             if teacher is not None:
-                g = g + (T * a_kd) * w.unsqueeze(1) * (pT[i] - pt)
+                kd_row = (T * a_kd) * w.unsqueeze(1)  # [B, 1]
+                g.addcmul_(pT[i], kd_row).addcmul_(pt, kd_row, value=-1.0)
             if n == 2:
-                g = g + (T * a_peer) * (pT[i] - pT[o])
+                g.add_(pT[i], alpha=T * a_peer).add_(pT[1 - i], alpha=-T * a_peer)
             grads.append(g.to((s_a, s_b)[i].dtype))  # the logits' own dtype
-    parts_t = torch.stack(parts, dim=1)  # [B, n, 3]
-    loss = parts_t.sum(dim=(1, 2))
+    loss = parts.sum(dim=(1, 2))
     grad_a = grads[0] if need_grad else s_a.new_empty((0, C))
     grad_b = grads[1] if need_grad and n == 2 else s_a.new_empty((0, C))
-    return loss, parts_t, w, grad_a, grad_b
+    return loss, parts, w, grad_a, grad_b
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), schema=SCHEMA)
