@@ -39,7 +39,7 @@ def run(args) -> int:
     console = Console()
     nbytes = sum(e["size"] for e in checked)
     if not problems:
-        console.print(f"OK: {len(checked)} files, {nbytes / 2**20:,.1f} MiB match {args.out}/manifest.json "
+        console.print(f"OK: {len(checked)} files, {nbytes:,} bytes match {args.out}/manifest.json "
                       f"({seconds:.1f} s)")
         return 0
     table = Table(title=f"{len(problems)} of {len(checked)} files differ from {args.out}/manifest.json")
