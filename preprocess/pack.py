@@ -257,13 +257,16 @@ def pack(
         }
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out, overwrite)
-    except BaseException:
+    except BaseException as error:
         if pool is not None:
             pool.terminate()
             pool.join()
         for writer in [*betons.values(), *shards.values()]:
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):  # disk full, quota, permissions: the user can fix these
+            raise FastKDError(f"writing {tmp} (for {out}) failed: {error.strerror or error}; "
+                              "nothing was left at OUT") from error
         raise
     return PackResult(out, manifest, time.perf_counter() - t0, stats)
 
