@@ -135,17 +135,21 @@ class Loader:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B,3,r,r] (any layout, on the device) -> normalised `dtype`, channels_last.
 
-        Done in float32 then cast, so fp16/bf16 outputs are the rounded fp32 values.
+        Values are the float32 results rounded once to `dtype`. CPU: one table-lookup pass
+        (transforms.normalize_uint8_cpu); CUDA: float32 arithmetic, then the cast.
         """
+        if images.device.type == "cpu":
+            from fastkd.data.transforms import normalize_uint8_cpu
+
+            return normalize_uint8_cpu(images, self.spec.dtype)
         key = (images.device, self.spec.dtype)
         if key not in self._mean_std:
             mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
             std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-            self._mean_std[key] = (mean, 1.0 / std)
-        mean, inv_std = self._mean_std[key]
+            self._mean_std[key] = (mean, std)
+        mean, std = self._mean_std[key]
         out = images.to(dtype=torch.float32, memory_format=torch.channels_last)
-        out = out.sub_(mean).mul_(inv_std)
-        return out.to(self.spec.dtype)
+        return out.sub_(mean).div_(std).to(self.spec.dtype)
 
     def _output(self, images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray | None):
         labels = labels.reshape(-1).to(device=self.spec.device, dtype=torch.int64, non_blocking=True)

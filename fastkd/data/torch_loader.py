@@ -53,8 +53,8 @@ class _BatchReader(torch.utils.data.Dataset):
             return data, labels, indices
         images = decode_jpeg(data, mode=ImageReadMode.RGB)
         boxes = _boxes([im.shape[1:] for im in images], indices, self.seed, epoch, self.train)
-        out = torch.stack([crop_resize(im, box, resolution, flip) for im, (box, flip) in zip(images, boxes)])
-        return out, labels, indices
+        out = torch.cat([crop_resize(im, box, resolution, flip) for im, (box, flip) in zip(images, boxes)])
+        return out, labels, indices  # uint8 [B,3,r,r] channels_last
 
 
 def _identity(batch):
@@ -126,7 +126,7 @@ class TorchLoader(Loader):
                     for data, labels, indices in raw:
                         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
                         boxes = _boxes([im.shape[1:] for im in images], indices, s.seed, epoch, s.train)
-                        batch = torch.stack([crop_resize(im, box, r, flip) for im, (box, flip) in zip(images, boxes)])
+                        batch = torch.cat([crop_resize(im, box, r, flip) for im, (box, flip) in zip(images, boxes)])
                         out = self.normalize(batch)
                         labels = labels.to(device, non_blocking=True)
                         done = torch.cuda.Event()
