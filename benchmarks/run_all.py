@@ -367,6 +367,27 @@ def print_summary(summary: dict[str, Any]) -> None:
     if summary.get("stages"):
         common.print_table(summary["stages"], [("stage", "stage"), ("status", "status"), ("seconds", "s"),
                                                ("note", "note")], title="gpu_check stages")
+    step = _ok_rows(summary, "step")
+    if step:  # variants down, shapes across: img/s (x fp32)
+        shapes = sorted({(r["res"], r["batch"]) for r in step})
+        table = []
+        for variant in dict.fromkeys(r["variant"] for r in step):
+            row = {"variant": variant}
+            for r in step:
+                if r["variant"] == variant:
+                    ratio = f" ({r['ratio']:.2f}x)" if r.get("ratio") is not None else ""
+                    row[f"{r['res']}x{r['batch']}"] = f"{r['images_per_s']:,.0f}{ratio}"
+            table.append(row)
+        common.print_table(table, [("variant", "variant")] + [(f"{a}x{b}", f"{a}px b{b}") for a, b in shapes],
+                           title="step img/s (x fp32 NCHW eager)")
+    others = []
+    for name in ("loss", "loader", "e2e"):
+        for h in headline_of((summary.get("benchmarks", {}).get(name) or {}).get("result") or {}):
+            if name != "loss" or "cuda" in str(h.get("label")) or "cpu" in str(h.get("label")):
+                others.append(dict(benchmark=name, what=h.get("label"), value=h.get("value"), unit=h.get("unit")))
+    if others:
+        common.print_table(others[:14], [("benchmark", "benchmark"), ("what", "what"), ("value", "value"),
+                                         ("unit", "unit")], title="other figures")
     rows = [dict(g, met={True: "yes", False: "NO", None: "-"}[g["met"]]) for g in goals(summary)]
     common.print_table(rows, [("goal", "goal (H100)"), ("measured", "measured"), ("met", "met")],
                        title="goals")
