@@ -74,7 +74,8 @@ def prepare(work: Path, count: int) -> Path:
     return packed
 
 
-def measure(packed: Path, backend: str, args) -> dict:
+def build(packed: Path, backend: str, args):
+    """(loader, seconds to build) or (None, why it is skipped)."""
     from fastkd.data import build_loader
     from fastkd.errors import FastKDError
 
@@ -83,24 +84,48 @@ def measure(packed: Path, backend: str, args) -> dict:
         loader = build_loader(packed, "train", backend, args.batch_size, args.resolution, args.device,
                               args.dtype, num_workers=args.workers, seed=0)
     except FastKDError as error:
-        return {"backend": backend, "skipped": str(error)}
-    build_s = time.perf_counter() - t0
-    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
-    rates, first_s = [], None
-    for epoch in range(args.epochs + 1):
-        loader.set_epoch(epoch)
-        t = time.perf_counter()
-        images = 0
-        for x, _ in loader:
-            images += x.shape[0]
-        sync()
-        elapsed = time.perf_counter() - t
-        if epoch == 0:
-            first_s = elapsed
-        else:
-            rates.append(images / elapsed)
-    return {"backend": backend, "images_per_s": statistics.median(rates), "epoch_rates": rates,
-            "images_per_epoch": images, "build_s": build_s, "warmup_epoch_s": first_s}
+        return None, str(error)
+    return loader, time.perf_counter() - t0
+
+
+def run_epoch(loader, epoch: int, device: str) -> tuple[int, float]:
+    """Images and seconds of one full pass; the last batch is waited for on CUDA."""
+    loader.set_epoch(epoch)
+    t = time.perf_counter()
+    images = 0
+    for x, _ in loader:
+        images += x.shape[0]
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return images, time.perf_counter() - t
+
+
+def measure_all(packed: Path, backends: list[str], args) -> list[dict]:
+    """Warm-up epoch per backend, then timed epochs interleaved round-robin across backends, so
+    that load from other processes on a shared machine hits every backend alike."""
+    results, loaders = [], {}
+    for backend in backends:
+        loader, built = build(packed, backend, args)
+        if loader is None:
+            results.append({"backend": backend, "skipped": built})
+            print(f"  {backend}: skipped: {built}", flush=True)
+            continue
+        _, warm = run_epoch(loader, 0, args.device)
+        loaders[backend] = loader
+        results.append({"backend": backend, "build_s": built, "warmup_epoch_s": warm, "epoch_rates": []})
+        print(f"  {backend}: built in {built:.1f} s, warm-up epoch {warm:.1f} s", flush=True)
+    by_name = {r["backend"]: r for r in results}
+    for epoch in range(1, args.epochs + 1):
+        for backend, loader in loaders.items():
+            images, seconds = run_epoch(loader, epoch, args.device)
+            by_name[backend]["epoch_rates"].append(images / seconds)
+            by_name[backend]["images_per_epoch"] = images
+    for backend in loaders:
+        r = by_name[backend]
+        r["images_per_s"] = statistics.median(r["epoch_rates"])
+        print(f"  {backend}: {r['images_per_s']:.0f} img/s (epochs: "
+              + ", ".join(f"{v:.0f}" for v in r["epoch_rates"]) + ")", flush=True)
+    return results
 
 
 def main(argv=None) -> int:
@@ -132,12 +157,7 @@ def main(argv=None) -> int:
           f"torch {info['torch']}")
     print(f"device={args.device} dtype={args.dtype} batch={args.batch_size} r={args.resolution} data={packed}",
           flush=True)
-    results = []
-    for backend in args.backends.split(","):
-        result = measure(packed, backend, args)
-        results.append(result)
-        print(f"  {backend}: " + (f"skipped: {result['skipped']}" if "skipped" in result else
-                                  f"{result['images_per_s']:.0f} img/s"), flush=True)
+    results = measure_all(packed, args.backends.split(","), args)
     base = next((r["images_per_s"] for r in results if r["backend"] == "folder" and "images_per_s" in r), None)
     for r in results:
         if "images_per_s" in r:
