@@ -219,7 +219,7 @@ def _fused_loss(
     s = [x.to(dtype) for x in students]
     teacher = teacher.to(dtype) if teacher is not None else None
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in s)
-    loss_rows, parts, w, _, _ = torch.ops.fastkd.dual_kd_loss(
+    loss_rows, parts, w, _ = torch.ops.fastkd.dual_kd_loss(
         teacher,
         s[0],
         s[1] if len(s) == 2 else None,
@@ -233,7 +233,7 @@ def _fused_loss(
         cfg.weighting,
         need_grad,
     )
-    means = parts.detach().mean(dim=0)  # [n_students, 3]
+    means = parts.detach().mean(dim=1)  # [n_students, B, 3] -> [n_students, 3]
     return {"loss": loss_rows.mean(), "ce": means[:, 0], "kd": means[:, 1], "peer": means[:, 2], "w": w.detach()}
 
 

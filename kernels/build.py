@@ -7,7 +7,10 @@ rebuilt only when a source changes; concurrent ranks wait on torch's build lock.
 GPU architectures are those of the visible GPUs, or `TORCH_CUDA_ARCH_LIST` when set (needed
 to build on a machine without a GPU, e.g. `TORCH_CUDA_ARCH_LIST=9.0`).
 
-Where no CUDA toolkit is found, `load_extension` raises `ExtensionUnavailable` (a
+The toolkit is the first of $CUDA_HOME, $CUDA_PATH, torch's guess, /usr/local/cuda and the
+real location of `nvcc` that has both bin/nvcc and include/cuda_runtime.h (torch's own guess
+is the parent of the `nvcc` on PATH, which has no headers when that is /usr/local/bin/nvcc).
+Where none is found, `load_extension` raises `ExtensionUnavailable` (a
 `FastKDError`); the custom op then falls back to its PyTorch maths on the GPU, with one warning
 (see `fastkd.kernels.op`). A compiler error is never hidden: it raises `FastKDError` with the
 build log's tail.

@@ -5,8 +5,8 @@
 // owns the schema, the fake implementation and the autograd formula.
 //
 //   forward(teacher?, s_a, s_b?, labels, T, T_w, a_ce, a_kd, a_peer, eps, weighting, need_grad)
-//     -> [loss [B] f32, parts [B, n, 3] f32, w [B] f32, grad_a [B, C] | [0, C], grad_b same]
-//   forward_out(...same inputs..., loss, parts, w, grad_a, grad_b)   writes into given tensors
+//     -> [loss [B] f32, parts [n, B, 3] f32, w [B] f32, grads [n, B, C] (or [0, B, C]) logits' dtype]
+//   forward_out(...same inputs but need_grad..., loss, parts, w, grads)   writes into given tensors
 //     (tests fill them with NaN first, so an element the kernel forgets to write fails).
 
 #include <torch/extension.h>
@@ -52,7 +52,7 @@ void forward_out(const c10::optional<at::Tensor>& teacher, const at::Tensor& s_a
                  const c10::optional<at::Tensor>& s_b, const at::Tensor& labels, double temperature,
                  double entropy_temperature, double a_ce, double a_kd, double a_peer,
                  double label_smoothing, bool weighting, at::Tensor loss, at::Tensor parts, at::Tensor w,
-                 at::Tensor grad_a, at::Tensor grad_b) {
+                 at::Tensor grads) {
   TORCH_CHECK(s_a.is_cuda() && s_a.dim() == 2, "fastkd::dual_kd_loss: s_a must be a 2-D CUDA tensor [B, C]");
   TORCH_CHECK(s_a.is_contiguous(), "fastkd::dual_kd_loss: s_a must be contiguous");
   const int64_t B = s_a.size(0), C = s_a.size(1);
@@ -67,13 +67,10 @@ void forward_out(const c10::optional<at::Tensor>& teacher, const at::Tensor& s_a
   TORCH_CHECK(temperature > 0 && entropy_temperature > 0, "fastkd::dual_kd_loss: temperatures must be > 0");
   const int64_t n = has_b ? 2 : 1;
   check_out(loss, {B}, at::kFloat, s_a, "loss");
-  check_out(parts, {B, n, 3}, at::kFloat, s_a, "parts");
+  check_out(parts, {n, B, 3}, at::kFloat, s_a, "parts");
   check_out(w, {B}, at::kFloat, s_a, "w");
-  const bool need_grad = grad_a.numel() > 0 || B == 0;
-  if (need_grad) {
-    check_out(grad_a, {B, C}, s_a.scalar_type(), s_a, "grad_a");
-    if (has_b) check_out(grad_b, {B, C}, s_a.scalar_type(), s_a, "grad_b");
-  }
+  const bool need_grad = grads.size(0) != 0;  // [n, B, C], or [0, B, C] for no gradient
+  check_out(grads, {need_grad ? n : 0, B, C}, s_a.scalar_type(), s_a, "grads");
 
   fastkd::DualKdParams p{};
   p.teacher = has_t ? teacher->data_ptr() : nullptr;
@@ -83,8 +80,8 @@ void forward_out(const c10::optional<at::Tensor>& teacher, const at::Tensor& s_a
   p.loss = loss.data_ptr<float>();
   p.parts = parts.data_ptr<float>();
   p.w = w.data_ptr<float>();
-  p.grad_a = (need_grad && B > 0) ? grad_a.data_ptr() : nullptr;
-  p.grad_b = (need_grad && has_b && B > 0) ? grad_b.data_ptr() : nullptr;
+  p.grad_a = (need_grad && B > 0) ? grads[0].data_ptr() : nullptr;
+  p.grad_b = (need_grad && has_b && B > 0) ? grads[1].data_ptr() : nullptr;
   p.B = B;
   p.C = static_cast<int>(C);
   p.temperature = static_cast<float>(temperature);
@@ -110,19 +107,19 @@ std::vector<at::Tensor> forward(const c10::optional<at::Tensor>& teacher, const 
   const bool has_b = s_b.has_value() && s_b->defined();
   const auto f32 = s_a.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({B}, f32);
-  at::Tensor parts = at::empty({B, has_b ? 2 : 1, 3}, f32);
+  const int64_t n = has_b ? 2 : 1;
+  at::Tensor parts = at::empty({n, B, 3}, f32);
   at::Tensor w = at::empty({B}, f32);
-  at::Tensor grad_a = at::empty({need_grad ? B : 0, C}, s_a.options());
-  at::Tensor grad_b = at::empty({need_grad && has_b ? B : 0, C}, s_a.options());
+  at::Tensor grads = at::empty({need_grad ? n : 0, B, C}, s_a.options());
   forward_out(teacher, s_a, s_b, labels, temperature, entropy_temperature, a_ce, a_kd, a_peer, label_smoothing,
-              weighting, loss, parts, w, grad_a, grad_b);
-  return {loss, parts, w, grad_a, grad_b};
+              weighting, loss, parts, w, grads);
+  return {loss, parts, w, grads};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastkd fused dual-student distillation loss (CUDA)";
-  m.def("forward", &forward, "loss, parts, w, grad_a, grad_b of the fused loss");
+  m.def("forward", &forward, "loss, parts, w, grads of the fused loss");
   m.def("forward_out", &forward_out, "the fused loss written into given output tensors");
 }

@@ -140,7 +140,6 @@ __global__ void __launch_bounds__(32 * WARPS_PER_ROW * ROWS_PER_BLOCK)
   const float a_kd = has_t ? p.a_kd : 0.f;
   const float a_peer = has_b ? p.a_peer : 0.f;
   const float kl_scale = T * T;
-  const int n_students = has_b ? 2 : 1;
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.x / TPR;
        row < p.B; row += static_cast<int64_t>(gridDim.x) * ROWS_PER_BLOCK) {
@@ -247,7 +246,7 @@ __global__ void __launch_bounds__(32 * WARPS_PER_ROW * ROWS_PER_BLOCK)
       const float ce_a = label_ok ? logZa1 - (1.f - eps) * s[kYa] - eps_over_C * s[kSa] : nan;
       const float kd_a = has_t ? kdw * kl_scale * (s[kKta] / s[kZt] + logZaT - logZt) : 0.f;
       const float peer_a = has_b ? a_peer * kl_scale * (s[kKba] / s[kZbT] + logZaT - logZbT) : 0.f;
-      float* parts = p.parts + row * (3 * n_students);
+      float* parts = p.parts + row * 3;  // [n_students, B, 3]: student A's row
       parts[0] = p.a_ce * ce_a;
       parts[1] = kd_a;
       parts[2] = peer_a;
@@ -256,9 +255,10 @@ __global__ void __launch_bounds__(32 * WARPS_PER_ROW * ROWS_PER_BLOCK)
         const float ce_b = label_ok ? logZb1 - (1.f - eps) * s[kYb] - eps_over_C * s[kSb] : nan;
         const float kd_b = has_t ? kdw * kl_scale * (s[kKtb] / s[kZt] + logZbT - logZt) : 0.f;
         const float peer_b = a_peer * kl_scale * (s[kKab] / s[kZaT] + logZbT - logZaT);
-        parts[3] = p.a_ce * ce_b;
-        parts[4] = kd_b;
-        parts[5] = peer_b;
+        float* parts_b = parts + p.B * 3;  // student B's row
+        parts_b[0] = p.a_ce * ce_b;
+        parts_b[1] = kd_b;
+        parts_b[2] = peer_b;
         total += p.a_ce * ce_b + kd_b + peer_b;
       }
       p.loss[row] = total;

@@ -20,10 +20,11 @@ struct DualKdParams {
   const void* s_b;        // [B, C] student B logits, or nullptr: one student, no peer term
   const int64_t* labels;  // [B] class indices; outside [0, C) makes that row's CE NaN
   float* loss;            // [B] out: L_A + L_B per sample
-  float* parts;           // [B, n_students, 3] out: weighted (ce, kd, peer) per student
+  float* parts;           // [n_students, B, 3] out: weighted (ce, kd, peer) per student and row
   float* w;               // [B] out: teacher confidence weight (1 when weighting is off)
   void* grad_a;           // [B, C] out (input dtype): dloss[b]/ds_a[b, :], or nullptr
   void* grad_b;           // [B, C] out (input dtype): dloss[b]/ds_b[b, :], or nullptr
+                          // (the binding points them at grads[0] and grads[1] of one [n, B, C])
   int64_t B;              // rows
   int C;                  // classes, >= 2
   float temperature;      // T of the KD and peer softmaxes

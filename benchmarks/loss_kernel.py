@@ -1,0 +1,232 @@
+"""Forward + backward time of the dual-student loss: eager reference, compiled reference, fused op.
+
+    .venv/bin/python benchmarks/loss_kernel.py                       # CPU, and the GPU if present
+    .venv/bin/python benchmarks/loss_kernel.py --device cuda --json loss_gpu.json
+    .venv/bin/python benchmarks/loss_kernel.py --quick               # 2 shapes, few runs (CI smoke)
+
+What one timed run is: `distillation_loss(teacher, [s_a, s_b], labels, cfg)` for method `uadkd`
+(teacher + two students, every term on) followed by `out["loss"].backward()`, on logits
+[B, C] of `--dtype` (default float32) with B in {256, 1024} and C in {100, 1000}. Three
+implementations of the same loss:
+
+  eager     fastkd.losses.reference_loss, plain PyTorch with autograd
+  compiled  the same function under torch.compile(fullgraph=True) (inductor), compiled once per
+            device and reused across shapes (so after the first shape torch recompiles it with
+            dynamic shapes); on a GPU without Triton this row is skipped and says so
+  fused     the custom op torch.ops.fastkd.dual_kd_loss (CUDA kernel on GPU; on CPU the op's
+            PyTorch maths with the gradient written out, so backward is one multiply)
+
+Each is warmed up (`--warmup` runs, which include compilation and the extension build), then
+timed `--iters` times; the median is printed with the speed-up over eager (eager / impl).
+CPU: time.perf_counter around each run, with torch's intra-op threads as printed. GPU: CUDA
+events around each run (the interval includes launch gaps, i.e. what a training step pays).
+Goals (issue 4): fused >= 5x eager on GPU at B=256, C=100; fused not slower than eager on CPU.
+`--json PATH` writes the shared benchmark schema (see benchmarks/common.py: benchmark, schema,
+command, machine, params, rows, headline, notes); rows carry device, B, C, dtype, impl,
+median_ms and speedup (eager / impl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shlex
+import socket
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastkd.losses import LossConfig, distillation_loss, reference_loss
+
+SHAPES = [(256, 100), (256, 1000), (1024, 100), (1024, 1000)]
+QUICK_SHAPES = [(256, 100), (1024, 1000)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton as _has_triton
+
+        return bool(_has_triton())
+    except Exception:  # older/newer torch without the helper: import triton directly
+        try:
+            import triton  # noqa: F401
+
+            return True
+        except ImportError:
+            return False
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # any import failure means no usable Triton
+        return None
+
+
+def time_runs(fn, device: str, warmup: int, iters: int) -> float:
+    """Median milliseconds of fn() over iters runs after warmup runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_shape(device, B, C, dtype, warmup, iters, compiled):
+    g = torch.Generator().manual_seed(0)
+    teacher, a, b = (torch.randn(B, C, generator=g).mul(3).to(device, dtype) for _ in range(3))
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    labels = torch.randint(0, C, (B,), generator=g).to(device)
+    cfg = LossConfig.from_method("uadkd")
+
+    def run(loss_fn):
+        def step():
+            a.grad = b.grad = None
+            loss_fn(teacher, [a, b], labels, cfg)["loss"].backward()
+
+        return step
+
+    impls = {"eager": reference_loss}
+    if compiled is not None:
+        impls["compiled"] = compiled
+    impls["fused"] = lambda t, s, y, c: distillation_loss(t, s, y, c, fused=True)
+    rows = []
+    for name, fn in impls.items():
+        ms = time_runs(run(fn), device, warmup, iters)
+        rows.append({"device": device, "B": B, "C": C, "dtype": str(dtype).removeprefix("torch."), "impl": name,
+                     "median_ms": ms, "warmup": warmup, "iters": iters})
+    eager_ms = rows[0]["median_ms"]
+    for r in rows:
+        r["speedup"] = eager_ms / r["median_ms"]
+    return rows
+
+
+def machine(devices: list[str]) -> dict:
+    info = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_build": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if "cuda" in devices else None,
+        "triton": _triton_version(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                        help="all: CPU, then CUDA if available")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="logits dtype")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5 CPU, 20 GPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed runs (default 30 CPU, 200 GPU)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: B,C in (256,100),(1024,1000), 2 warm-up + 5 timed runs, no compile on CPU")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op CPU threads (default: torch's); 1 is steadier on shared cores")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            print("--device cuda: no CUDA device", file=sys.stderr)
+            return 1
+        devices.remove("cuda")
+    dtype = DTYPES[args.dtype]
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    info = machine(devices)
+    print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    notes, rows = [], []
+    for device in devices:
+        compiled = None
+        if not args.no_compile and not (args.quick and device == "cpu"):
+            if device == "cuda" and not has_triton():
+                notes.append("compiled reference skipped on cuda: Triton is absent (inductor needs it on GPU)")
+            else:
+                torch._dynamo.reset()
+                compiled = torch.compile(reference_loss, fullgraph=True)
+        if device == "cuda":
+            from fastkd.kernels import load_extension
+
+            load_extension()  # build before timing (first use compiles the CUDA extension)
+        default_warmup, default_iters = (20, 200) if device == "cuda" else (5, 30)
+        if args.quick:
+            default_warmup, default_iters = 2, 5
+        warmup = args.warmup if args.warmup is not None else default_warmup
+        iters = args.iters if args.iters is not None else default_iters
+        for B, C in shapes:
+            new = bench_shape(device, B, C, dtype, warmup, iters, compiled)
+            rows += new
+            for r in new:
+                print(f"{r['device']:5s} B={r['B']:5d} C={r['C']:5d} {r['impl']:9s} {r['median_ms']:9.3f} ms "
+                      f"{r['speedup']:6.2f}x", flush=True)
+    for note in notes:
+        print("note:", note)
+    print()
+    print(f"| device | B | C | eager ms | compiled ms (x eager) | fused ms (x eager) |")
+    print("|---|---|---|---|---|---|")
+    for device in devices:
+        for B, C in shapes:
+            by = {r["impl"]: r for r in rows if (r["device"], r["B"], r["C"]) == (device, B, C)}
+            comp = by.get("compiled")
+            comp_s = f"{comp['median_ms']:.3f} ({comp['speedup']:.2f}x)" if comp else "skipped"
+            print(f"| {device} | {B} | {C} | {by['eager']['median_ms']:.3f} | {comp_s} | "
+                  f"{by['fused']['median_ms']:.3f} ({by['fused']['speedup']:.2f}x) |")
+    if args.json is not None:
+        headline = [{"label": f"fused loss vs eager, {r['device']} B={r['B']} C={r['C']}", "value": r["speedup"],
+                     "unit": "x"} for r in rows if r["impl"] == "fused" and (r["B"], r["C"]) == (256, 100)]
+        payload = {
+            "benchmark": "loss_kernel",
+            "schema": 1,
+            "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+            "machine": info,
+            "params": {"method": "uadkd", "dtype": args.dtype, "shapes": shapes, "devices": devices,
+                       "quick": args.quick, "compile": not args.no_compile},
+            "rows": rows,
+            "headline": headline,
+            "notes": notes,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
