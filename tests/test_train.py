@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
 import pytest
 import torch
 import torchvision
+import yaml
 
 from fastkd.checkpoint import load_last
 from fastkd.models import build_model
@@ -167,3 +169,49 @@ def test_distillation_run_reports_teacher(tmp_path):
     step = records(tmp_path / "run", "step")[0]
     assert set(step["kd"]) == {"resnet18", "mobilenet_v2"} and 0 <= step["w_mean"] <= 1
     assert "teacher_w" in records(tmp_path / "run", "eval")[0]
+
+
+def test_gpus_relaunches_through_torchrun(tmp_path, monkeypatch):
+    """`--gpus 2` outside torchrun re-runs `fastkd train --config RESOLVED` as 2 local ranks."""
+    import subprocess
+
+    from fastkd import cli
+
+    calls = []
+
+    def fake_run(cmd, check):
+        calls.append(cmd)
+        config = yaml.safe_load(open(cmd[cmd.index("--config") + 1]))
+        calls.append(config)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    rc = cli.main(["train", "--data", "D", "--gpus", "2", "--optim.lr", "0.3", "--method", "ce",
+                   "--students", "resnet18", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    cmd, config = calls
+    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    assert cmd[7:10] == ["fastkd.cli", "train", "--config"]
+    assert config["optim"]["lr"] == 0.3 and config["dist"]["gpus"] == 2 and config["data"]["dir"] == "D"
+
+
+@pytest.mark.gpu
+def test_step_has_no_host_sync_on_cuda(tmp_path):
+    """bf16 autocast + fused loss + SGD: the step never synchronises with the host."""
+    cfg = tiny_config(tmp_path / "run", **{"run.device": "cuda", "precision.amp": "auto", "loss.method": "uadkd",
+                                           "model.teacher": "resnet18", "model.teacher_weights": teacher_file(tmp_path)})
+    train, val = loaders()
+    trainer = Trainer(cfg, train_loader=train, val_loader=val)
+    batches = [(x.cuda(), y.cuda()) for x, y in train]
+    for x, y in batches[:2]:  # warm-up: lazy init, cuDNN autotuning
+        trainer.meter.add(trainer.step(x, y), y.shape[0])
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in batches[2:6]:
+            trainer.meter.add(trainer.step(x, y), y.shape[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    window = trainer.meter.read()
+    assert window["samples"] == 6 * 32 and math.isfinite(window["loss"])

@@ -1,0 +1,133 @@
+"""End to end on the embedded digits: `fastkd demo-data` + `fastkd pack`, then `fastkd train` of a
+teacher (ce), of two students (uadkd, split across two invocations with --resume auto), `fastkd
+eval`, and a 2-rank gloo run under torchrun. CPU, torch backend, 32 px."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastkd import cli
+from fastkd.checkpoint import load_last
+from test_train_support import one_thread  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
+
+COMMON = ["--backend", "torch", "--batch-size", "64", "--data.resolution", "32", "--data.val_resolution", "32",
+          "--data.num_workers", "1", "--run.device", "cpu", "--run.log_every", "11", "--run.live", "false"]
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    assert cli.main(["demo-data", str(root / "demo"), "--size", "32"]) == 0
+    assert cli.main(["pack", str(root / "demo"), str(root / "packed"), "--classes", "all", "--workers", "1",
+                     "--quiet"]) == 0
+    return root / "packed"
+
+
+@pytest.fixture(scope="module")
+def teacher_run(packed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    torch.set_num_threads(1)
+    rc = cli.main(["train", "--data", str(packed), *COMMON, "--method", "ce", "--students", "resnet18",
+                   "--epochs", "3", "--optim.lr", "0.2", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_teacher_learns(teacher_run):
+    steps = records(teacher_run, "step")
+    assert steps[-1]["loss"] < 0.9 * steps[0]["loss"]
+    assert sum(r["samples"] for r in steps if r["epoch"] == 0) == 1437 // 64 * 64  # whole epoch logged
+    evals = records(teacher_run, "eval")
+    assert evals[-1]["resnet18"]["top1"] > 40.0  # chance: 10 %
+    report = json.loads((teacher_run / "report.json").read_text())
+    assert report["networks"]["resnet18"]["top1"] == pytest.approx(evals[-1]["resnet18"]["top1"])
+    for f in ("config.yaml", "report.md", "checkpoints/last.pt", "checkpoints/best-resnet18.pt"):
+        assert (teacher_run / f).exists(), f
+
+
+def test_students_distil_and_resume(teacher_run, packed, tmp_path, capsys):
+    out = tmp_path / "students"
+    args = ["train", "--data", str(packed), *COMMON, "--method", "uadkd", "--teacher", "resnet18",
+            "--teacher-weights", str(teacher_run / "checkpoints/best-resnet18.pt"), "--epochs", "2",
+            "--optim.lr", "0.05", "--out", str(out), "--resume", "auto"]
+    assert cli.main(args + ["--run.stop_after", "1"]) == 0  # first job: epoch 1 of 2
+    assert load_last(out / "checkpoints/last.pt")["epoch"] == 1
+    assert cli.main(args) == 0  # second job continues at epoch 2
+    ckpt = load_last(out / "checkpoints/last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 2 * (1437 // 64)
+
+    steps = records(out, "step")
+    assert [r["epoch"] for r in steps] == [0, 0, 1, 1]  # windows at steps 11 and 22 of each epoch
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert steps[-1]["ce"]["resnet18"] < 0.9 * steps[0]["ce"]["resnet18"]
+    assert all(v > 0 for v in steps[-1]["kd"].values()) and all(v > 0 for v in steps[-1]["peer"].values())
+    assert 0 < steps[-1]["w_mean"] < 1
+    final = records(out, "eval")[-1]
+    assert final["resnet18"]["top1"] > 30.0  # chance: 10 %
+    assert final["teacher"]["top1"] > 40.0 and 0 < final["teacher_w"]["mean"] < 1
+
+    capsys.readouterr()
+    assert cli.main(["eval", str(out / "checkpoints/last.pt"), "--data", str(packed), "--backend", "torch",
+                     "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "resnet18" in table and "mobilenet_v2" in table
+    assert f"{final['resnet18']['top1']:.2f}" in table  # same numbers as the trainer's last eval
+
+
+def test_bad_teacher_file_is_named(packed, tmp_path, capsys):
+    rc = cli.main(["train", "--data", str(packed), *COMMON, "--teacher-weights", str(tmp_path / "none.pt"),
+                   "--out", str(tmp_path / "x")])
+    assert rc == 2 and "none.pt" in capsys.readouterr().err
+
+
+WORKER = """
+import argparse, os, sys, torch
+from fastkd import distributed, train_cmd
+from fastkd.train import Trainer
+parser = argparse.ArgumentParser()
+train_cmd.add_arguments(parser)
+cfg, ckpt = train_cmd.resolve(parser.parse_args(sys.argv[1:]))
+trainer = Trainer(cfg, resume=ckpt)
+trainer.fit()
+params = {k: p.detach() for k, p in trainer.students.named_parameters()}
+torch.save(params, os.path.join(cfg.run.out, f"params-rank{trainer.dist.rank}.pt"))
+distributed.shutdown()
+"""
+
+
+def test_two_ranks_gloo(packed, tmp_path):
+    """2 CPU ranks under torchrun: identical student parameters, metrics cover both shards."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           "--data", str(packed), *COMMON, "--batch-size", "32", "--run.log_every", "5", "--method", "ce",
+           "--students", "resnet18", "--epochs", "1", "--optim.lr", "0.2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(out / "params-rank0.pt", weights_only=True)
+    b = torch.load(out / "params-rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = records(out, "step")
+    per_rank = 1437 // 2 // 32  # batches per rank (drop_last)
+    assert [r["step"] for r in steps] == [5, 10, 15, 20, per_rank]  # rank 0 alone writes
+    assert sum(r["samples"] for r in steps) == 2 * per_rank * 32 and all(r["world_size"] == 2 for r in steps)
+    assert records(out, "eval")[0]["resnet18"]["n"] == 360  # val shards add up to the whole split
