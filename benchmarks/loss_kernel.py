@@ -17,7 +17,8 @@ implementations of the same loss:
             PyTorch maths with the gradient written out, so backward is one multiply)
 
 Each is warmed up (`--warmup` runs, which include compilation and the extension build), then
-timed `--iters` times; the median is printed with the speed-up over eager (eager / impl).
+timed `--iters` times, the three taking turns run by run (so a busy spell of a shared machine
+hits all three alike); the median is printed with the speed-up over eager (eager / impl).
 CPU: time.perf_counter around each run, with torch's intra-op threads as printed. GPU: CUDA
 events around each run (the interval includes launch gaps, i.e. what a training step pays).
 Goals (issue 4): fused >= 5x eager on GPU at B=256, C=100; fused not slower than eager on CPU.
@@ -72,26 +73,32 @@ def _triton_version() -> str | None:
         return None
 
 
-def time_runs(fn, device: str, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() over iters runs after warmup runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def time_interleaved(fns: dict, device: str, warmup: int, iters: int) -> dict[str, float]:
+    """Median milliseconds of each fn() over iters runs, after warmup runs of each.
+
+    The implementations take turns (run i of every fn, then run i + 1 ...), so a slow spell of
+    a shared machine hits all of them alike instead of whichever happened to be running.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     if device == "cuda":
         torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    for _ in range(iters):
+        for name, fn in fns.items():
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_shape(device, B, C, dtype, warmup, iters, compiled):
@@ -113,9 +120,9 @@ def bench_shape(device, B, C, dtype, warmup, iters, compiled):
     if compiled is not None:
         impls["compiled"] = compiled
     impls["fused"] = lambda t, s, y, c: distillation_loss(t, s, y, c, fused=True)
+    medians = time_interleaved({name: run(fn) for name, fn in impls.items()}, device, warmup, iters)
     rows = []
-    for name, fn in impls.items():
-        ms = time_runs(run(fn), device, warmup, iters)
+    for name, ms in medians.items():
         rows.append({"device": device, "B": B, "C": C, "dtype": str(dtype).removeprefix("torch."), "impl": name,
                      "median_ms": ms, "warmup": warmup, "iters": iters})
     eager_ms = rows[0]["median_ms"]

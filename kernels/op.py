@@ -8,8 +8,8 @@ teacher [B, C] or None (no KD term, w = 1), s_a [B, C], s_b [B, C] or None (one 
 peer term), labels int64 [B]; all logits of one dtype. Outputs, in fp32 (fp64 for fp64 inputs):
 loss [B] = L_A + L_B per sample, parts [n_students, B, 3] = weighted (ce, kd, peer) per student
 and sample, w [B]; and grads [n_students, B, C] in the logits' dtype, grads[i, b] = d loss[b] /
-d s_i[b, :] (the peer target held constant), or [0, B, C] when need_grad is false. The maths is in ../shared/DESIGN.md "The loss" and in
-dual_kd_loss.cu's header.
+d s_i[b, :] (the peer target held constant), or [0, B, C] when need_grad is false. The maths
+is in ../shared/DESIGN.md "The loss" and in dual_kd_loss.cu's header.
 
 Implementations: CUDA tensors run the fused kernel (dual_kd_loss.cu, built on first use by
 fastkd.kernels.build); every other device, and CUDA float64, runs `dual_kd_loss_torch`, the same
@@ -114,8 +114,9 @@ def dual_kd_loss_torch(
             w = (1.0 - entropy / math.log(C)).clamp_(0.0, 1.0)
         kd = (a_kd * T * T) * w * _kl_rows(pt, logpt, logpT, scratch)  # KL(p_t || p_s)
     if n == 2:
-        p_peer = pT.flip(0)  # [p_B, p_A]: each student's peer
-        peer = (a_peer * T * T) * _kl_rows(p_peer, logpT.flip(0), logpT, scratch)  # KL(p_peer || p_s)
+        # KL(p_B || p_A) = sum p_B d and KL(p_A || p_B) = -sum p_A d with d = log p_B - log p_A
+        d = torch.sub(logpT[1], logpT[0], out=scratch[0])
+        peer = (a_peer * T * T) * torch.stack([_rowdot(pT[1], d, scratch[1]), -_rowdot(pT[0], d, scratch[1])])
     parts = torch.stack([a_ce * ce, kd, peer], dim=2)  # [n, B, 3]
     loss = parts.sum(dim=(0, 2))  # [B]
     if not need_grad:
@@ -127,7 +128,9 @@ def dual_kd_loss_torch(
         kd_row = (T * a_kd) * w.view(1, B, 1)
         g.addcmul_(pT, kd_row).addcmul_(pt.unsqueeze(0), kd_row, value=-1.0)
     if n == 2:
-        g.add_(pT, alpha=T * a_peer).add_(p_peer, alpha=-T * a_peer)
+        g.add_(pT, alpha=T * a_peer)
+        g[0].add_(pT[1], alpha=-T * a_peer)
+        g[1].add_(pT[0], alpha=-T * a_peer)
     return loss, parts, w, g.to(s_a.dtype)  # gradients in the logits' dtype
 
 

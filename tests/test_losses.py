@@ -404,6 +404,16 @@ def test_cuda_source_compiles_for_sm80_sm90(tmp_path):
     assert (tmp_path / "dual_kd_loss.o").stat().st_size > 0
 
 
+def test_missing_toolkit_is_a_clear_error(monkeypatch):
+    from fastkd.kernels import build
+
+    monkeypatch.setattr(build, "_extension", None)
+    monkeypatch.setattr(build, "find_cuda_home", lambda: None)
+    with pytest.raises(build.ExtensionUnavailable, match="FASTKD_LOSS_IMPL=reference"):
+        build.load_extension()
+    assert issubclass(build.ExtensionUnavailable, FastKDError)
+
+
 @pytest.mark.slow
 def test_extension_builds_and_checks_its_inputs():
     """Builds the full torch extension (binding + kernel) for sm_90 and loads it, without a GPU."""
