@@ -87,6 +87,9 @@ def test_students_distil_and_resume(teacher_run, packed, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "resnet18" in table and "mobilenet_v2" in table
     assert f"{final['resnet18']['top1']:.2f}" in table  # same numbers as the trainer's last eval
+    assert cli.main(["eval", str(out / "checkpoints/best-mobilenet_v2.pt"), "--data", str(packed),
+                     "--backend", "torch", "--device", "cpu", "--resolution", "32"]) == 0
+    assert "mobilenet_v2" in capsys.readouterr().out  # arch read from the file name
 
 
 def test_bad_teacher_file_is_named(packed, tmp_path, capsys):
@@ -131,3 +134,42 @@ def test_two_ranks_gloo(packed, tmp_path):
     assert [r["step"] for r in steps] == [5, 10, 15, 20, per_rank]  # rank 0 alone writes
     assert sum(r["samples"] for r in steps) == 2 * per_rank * 32 and all(r["world_size"] == 2 for r in steps)
     assert records(out, "eval")[0]["resnet18"]["n"] == 360  # val shards add up to the whole split
+
+
+def test_eval_slices_imagenet_head_to_manifest_rows(packed, tmp_path, capsys):
+    """A 1000-way torchvision state_dict evaluated on a pack of ImageNet WNIDs scores exactly
+    like the full model's logits restricted to those classes' ImageNet rows."""
+    import shutil
+
+    import torchvision
+
+    from fastkd.data import build_loader
+    from fastkd.resources import imagenet1k_synsets, imagenet100_wnids
+
+    wnids = list(imagenet100_wnids()[:10])
+    src = tmp_path / "in10"
+    demo = packed.parent / "demo"
+    for split in ("train", "val"):
+        for digit, wnid in enumerate(wnids):
+            shutil.copytree(demo / split / f"digit{digit}", src / split / wnid)
+    assert cli.main(["pack", str(src), str(tmp_path / "packed"), "--classes", "all", "--workers", "1", "--quiet"]) == 0
+    torch.manual_seed(3)
+    full = torchvision.models.get_model("resnet18", num_classes=1000).eval()
+    torch.save(full.state_dict(), tmp_path / "resnet18-in1k.pth")
+
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "resnet18-in1k.pth"), "--arch", "resnet18", "--data",
+                     str(tmp_path / "packed"), "--backend", "torch", "--device", "cpu", "--resolution", "32"]) == 0
+    table = capsys.readouterr().out
+
+    rows = [imagenet1k_synsets()[w].imagenet_index for w in sorted(wnids)]
+    loader = build_loader(tmp_path / "packed", "val", "torch", 256, 32, "cpu", torch.float32, num_workers=1)
+    correct = total = ce = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = full(images)[:, rows]
+            correct += int((logits.argmax(1) == labels).sum())
+            ce += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            total += labels.numel()
+    assert total == 360 and f"{100 * correct / total:.2f}" in table
+    assert f"{ce / total:.4f}" in table  # the mean CE pins the rows down (top-1 alone may be flat)
