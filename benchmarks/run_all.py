@@ -17,7 +17,7 @@ Writes under the output folder (default `benchmarks/results/<UTC date>-<device>/
     logs/NAME.log  each subprocess's stdout + stderr
 
 The loader and e2e benchmarks need a packed directory: `--data PACKED`, else a small synthetic
-one is made once under the output folder's `work/` (photo-sized JPEGs, `fastkd pack`) and removed
+one is made once in a temporary folder (photo-sized JPEGs, `fastkd pack`) and removed
 afterwards unless `--keep-data`. The figures are whatever this machine measured; nothing is
 asserted here.
 """
@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--only: unknown benchmark {n!r}; choose from {', '.join(ORDER)}")
     data = Path(args.data) if args.data else None
     src = None
-    work = out / "work"
+    work = Path(tempfile.mkdtemp(prefix="fastkd-run-all-"))  # never inside the repository
     if data is None and {"loader", "e2e", "pack"} & set(names):
         try:
             import e2e_throughput
@@ -474,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
             summary["benchmarks"][name] = run_one(name, args_, out, args.timeout)
         except Exception as error:  # a broken benchmark never stops the others
             summary["benchmarks"][name] = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-    if work.exists() and not args.keep_data:
+    if args.keep_data:
+        print(f"[run_all] packed data kept in {work}")
+    else:
         shutil.rmtree(work, ignore_errors=True)
     finish(out, summary)
     return 0
