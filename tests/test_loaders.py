@@ -346,6 +346,21 @@ def test_sharding(get_loader, backend, world_size, split):
                         for r in range(world_size)}) == 1
 
 
+def test_ffcv_quasi_random_covers_the_epoch(gradient):
+    """FFCV's QUASI_RANDOM (single process, os_cache=False): every sample once per epoch, and the
+    yielded indices are the samples FFCV read (B channel); its order is seeded but depends on the
+    epochs before it (FFCV shuffles its page table in place), so only coverage is promised."""
+    loader = _loader(gradient, "train", "ffcv", order="quasi_random", os_cache=False, drop_last=False)
+    threads = torch.get_num_threads()
+    for _ in range(2):
+        images, labels, indices = _pass(loader)
+        assert sorted(indices.tolist()) == list(range(N_CLASSES * N_TRAIN))
+        assert torch.equal(labels, _label_of(indices, N_TRAIN))
+        b = _pixels(images)[:, 2].mean(dim=(1, 2))
+        assert (b - torch.tensor([_b_value("train", int(i)) for i in indices])).abs().max() < 2.5
+    assert torch.get_num_threads() == threads  # FFCV's set_num_threads side effect undone
+
+
 def test_ffcv_reads_the_rank_part(gradient):
     loader = _loader(gradient, "val", "ffcv", rank=1, world_size=3, batch_size=4)
     assert len(loader) == num_batches(18, 4, 1, 3, False)

@@ -11,14 +11,17 @@ needs an initialised torch.distributed process group and pads the last rank's pa
 samples. `order="quasi_random"` (data larger than RAM; reads page by page) is FFCV's QuasiRandom:
 single process only (FFCV does not implement it distributed) and it needs `os_cache=False`.
 
-Determinism: the sample order is a function of (seed, epoch) (quasi_random: FFCV's own function
-of (seed, epoch)). Crops and flips are NOT reproducible: FFCV draws them with numba's per-thread
+Determinism: the sample order is a function of (seed, epoch). quasi_random: FFCV's order is
+seeded but reshuffles its page table in place at every epoch, so epoch e's order depends on the
+epochs run before it in the process (a resumed run gets other orders). Crops and flips are NOT
+reproducible: FFCV draws them with numba's per-thread
 np.random inside a parallel loop, unseeded, and which thread handles a sample varies.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from fastkd.data.contract import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO, Loader, LoaderSpec
 from fastkd.data.sharding import epoch_indices, num_batches
@@ -38,6 +41,18 @@ class _ShardOrder:
         # drop_last=True cuts N % W here; FFCV then drops the partial batch (Loader drop_last)
         return epoch_indices(self.num_samples, self.shuffle, s.seed, epoch, s.rank, s.world_size,
                              s.drop_last).astype(np.uint64)
+
+
+class _Recorded:
+    """Wraps a traversal order and keeps the order FFCV asked for last (QuasiRandom mutates its
+    page table on every call, so asking it again would not give the same order)."""
+
+    def __init__(self, inner):
+        self.inner, self.last = inner, None
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        self.last = self.inner.sample_order(epoch)
+        return self.last
 
 
 class FFCVLoader(Loader):
@@ -90,8 +105,8 @@ class FFCVLoader(Loader):
                 batches_ahead=batches_ahead)
         except (ValueError, KeyError, OSError) as error:
             raise FastKDError(f"{beton}: FFCV cannot open it ({error}); re-run `fastkd pack`") from None
-        if order != "quasi_random":
-            self._loader.traversal_order = self._shard_order
+        inner = self._shard_order if order != "quasi_random" else self._loader.traversal_order
+        self._loader.traversal_order = _Recorded(inner)
         self._built_resolution = r
 
     def __len__(self) -> int:
@@ -111,12 +126,17 @@ class FFCVLoader(Loader):
         epoch = self._start_pass()
         self._sync_resolution()
         self._loader.next_epoch = epoch
-        order = self._loader.traversal_order.sample_order(epoch) if self.spec.return_indices else None
         B = self.spec.batch_size
-        for b, (images, labels) in enumerate(self._loader):
+        threads = torch.get_num_threads()
+        batches = iter(self._loader)
+        torch.set_num_threads(threads)  # FFCV sets torch's thread count to its num_workers; undo
+        order = self._loader.traversal_order.last
+        for b, (images, labels) in enumerate(batches):
+            if torch.get_num_threads() != threads:  # FFCV's loader thread set it again
+                torch.set_num_threads(threads)
             images = images if images.device == self.spec.device else images.to(self.spec.device)
             out = self.normalize(images)
-            indices = None if order is None else order[b * B:b * B + len(labels)].astype(np.int64)
+            indices = order[b * B:b * B + len(labels)].astype(np.int64)
             yield self._output(out, labels, indices)
 
 

@@ -40,17 +40,20 @@ def _boxes(shapes, indices, seed: int, epoch: int, train: bool):
 
 
 class _BatchReader(torch.utils.data.Dataset):
-    """Item (epoch, resolution, indices) -> (uint8 [B,3,r,r] or list of JPEG byte tensors, labels, indices)."""
+    """Item (epoch, resolution, indices) -> (uint8 [B,3,r,r] channels_last, or (JPEG bytes of the
+    batch in one tensor, their sizes) when decoding happens on the GPU, labels, indices)."""
 
     def __init__(self, store: ShardStore, seed: int, train: bool, decode: bool):
         self.store, self.seed, self.train, self.decode = store, seed, train, decode
 
     def __getitem__(self, item):
         epoch, resolution, indices = item
-        data = [self.store.jpeg(i) for i in indices]
         labels = torch.from_numpy(self.store.labels[indices])
-        if not self.decode:
-            return data, labels, indices
+        if not self.decode:  # one buffer + sizes: one shared-memory segment per batch, not B
+            chunks = [self.store.jpeg_bytes(i) for i in indices]
+            buffer = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+            return (buffer, [len(c) for c in chunks]), labels, indices
+        data = [self.store.jpeg(i) for i in indices]
         images = decode_jpeg(data, mode=ImageReadMode.RGB)
         boxes = _boxes([im.shape[1:] for im in images], indices, self.seed, epoch, self.train)
         out = torch.cat([crop_resize(im, box, resolution, flip) for im, (box, flip) in zip(images, boxes)])
@@ -123,7 +126,8 @@ class TorchLoader(Loader):
         def work():
             try:
                 with torch.cuda.device(device), torch.cuda.stream(stream):
-                    for data, labels, indices in raw:
+                    for (buffer, sizes), labels, indices in raw:
+                        data = list(torch.split(buffer, sizes))
                         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
                         boxes = _boxes([im.shape[1:] for im in images], indices, s.seed, epoch, s.train)
                         batch = torch.cat([crop_resize(im, box, r, flip) for im, (box, flip) in zip(images, boxes)])
