@@ -231,12 +231,14 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict, source: str = "config") -> TrainConfig:
-    """A full TrainConfig from a (possibly partial) nested dict over the defaults, validated."""
+def config_from_dict(data: dict, source: str = "config", check: bool = True) -> TrainConfig:
+    """A full TrainConfig from a (possibly partial) nested dict over the defaults, type-checked
+    and (check=True) validated across keys."""
     merged = _merge(config_to_dict(TrainConfig()), data, source)
     sections = _sections()
     cfg = TrainConfig(**{name: sections[name](**values) for name, values in merged.items()})
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -294,8 +296,10 @@ def resolve_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     base: dict | None = None,
+    check: bool = True,
 ) -> TrainConfig:
-    """defaults -> base (e.g. a checkpoint's config) -> YAML file -> overrides, validated."""
+    """defaults -> base (e.g. a checkpoint's config) -> YAML file -> overrides, type-checked;
+    check=False skips the checks across keys (to read run.resume before the base is known)."""
     merged = config_to_dict(TrainConfig())
     if base:
         merged = _merge(merged, base, "checkpoint config")
@@ -303,7 +307,7 @@ def resolve_config(
         merged = _merge(merged, load_yaml(path), f"config file {path}")
     if overrides:
         merged = _merge(merged, parse_overrides(overrides), "command line")
-    return config_from_dict(merged)
+    return config_from_dict(merged, check=check)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

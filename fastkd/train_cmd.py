@@ -68,10 +68,10 @@ def resume_path(resume: str | None, out: str) -> Path | None:
 def resolve(args: argparse.Namespace):
     """(config, loaded checkpoint or None): a resumed run starts from the checkpoint's config."""
     overrides = overrides_from_args(args)
-    cfg = resolve_config(args.config, overrides)
-    path = resume_path(cfg.run.resume, cfg.run.out)
+    first = resolve_config(args.config, overrides, check=False)
+    path = resume_path(first.run.resume, first.run.out)
     if path is None:
-        return cfg, None
+        return resolve_config(args.config, overrides), None
     ckpt = load_last(path)
     base = {s: dict(v) for s, v in ckpt["config"].items()}
     for section, keys in _NOT_INHERITED.items():

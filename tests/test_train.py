@@ -215,3 +215,31 @@ def test_step_has_no_host_sync_on_cuda(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     window = trainer.meter.read()
     assert window["samples"] == 6 * 32 and math.isfinite(window["loss"])
+
+
+def test_resume_takes_checkpoint_config_then_flags(tmp_path):
+    import argparse
+
+    from fastkd import train_cmd
+    from fastkd.checkpoint import build_last, save_atomic
+    from fastkd.config import config_to_dict
+    from fastkd.errors import FastKDError
+
+    old = tiny_config(tmp_path / "run", **{"loss.method": "uadkd", "model.teacher_weights": "T.pt",
+                                           "run.stop_after": 1, "optim.lr": 0.4})
+    path = tmp_path / "run/checkpoints/last.pt"
+    save_atomic(build_last(config=config_to_dict(old), optimizer={}, models={}, archs={}), path)
+
+    def resolve(argv):
+        parser = argparse.ArgumentParser()
+        train_cmd.add_arguments(parser)
+        return train_cmd.resolve(parser.parse_args(argv))
+
+    cfg, ckpt = resolve(["--resume", str(path), "--optim.lr", "0.1"])  # nothing else on the line
+    assert ckpt is not None and cfg.run.resume == str(path)
+    assert (cfg.loss.method, cfg.model.teacher_weights, cfg.run.out) == ("uadkd", "T.pt", str(tmp_path / "run"))
+    assert cfg.optim.lr == 0.1 and cfg.run.stop_after is None  # flags win; stop_after not inherited
+    cfg, ckpt = resolve(["--resume", "auto", "--out", str(tmp_path / "fresh"), "--method", "ce"])
+    assert ckpt is None and cfg.loss.method == "ce"
+    with pytest.raises(FastKDError, match="nothing.pt"):
+        resolve(["--resume", str(tmp_path / "nothing.pt")])
