@@ -1,21 +1,27 @@
 """`ffcv` backend: the split's .beton through FFCV's Loader (JIT-compiled decode + crop + flip on CPU).
 
-Pipeline: RandomResizedCropRGBImageDecoder (train) / CenterCropRGBImageDecoder(ratio 0.875) (val)
--> RandomHorizontalFlip (train) -> ToTensor -> ToDevice (cuda only) -> ToTorchImage(channels_last),
-then normalisation and dtype conversion in torch on the device (`Loader.normalize`).
+Pipeline: RandomResizedCropRGBImageDecoder (train) / CenterCropRGBImageDecoder(ratio 0.875) (val:
+the same integer box as transforms.center_crop_box) -> RandomHorizontalFlip (train) -> ToTensor
+-> ToDevice (cuda only) -> ToTorchImage(channels_last), then `Loader.normalize` (one table-lookup
+pass on CPU, float arithmetic on CUDA), which also copies out of FFCV's reused batch buffers.
+FFCV resizes with OpenCV INTER_AREA (the other backends: antialiased bilinear).
 
 Order: `order="random"` (default for train) and `"sequential"` use fastkd's own sharding
-(sharding.py) through FFCV's `indices`/traversal hook, identical to the torch and folder
-backends. FFCV's own `distributed=True` is not used: it builds a torch DistributedSampler, which
-needs an initialised torch.distributed process group and pads the last rank's part with repeated
-samples. `order="quasi_random"` (data larger than RAM; reads page by page) is FFCV's QuasiRandom:
-single process only (FFCV does not implement it distributed) and it needs `os_cache=False`.
+(sharding.py, remainder rules there) through FFCV's `indices`/traversal hook, identical to the
+torch and folder backends. FFCV's own `distributed=True` is not used: it builds a torch
+DistributedSampler, which needs an initialised torch.distributed process group and pads the last
+rank's part with repeated samples. `order="quasi_random"` (data larger than RAM; reads page by
+page) is FFCV's QuasiRandom: single process only (FFCV does not implement it distributed) and it
+needs `os_cache=False`.
 
 Determinism: the sample order is a function of (seed, epoch). quasi_random: FFCV's order is
 seeded but reshuffles its page table in place at every epoch, so epoch e's order depends on the
 epochs run before it in the process (a resumed run gets other orders). Crops and flips are NOT
-reproducible: FFCV draws them with numba's per-thread
-np.random inside a parallel loop, unseeded, and which thread handles a sample varies.
+reproducible: FFCV draws them with numba's per-thread np.random inside a parallel loop, unseeded,
+and which thread handles a sample varies.
+
+Side effects of FFCV undone here: it sets torch's intra-op thread count to its num_workers
+(restored every batch). Changing the resolution recompiles the decoder (seconds).
 """
 
 from __future__ import annotations
