@@ -234,7 +234,7 @@ else
 fi
 
 # ------------------------------------------------------------------ data: synthetic folder -> pack
-if [ "$MODE" = gpu ]; then SYNTH="--classes 8 --train 256 --val 8 --size 400"; else SYNTH="--classes 4 --train 12 --val 2 --size 96"; fi
+if [ "$MODE" = gpu ]; then SYNTH="--classes 16 --train 384 --val 4 --size 400"; else SYNTH="--classes 4 --train 12 --val 2 --size 96"; fi
 export SYNTH
 make_data() {
   # shellcheck disable=SC2086  # SYNTH is a list of flags
