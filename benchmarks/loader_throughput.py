@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 BACKENDS = ("folder", "ffcv", "dali", "torch")
+# extra names for --backends: a backend with options
+VARIANTS = {"dali-reader": ("dali", {"shuffle": "reader"})}  # fn.readers.webdataset buffer shuffle
 
 
 def make_images(src: Path, count: int, classes: int = 10, seed: int = 0) -> None:
@@ -79,10 +81,11 @@ def build(packed: Path, backend: str, args):
     from fastkd.data import build_loader
     from fastkd.errors import FastKDError
 
+    name, opts = VARIANTS.get(backend, (backend, {}))
     t0 = time.perf_counter()
     try:
-        loader = build_loader(packed, "train", backend, args.batch_size, args.resolution, args.device,
-                              args.dtype, num_workers=args.workers, seed=0)
+        loader = build_loader(packed, "train", name, args.batch_size, args.resolution, args.device,
+                              args.dtype, num_workers=args.workers, seed=0, **opts)
     except FastKDError as error:
         return None, str(error)
     return loader, time.perf_counter() - t0
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=2000, help="generated images (90%% train)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: all cores)")
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help=f"comma list of {', '.join(BACKENDS + tuple(VARIANTS))}")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fastkd-loader-bench"))
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 images, r=64, 1 timed epoch")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
