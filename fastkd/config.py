@@ -315,7 +315,8 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks across keys; each message names the key(s) to change."""
+    """Checks across keys; each message names the key(s) to change. Keys a config file may leave
+    to the command line (data.dir, model.teacher_weights) are checked by `check_runnable`."""
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -337,11 +338,6 @@ def validate(cfg: TrainConfig) -> None:
         method not in PEER_METHODS or len(m.students) == 2,
         f"loss.method {method} has a student-student term: model.students needs 2 networks",
     )
-    need(
-        method not in TEACHER_METHODS or bool(m.teacher_weights),
-        f"loss.method {method} distils from a teacher: set model.teacher_weights "
-        "(--teacher-weights CHECKPOINT|STATE_DICT|imagenet)",
-    )
     need(cfg.loss.temperature > 0 and cfg.loss.entropy_temperature > 0, "loss temperatures must be > 0")
     need(0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
     need(cfg.optim.lr > 0, "optim.lr must be > 0")
@@ -352,6 +348,18 @@ def validate(cfg: TrainConfig) -> None:
     need(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "run.device: auto, cpu or cuda")
     need(r.stop_after is None or r.stop_after >= 1, "run.stop_after must be >= 1 or null")
     need(cfg.dist.gpus >= 1, "dist.gpus must be >= 1")
+
+
+def check_runnable(cfg: TrainConfig) -> None:
+    """What a training run needs beyond a valid config: data, and teacher weights when the
+    method distils from a teacher."""
+    if not cfg.data.dir:
+        raise FastKDError("no data: pass --data PACKED_DIR (written by `fastkd pack`)")
+    if cfg.loss.method in TEACHER_METHODS and not cfg.model.teacher_weights:
+        raise FastKDError(
+            f"loss.method {cfg.loss.method} distils from a teacher: pass --teacher-weights "
+            "CHECKPOINT|STATE_DICT|imagenet (or --method ce / dml, which need none)"
+        )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

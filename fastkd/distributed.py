@@ -44,10 +44,12 @@ def relaunch(nproc: int, cli_args: list[str]) -> int:
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         "--nproc_per_node", str(nproc), "-m", "fastkd.cli", *cli_args,
     ]  # fmt: skip
-    try:
-        return subprocess.run(cmd, check=False).returncode
-    except KeyboardInterrupt:  # torchrun forwards the signal; the ranks save and exit
-        return 130
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # torchrun got the same Ctrl-C: its ranks save and exit; wait
+            continue
 
 
 def init(device_type: str) -> DistInfo:
@@ -80,6 +82,15 @@ def all_reduce_min(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on any rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_gather_objects(obj) -> list:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fastkd import distributed
 from fastkd.checkpoint import build_last, plain_state_dict, rng_state, save_atomic, set_rng_state
-from fastkd.config import PEER_METHODS, TEACHER_METHODS, TrainConfig, config_to_dict, save_config
+from fastkd.config import PEER_METHODS, TEACHER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config
 from fastkd.errors import FastKDError
 from fastkd.models import build_model, count_params, load_teacher, network_names
 from fastkd.schedule import lr_at, resolution_at, scaled_lr
@@ -101,11 +101,12 @@ def compile_module(module: nn.Module, mode: str):
 
 class StepMeter:
     """Device-side sums over the steps since the last read: [samples, loss, w, ce[n], kd[n],
-    peer[n], correct[n]], each a batch mean times the batch size. `read` all-reduces and syncs."""
+    peer[n], correct[n], stop], each a batch mean times the batch size. `read` all-reduces (so
+    every rank sees every rank's samples and stop request) and syncs."""
 
     def __init__(self, num_students: int, device: torch.device):
         self.n = num_students
-        self.sums = torch.zeros(3 + 4 * num_students, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4 + 4 * num_students, dtype=torch.float64, device=device)
 
     def add(self, parts: dict[str, Tensor], batch: int) -> None:
         vec = torch.cat(
@@ -119,22 +120,24 @@ class StepMeter:
             ]
         )
         self.sums[0] += batch
-        self.sums[1:] += vec
+        self.sums[1:-1] += vec
 
-    def read(self) -> dict | None:
-        """Window means over all ranks (None if no sample), then reset. The host sync."""
+    def read(self, stop: bool = False) -> dict:
+        """Window means over all ranks, then reset; "stop" is True when any rank asked to stop.
+        The host sync of the loop."""
+        if stop:
+            self.sums[-1] = 1.0
         values = distributed.all_reduce_sum(self.sums.clone()).tolist()
         self.sums.zero_()
-        samples = values[0]
-        if samples == 0:
-            return None
+        samples = max(values[0], 1.0)
         n = self.n
 
         def part(i):
             return [v / samples for v in values[3 + i * n : 3 + (i + 1) * n]]
 
         return {
-            "samples": int(samples),
+            "samples": int(values[0]),
+            "stop": values[-1] > 0,
             "loss": values[1] / samples,
             "w_mean": values[2] / samples,
             "ce": part(0),
@@ -153,6 +156,7 @@ class Trainer:
         from fastkd.losses import LossConfig
 
         self.cfg = cfg
+        check_runnable(cfg)
         self.dist = distributed.init(resolve_device(cfg.run.device).type)
         self.device = resolve_device(cfg.run.device, self.dist.local_rank)
         self.is_main = self.dist.is_main
@@ -237,8 +241,6 @@ class Trainer:
         from fastkd.data import build_loader
 
         d = self.cfg.data
-        if not d.dir:
-            raise FastKDError("no data: pass --data PACKED_DIR (written by `fastkd pack`)")
         dtype = self.amp_dtype if (self.device.type == "cuda" and self.amp_dtype) else torch.float32
         return build_loader(
             d.dir, split, d.backend, d.batch_size, resolution, self.device, dtype,
@@ -300,9 +302,9 @@ class Trainer:
             while self.epoch < end_epoch:
                 epoch = self.epoch
                 done = self._train_epoch(epoch, live)
-                if done < self.steps_per_epoch:  # stop requested inside the epoch
+                if done < self.steps_per_epoch:  # stop requested inside the epoch (ranks agree)
                     self.step_in_epoch = done
-                    path = self.save_last(gather_rng=False)
+                    path = self.save_last()
                     live.print(f"interrupted at epoch {epoch + 1} step {done}: saved {path}")
                     raise Interrupted(path)
                 self.epoch, self.step_in_epoch = epoch + 1, 0
@@ -311,7 +313,7 @@ class Trainer:
                     res = self.evaluate(epoch)
                 self.save_last()
                 live.end_epoch(res)
-                if self._stop and self.epoch < end_epoch:
+                if distributed.any_rank(self._stop, self.device) and self.epoch < end_epoch:
                     raise Interrupted(self.ckpt_dir / "last.pt" if self.is_main else None)
         summary = self.summary(time.perf_counter() - start)
         if self.is_main:
@@ -349,18 +351,19 @@ class Trainer:
             self.meter.add(parts, labels.shape[0])
             self.global_step += 1
             done = i + 1
-            if done % cfg.run.log_every == 0 or done == self.steps_per_epoch or self._stop:
+            # one process stops after the step in flight; ranks agree on a stop at a log read
+            stop_now = self._stop and not self.dist.enabled
+            if done % cfg.run.log_every == 0 or done == self.steps_per_epoch or stop_now:
                 now = time.perf_counter()
-                self._log_window(epoch, done, lr, now - window_start, live)
+                if self._log_window(epoch, done, lr, now - window_start, live):
+                    self._stop = True
+                    break
                 window_start = time.perf_counter()
-            if self._stop:
-                break
         return done
 
-    def _log_window(self, epoch: int, done: int, lr: float, seconds: float, live) -> None:
-        window = self.meter.read()
-        if window is None:
-            return
+    def _log_window(self, epoch: int, done: int, lr: float, seconds: float, live) -> bool:
+        """Read, check, log the window since the last read; True when a stop was requested."""
+        window = self.meter.read(stop=self._stop)
         if not math.isfinite(window["loss"]):
             last = self.ckpt_dir / "last.pt"
             kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint written yet"
@@ -382,6 +385,7 @@ class Trainer:
         record["train_top1"] = dict(zip(self.names, window["train_top1"]))
         self.log.write(record)
         live.update(done, {"loss": window["loss"], "lr": lr}, ips)
+        return window["stop"]
 
     def evaluate(self, epoch: int) -> dict:
         """Val metrics of the students (and, once per invocation, the teacher); logged. The
@@ -408,9 +412,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_last(self, gather_rng: bool = True) -> Path | None:
+    def save_last(self) -> Path | None:
         """Full state to checkpoints/last.pt (rank 0; all ranks join the RNG gather)."""
-        rngs = distributed.all_gather_objects(rng_state()) if gather_rng else [rng_state()]
+        rngs = distributed.all_gather_objects(rng_state())
         if not self.is_main:
             return None
         state = build_last(

@@ -69,7 +69,6 @@ def test_students_comma_and_list():
         ({"run": {"log_every": True}}, "run.log_every"),
         ({"loss": {"method": "magic"}}, "loss.method"),
         ({"model": {"students": "resnet18"}, "loss": {"method": "uadkd"}}, "model.students"),
-        ({"model": {"teacher_weights": None}}, "model.teacher_weights"),
         ({"data": {"min_resolution": 128}}, "data.max_resolution"),
     ],
 )
@@ -78,6 +77,16 @@ def test_rejects_with_key_named(tmp_path, data, key):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(FastKDError, match=key.replace(".", r"\.")):
         resolve_config(path)
+
+
+def test_run_needs_data_and_teacher_weights():
+    from fastkd.config import check_runnable
+
+    with pytest.raises(FastKDError, match="--data"):
+        check_runnable(resolve_config(None, {"model.teacher_weights": "t.pt"}))
+    with pytest.raises(FastKDError, match="--teacher-weights"):
+        check_runnable(resolve_config(None, {"data.dir": "d"}))
+    check_runnable(resolve_config(None, {"data.dir": "d", "loss.method": "dml"}))
 
 
 def test_unknown_flag_value_type_named():

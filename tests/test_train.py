@@ -179,15 +179,17 @@ def test_gpus_relaunches_through_torchrun(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_run(cmd, check):
-        calls.append(cmd)
-        config = yaml.safe_load(open(cmd[cmd.index("--config") + 1]))
-        calls.append(config)
-        return subprocess.CompletedProcess(cmd, 0)
+    class FakePopen:
+        def __init__(self, cmd):
+            calls.append(cmd)
+            calls.append(yaml.safe_load(open(cmd[cmd.index("--config") + 1])))
+
+        def wait(self):
+            return 0
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
     rc = cli.main(["train", "--data", "D", "--gpus", "2", "--optim.lr", "0.3", "--method", "ce",
                    "--students", "resnet18", "--out", str(tmp_path / "run")])
     assert rc == 0
