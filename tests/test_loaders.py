@@ -385,6 +385,29 @@ def test_digits_labels_match_manifest(digits, backend):
     assert indices == list(range(len(truth))) and labels == truth
 
 
+def test_folder_skips_what_the_packer_skipped(gradient, tmp_path):
+    """A source file the packer skipped (unreadable) is left out by `folder` too, so sample i is
+    still pack index i; `source=` points the backend at a moved source folder."""
+    from fastkd.preprocess.pack import pack
+
+    src = tmp_path / "src"
+    shutil.copytree(gradient["src"], src)
+    bad = src / "val" / "n00000001" / "img002.JPEG"  # pack index 8 of val
+    bad.write_bytes(bad.read_bytes()[:200])
+    pack(src, tmp_path / "packed", classes="all", shard_size=8, workers=1, quality=98)
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    folder = build_loader(tmp_path / "packed", "val", "folder", 8, RES, "cpu", "fp32", num_workers=1,
+                          return_indices=True, source=str(moved))
+    torch_ = build_loader(tmp_path / "packed", "val", "torch", 8, RES, "cpu", "fp32", num_workers=1,
+                          return_indices=True)
+    (xf, yf, i_f), (xt, yt, it) = _pass(folder), _pass(torch_)
+    assert len(i_f) == N_CLASSES * N_VAL - 1
+    assert torch.equal(i_f, it) and torch.equal(yf, yt)
+    b_folder, b_torch = _pixels(xf)[:, 2].mean(dim=(1, 2)), _pixels(xt)[:, 2].mean(dim=(1, 2))
+    assert (b_folder - b_torch).abs().max() < 2.5  # the same images, sample by sample
+
+
 # ----------------------------------------------------------------------------- errors
 
 
