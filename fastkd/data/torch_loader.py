@@ -23,7 +23,6 @@ from __future__ import annotations
 import queue
 import threading
 
-import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
