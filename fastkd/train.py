@@ -489,9 +489,10 @@ def _seed_all(seed: int) -> None:
 
 
 def _set_determinism(on: bool) -> None:
+    """Process-wide switches, set both ways so a later run in the same process is not affected."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.benchmark = not on
     torch.backends.cudnn.deterministic = on
 
