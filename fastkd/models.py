@@ -155,7 +155,9 @@ def load_teacher(spec: str, name: str, manifest: dict, channels_last: bool = Tru
             raise FastKDError(f"cannot load torchvision ImageNet weights of {name}: {error}") from None
         slice_head(model, indices)
     else:
-        state = state_from_file(load_file(spec), spec, name)
+        obj = load_file(spec)
+        _check_classes(obj, spec, manifest)
+        state = state_from_file(obj, spec, name)
         model = build_model(name, num_classes, channels_last=False)
         if num_classes != 1000 and _head_rows(model, state) == 1000:
             model = build_model(name, 1000, channels_last=False)
@@ -167,6 +169,20 @@ def load_teacher(spec: str, name: str, manifest: dict, channels_last: bool = Tru
         model = model.to(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
     return model
+
+
+def _check_classes(obj: dict, path: str | Path, manifest: dict) -> None:
+    """A fastkd checkpoint's classes (WNIDs in label order) must be the manifest's."""
+    if obj.get("format") != CHECKPOINT_FORMAT or "classes" not in obj:
+        return
+    theirs = [c["wnid"] for c in sorted(obj["classes"], key=lambda c: c["label"])]
+    ours = [c["wnid"] for c in sorted(manifest["classes"], key=lambda c: c["label"])]
+    if theirs != ours:
+        diff = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise FastKDError(
+            f"checkpoint {path} was trained on other classes: {len(theirs)} classes vs {len(ours)} in the "
+            f"data, first difference at label {diff}"
+        )
 
 
 def _head_rows(model: nn.Module, state: dict) -> int | None:

@@ -153,8 +153,6 @@ class Trainer:
     last.pt dict."""
 
     def __init__(self, cfg: TrainConfig, train_loader=None, val_loader=None, resume: dict | None = None):
-        from fastkd.losses import LossConfig
-
         self.cfg = cfg
         check_runnable(cfg)
         self.dist = distributed.init(resolve_device(cfg.run.device).type)
@@ -170,14 +168,39 @@ class Trainer:
         _set_determinism(cfg.run.deterministic)
         _seed_all(cfg.run.seed)
 
-        self.train_loader = train_loader or self._build_loader("train", self._resolution(0))
-        self.val_loader = val_loader or self._build_loader("val", cfg.data.val_resolution)
+        if train_loader is None:
+            train_loader = self._build_loader("train", self._resolution(0))
+        if val_loader is None:
+            val_loader = self._build_loader("val", cfg.data.val_resolution)
+        self.train_loader, self.val_loader = train_loader, val_loader
         self.manifest = self.train_loader.manifest
         self.num_classes = int(self.train_loader.num_classes)
 
-        cl = cfg.precision.channels_last
         self.names = network_names(cfg.model.students)
         self.archs = dict(zip(self.names, cfg.model.students))
+        self._build_networks()
+        self._build_optimizer()
+        self.meter = StepMeter(len(self.names), self.device)
+
+        self.epoch = 0  # next epoch to run
+        self.step_in_epoch = 0  # steps of `epoch` already done (Ctrl-C checkpoint)
+        self.global_step = 0
+        self.best_top1 = {name: -1.0 for name in self.names}
+        self.last_eval: dict | None = None
+        self.teacher_eval: dict | None = None
+        self._resume_rng = None
+        self._stop = False
+        self._train_time = 0.0
+        self._train_samples = 0
+        if resume is not None:
+            self._load(resume)
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _build_networks(self) -> None:
+        """Students (one module, DDP over ranks, optional SyncBN, compiled forwards) and the
+        frozen teacher (outside DDP)."""
+        cfg, cl = self.cfg, self.cfg.precision.channels_last
         nets = [build_model(a, self.num_classes, channels_last=cl).to(self.device) for a in cfg.model.students]
         self.students = Students(nets)
         if cfg.model.sync_bn and self.dist.enabled:
@@ -193,6 +216,11 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(self.students, device_ids=ids)
         _seed_all(cfg.run.seed + self.dist.rank)  # dropout masks differ across ranks
 
+    def _build_optimizer(self) -> None:
+        """SGD over both students, the per-iteration schedule's constants, the fp16 scaler, the loss."""
+        from fastkd.losses import LossConfig
+
+        cfg = self.cfg
         self.steps_per_epoch = distributed.all_reduce_min(len(self.train_loader), self.device)
         if self.steps_per_epoch < 1:
             raise FastKDError(
@@ -214,22 +242,6 @@ class Trainer:
             lc.method, temperature=lc.temperature, entropy_temperature=lc.entropy_temperature,
             a_ce=lc.a_ce, a_kd=lc.a_kd, a_peer=lc.a_peer, label_smoothing=lc.label_smoothing,
         )  # fmt: skip
-        self.meter = StepMeter(len(self.names), self.device)
-
-        self.epoch = 0  # next epoch to run
-        self.step_in_epoch = 0  # steps of `epoch` already done (Ctrl-C checkpoint)
-        self.global_step = 0
-        self.best_top1 = {name: -1.0 for name in self.names}
-        self.last_eval: dict | None = None
-        self.teacher_eval: dict | None = None
-        self._resume_rng = None
-        self._stop = False
-        self._train_time = 0.0
-        self._train_samples = 0
-        if resume is not None:
-            self._load(resume)
-
-    # ------------------------------------------------------------------ building blocks
 
     def _resolution(self, epoch: int) -> int:
         d = self.cfg.data

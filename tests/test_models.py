@@ -72,3 +72,17 @@ def test_build_model_by_name():
 
 def test_network_names():
     assert network_names(["resnet18", "resnet18", "mobilenet_v2"]) == ["resnet18", "resnet18-2", "mobilenet_v2"]
+
+
+def test_teacher_checkpoint_classes_must_match(tmp_path):
+    from fastkd.checkpoint import build_last
+
+    net = build_model("resnet18", 3)
+    classes = manifest_for([None] * 3)["classes"]
+    ckpt = build_last(archs={"resnet18": "resnet18"}, models={"resnet18": net.state_dict()}, classes=classes)
+    torch.save(ckpt, tmp_path / "last.pt")
+    teacher = load_teacher(str(tmp_path / "last.pt"), "resnet18", {"classes": classes})
+    assert teacher.fc.out_features == 3
+    other = [dict(c, wnid=f"x{c['label']}") for c in classes]
+    with pytest.raises(FastKDError, match="other classes"):
+        load_teacher(str(tmp_path / "last.pt"), "resnet18", {"classes": other})
