@@ -6,8 +6,9 @@
 #   OUT=/tmp/gpucheck bash benchmarks/gpu_check.sh            # CPU dry run: tiny sizes, CUDA stages skipped
 #
 # Stages, each under its own `timeout`, each recorded pass/fail/skip, a failure never stops the rest;
-# a stage that would start after BUDGET_S seconds (default 420) is skipped so the whole check ends
-# in about 6-7 minutes on an H100 (estimated; not yet run on one):
+# a stage that would start after BUDGET_S seconds (default 400) is skipped and every stage's timeout
+# is cut to end by BUDGET_S + 140 s, so the check ends within ~9 minutes whatever happens; expected
+# about 6-7 minutes on an H100 (an estimate: not yet run on one):
 #   env      GPU (nvidia-smi), driver, torch/CUDA/cuDNN/Triton/torchvision, nvcc, ninja, cores
 #   install  make `fastkd` importable with no internet: `pip install --no-build-isolation --no-deps
 #            --no-index -e .` (setuptools maps preprocess/ -> fastkd.preprocess and kernels/ ->
@@ -43,7 +44,8 @@ if [ -z "${PY:-}" ]; then
 fi
 W=${WORK:-$(mktemp -d /tmp/fastkd-gpucheck.XXXXXX)}
 mkdir -p "$W/logs" "$W/json"
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-400}      # no stage starts after this many seconds
+HARD_S=$(( BUDGET_S + 140 ))   # and none runs past this: the whole check ends within ~9 minutes
 START=$(date +%s)
 STAGES="$W/stages.tsv"
 : > "$STAGES"
@@ -83,6 +85,7 @@ stage() {
     echo "=== [$name] skipped: ${now}s elapsed, budget ${BUDGET_S}s"
     return 0
   fi
+  if [ "$limit" -gt $(( HARD_S - now )) ]; then limit=$(( HARD_S - now )); fi  # end by HARD_S
   echo "=== [$name] t=${now}s timeout ${limit}s: $*"
   local t0 rc status note=""
   t0=$(date +%s)
@@ -211,11 +214,11 @@ EOF
 stage kernel 240 cuda kernel_check
 
 # ------------------------------------------------------------------ gpu tests
-stage gputest 150 any "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider
+stage gputest 150 any "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider --continue-on-collection-errors
 
 # ------------------------------------------------------------------ step benchmark
 if [ "$MODE" = gpu ]; then
-  STEP_ARGS=(--windows 5 --steps 3 --warmup 2)
+  STEP_ARGS=(--windows 5 --steps 3 --warmup 2 --max-seconds 200)  # JSON written after each shape
   STEP_T=260
 else
   STEP_ARGS=(--res 32 --batch 4 --steps 1 --windows 2 --warmup 1 --variants fp32_nchw,bf16_cl,bf16_cl_fused)
@@ -272,7 +275,7 @@ stage e2e 120 any "$PY" benchmarks/e2e_throughput.py --data "$PACKED" --backends
 # ------------------------------------------------------------------ loss tests (CPU + GPU)
 LOSS_TESTS=$(ls tests/test_loss*.py tests/test_kernel*.py 2>/dev/null | tr '\n' ' ')
 if [ -n "$LOSS_TESTS" ]; then
-  stage losstest 150 any "$PY" -m pytest -q -rs $LOSS_TESTS -p no:cacheprovider
+  stage losstest 150 any "$PY" -m pytest -q -rs $LOSS_TESTS -p no:cacheprovider --continue-on-collection-errors
 else
   printf 'losstest\tskip\t0\tno tests/test_loss*.py\n' >> "$STAGES"
 fi

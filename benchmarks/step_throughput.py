@@ -1,7 +1,8 @@
 """Throughput of fastkd's three-network training step on synthetic data already on the device.
 
-    # GPU (the figures in benchmarks/README.md; about 2-2.5 minutes on an H100, compile included):
+    # GPU (budgeted at about 2.5 minutes on an H100, compile included; not yet run on one):
     python benchmarks/step_throughput.py --json step.json
+    python benchmarks/step_throughput.py --max-seconds 200 --json step.json   # hard cap on new work
     # CPU smoke run (tiny shapes, no compile):
     python benchmarks/step_throughput.py --res 32 --batch 4 --steps 1 --windows 2 --warmup 1 \
         --variants fp32_nchw,bf16_cl,bf16_cl_fused
@@ -234,7 +235,6 @@ def run(args) -> dict[str, Any]:
     compiled: dict[str, Any] = {}
     loss_desc: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
-    notes: list[str] = []
     flops_cache: dict[tuple, dict[str, int]] = {}
     t_start = time.perf_counter()
 
@@ -248,6 +248,10 @@ def run(args) -> dict[str, Any]:
                 row: dict[str, Any] = dict(variant=name, label=spec["label"], res=res, batch=batch)
                 if spec["compile"] and (res, batch) not in compile_shapes:
                     continue  # compiled only where asked: each shape costs a compile
+                if args.max_seconds and time.perf_counter() - t_start > args.max_seconds:
+                    row.update(status="skipped", error=f"--max-seconds {args.max_seconds:g} reached")
+                    rows.append(row)
+                    continue
                 try:
                     loss_fn, desc = make_loss(spec["fused"], args.temperature, device)
                 except RuntimeError as error:
@@ -314,19 +318,30 @@ def run(args) -> dict[str, Any]:
             gc.collect()
             if on_gpu:
                 torch.cuda.empty_cache()
+            finish(args, rows, loss_desc, machine, device, backend, variants, res_list, batch_list,
+                   compile_shapes, time.perf_counter() - t_start, final=False)
 
+    return finish(args, rows, loss_desc, machine, device, backend, variants, res_list, batch_list,
+                  compile_shapes, time.perf_counter() - t_start, final=True)
+
+
+def finish(args, rows, loss_desc, machine, device, backend, variants, res_list, batch_list,
+           compile_shapes, wall_s: float, final: bool) -> dict[str, Any]:
+    """Ratios, headline and notes from the rows so far; writes the JSON (also after each shape,
+    so a run stopped by a timeout still leaves what it measured). Prints the table when final."""
     base = {(r["res"], r["batch"]): r["images_per_s"] for r in rows
             if r["variant"] == BASELINE and r.get("status") == "ok"}
     for r in rows:
         if r.get("status") == "ok" and (r["res"], r["batch"]) in base:
             r["ratio"] = r["images_per_s"] / base[(r["res"], r["batch"])]
 
-    # Headline: best of each variant at the smallest resolution and largest batch (the goal shape).
+    # Headline: each variant at the smallest resolution and largest batch (the goal shape).
     goal_res, goal_batch = min(res_list), max(batch_list)
     headline = [dict(label=f"step {r['variant']} {goal_res}px b{goal_batch}",
                      value=r["images_per_s"], unit="img/s", ratio=r.get("ratio"))
                 for r in rows if r.get("status") == "ok" and r["res"] == goal_res
                 and r["batch"] == goal_batch]
+    notes = []
     fast = [r for r in rows if r.get("status") == "ok" and r["variant"] != BASELINE
             and r["res"] == goal_res and r["batch"] == goal_batch]
     if fast:
@@ -335,18 +350,20 @@ def run(args) -> dict[str, Any]:
                      f"best here at {goal_res} px b{goal_batch}: {best['variant']} "
                      f"{best['images_per_s']:,.0f} img/s, {best.get('ratio', float('nan')):.2f}x")
     notes.append("loss: " + "; ".join(f"{k}: {v}" for k, v in loss_desc.items()))
-    notes.append(f"total wall time {time.perf_counter() - t_start:.0f} s")
+    notes.append(f"total wall time {wall_s:.0f} s" + ("" if final else " (partial: run still going)"))
 
-    columns = [("label", "variant"), ("res", "px"), ("batch", "batch"), ("images_per_s", "img/s"),
-               ("step_ms", "ms/step"), ("tflops", "TFLOP/s"), ("ratio", "x fp32"),
-               ("spread", "spread"), ("compile_s", "compile s"), ("status", "status")]
-    common.print_table(rows, columns, title=f"three-network step, {machine.get('gpu') or machine['cpu']}")
-    for n in notes:
-        print(n)
+    if final:
+        columns = [("label", "variant"), ("res", "px"), ("batch", "batch"), ("images_per_s", "img/s"),
+                   ("step_ms", "ms/step"), ("tflops", "TFLOP/s"), ("ratio", "x fp32"),
+                   ("spread", "spread"), ("compile_s", "compile s"), ("status", "status")]
+        common.print_table(rows, columns, title=f"three-network step, {machine.get('gpu') or machine['cpu']}")
+        for n in notes:
+            print(n)
     params = dict(device=device, res=res_list, batch=batch_list, variants=variants,
                   compile_backend=backend, compile_shapes=sorted(compile_shapes),
                   steps=args.steps, windows=args.windows, warmup=args.warmup,
-                  num_classes=args.num_classes, nets=list(NETS), temperature=args.temperature)
+                  num_classes=args.num_classes, nets=list(NETS), temperature=args.temperature,
+                  max_seconds=args.max_seconds, complete=final)
     return common.write_result(args.json, "step_throughput", rows, machine=machine, params=params,
                                headline=headline, notes=notes)
 
@@ -370,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="small: synthetic data, keep weights finite")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--json", default=None, help="write the result JSON here")
+    p.add_argument("--max-seconds", type=float, default=0,
+                   help="start no new measurement after this many seconds (0: no limit); the rest is "
+                        "recorded as skipped")
+    p.add_argument("--json", default=None, help="write the result JSON here (also after each shape)")
     return p
 
 
