@@ -5,8 +5,9 @@
     fastkd eval runs/uadkd/checkpoints/best-resnet18.pt --data DIR                 # arch from the name
     fastkd eval weights.pt --arch resnet50 --data DIR                              # any state_dict
 
-Resolution, backend and batch size default to the checkpoint's config (last.pt) or to 224 / ffcv
-/ 256; a 1000-way ImageNet state_dict is sliced to the manifest's classes like a teacher.
+Resolution, backend and batch size default to the run's config (inside last.pt, or the run's
+config.yaml next to checkpoints/best-<net>.pt), else to 224 / ffcv / 256. A 1000-way ImageNet
+state_dict is sliced to the manifest's classes like a teacher.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import yaml
 
 from fastkd.errors import FastKDError
 
@@ -48,7 +50,9 @@ def _networks(path: Path, arch: str | None, manifest: dict) -> tuple[dict, dict]
         stem = path.stem.removeprefix("best-")
         arch = stem.rsplit("-", 1)[0] if stem.rsplit("-", 1)[-1].isdigit() else stem
     state_from_file(obj, path, arch)  # validates it is a state_dict
-    return {arch: load_teacher(str(path), arch, manifest)}, {}
+    run_config = path.parent.parent / "config.yaml"  # RUN/checkpoints/best-<net>.pt -> RUN/config.yaml
+    config = yaml.safe_load(run_config.read_text()) if path.parent.name == "checkpoints" and run_config.is_file() else {}
+    return {arch: load_teacher(str(path), arch, manifest)}, config or {}
 
 
 def run(args: argparse.Namespace) -> int:

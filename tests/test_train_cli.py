@@ -88,8 +88,9 @@ def test_students_distil_and_resume(teacher_run, packed, tmp_path, capsys):
     assert "resnet18" in table and "mobilenet_v2" in table
     assert f"{final['resnet18']['top1']:.2f}" in table  # same numbers as the trainer's last eval
     assert cli.main(["eval", str(out / "checkpoints/best-mobilenet_v2.pt"), "--data", str(packed),
-                     "--backend", "torch", "--device", "cpu", "--resolution", "32"]) == 0
-    assert "mobilenet_v2" in capsys.readouterr().out  # arch read from the file name
+                     "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "mobilenet_v2" in table and "32 px" in table  # arch from the file name, settings from config.yaml
 
 
 def test_bad_teacher_file_is_named(packed, tmp_path, capsys):
