@@ -45,11 +45,13 @@ def relaunch(nproc: int, cli_args: list[str]) -> int:
         "--nproc_per_node", str(nproc), "-m", "fastkd.cli", *cli_args,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd)
+    interrupted = False
     while True:
         try:
-            return proc.wait()
+            code = proc.wait()
+            return 130 if interrupted else code
         except KeyboardInterrupt:  # torchrun got the same Ctrl-C: its ranks save and exit; wait
-            continue
+            interrupted = True
 
 
 def init(device_type: str) -> DistInfo:

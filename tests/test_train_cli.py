@@ -174,3 +174,28 @@ def test_eval_slices_imagenet_head_to_manifest_rows(packed, tmp_path, capsys):
             total += labels.numel()
     assert total == 360 and f"{100 * correct / total:.2f}" in table
     assert f"{ce / total:.4f}" in table  # the mean CE pins the rows down (top-1 alone may be flat)
+
+
+def test_ctrl_c_under_gpus_2_saves_agreed_checkpoint(packed, tmp_path):
+    """`fastkd train --gpus 2` (CPU ranks) hit by Ctrl-C: the ranks agree on a step, rank 0
+    saves last.pt with both ranks' RNG states, and the command exits 130."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastkd.cli", "train", "--gpus", "2", "--data", str(packed), *COMMON,
+           "--batch-size", "16", "--run.log_every", "4", "--method", "ce", "--students", "resnet18",
+           "--epochs", "2", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 130, output[-3000:]
+    ckpt = load_last(out / "checkpoints/last.pt")
+    assert ckpt["epoch"] == 0 and ckpt["step_in_epoch"] > 0 and len(ckpt["rng"]) == 2
+    assert ckpt["step_in_epoch"] % 4 == 0  # a log read, where the ranks agreed
