@@ -231,9 +231,12 @@ def write_chart(path: Path, summary: dict[str, Any]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    panels = [(name, [h for h in headline_of(rec.get("result") or {}) if isinstance(h.get("value"), (int, float))])
-              for name, rec in summary["benchmarks"].items()]
-    panels = [(n, h) for n, h in panels if h]
+    panels: dict[tuple[str, str], list] = {}  # one panel per benchmark and unit: no mixed axes
+    for name, rec in summary["benchmarks"].items():
+        for h in headline_of(rec.get("result") or {}):
+            if isinstance(h.get("value"), (int, float)):
+                panels.setdefault((name, str(h.get("unit"))), []).append(h)
+    panels = [(f"{name} ({unit})", heads) for (name, unit), heads in panels.items()]
     if not panels:
         return False
     m = summary["machine"]
@@ -245,8 +248,7 @@ def write_chart(path: Path, summary: dict[str, Any]) -> bool:
         bars = ax.barh(range(len(values)), values, color="tab:blue")
         ax.set_yticks(range(len(values)), labels, fontsize=8)
         ax.invert_yaxis()
-        units = sorted({str(h.get("unit")) for h in heads})
-        ax.set_title(f"{name} ({', '.join(units)})", fontsize=9, loc="left")
+        ax.set_title(name, fontsize=9, loc="left")
         for bar, value in zip(bars, values):
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:,.1f}",
                     va="center", fontsize=7)
