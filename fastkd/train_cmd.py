@@ -86,9 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, ckpt = resolve(args)
     if cfg.dist.gpus > 1 and not distributed.under_torchrun():
-        del ckpt  # each rank loads it
         with tempfile.TemporaryDirectory(prefix="fastkd-launch-") as tmp:
-            path = Path(tmp) / "config.yaml"
+            path = Path(tmp) / "config.yaml"  # every rank reads the config resolved here
             save_config(cfg, path)
             print(f"fastkd train: launching {cfg.dist.gpus} ranks (torch.distributed.run)", file=sys.stderr)
             return distributed.relaunch(cfg.dist.gpus, ["train", "--config", str(path)])
@@ -96,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastkd train: no checkpoint in {cfg.run.out}/checkpoints, starting fresh", file=sys.stderr)
     try:
         trainer = Trainer(cfg, resume=ckpt)
-        del ckpt
-        summary = trainer.fit()
+        trainer.fit()
     except Interrupted as stop:
         if stop.path is not None:
             print(f"fastkd train: stopped; resume with --resume {stop.path}", file=sys.stderr)
@@ -106,5 +104,4 @@ def run(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if trainer.is_main:
         print(f"fastkd train: run directory {cfg.run.out} (report.md, checkpoints/)")
-    del summary
     return 0
