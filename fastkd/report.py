@@ -377,14 +377,15 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         extra.append(f"{summary['images_per_s']:,.0f} img/s")
     if summary.get("wall_time_s") is not None:
         extra.append(f"wall {format_duration(summary['wall_time_s'])}")
-    table = Table(title=title, caption=" · ".join(extra) or None)
+    extra.append("val accuracy in %")
+    table = Table(title=title, caption=" · ".join(extra))
     table.add_column("network")
     table.add_column("arch")
     table.add_column("params", justify="right")
     table.add_column("compression", justify="right")
-    table.add_column("top-1 %", justify="right")
-    table.add_column("top-5 %", justify="right")
-    table.add_column("best top-1 %", justify="right")
+    table.add_column("top-1", justify="right")
+    table.add_column("top-5", justify="right")
+    table.add_column("best", justify="right")
     teacher = summary.get("teacher")
     if teacher:
         table.add_row(

@@ -239,9 +239,10 @@ def plot_reliability(evals: list[dict], method: str) -> bytes | None:
         conf = [rel["confidence"][b] for b in range(num_bins) if count[b]]
         ax.bar(lefts, acc, width=widths, align="edge", color=colors[name], edgecolor="black",
                linewidth=0.5, label="accuracy")
-        gaps = [c - a for a, c in zip(acc, conf)]
-        ax.bar(lefts, gaps, bottom=acc, width=widths, align="edge", color="C3", alpha=0.3,
-               hatch="//", edgecolor="C3", linewidth=0.5, label="gap to confidence")
+        # gap between accuracy and mean confidence: hatched outline, over- or under-confident
+        ax.bar(lefts, [abs(c - a) for a, c in zip(acc, conf)], bottom=[min(a, c) for a, c in zip(acc, conf)],
+               width=widths, align="edge", fill=False, hatch="//", edgecolor="C3", linewidth=0.8,
+               label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.3", label="perfect calibration")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
