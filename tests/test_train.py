@@ -245,3 +245,23 @@ def test_resume_takes_checkpoint_config_then_flags(tmp_path):
     assert ckpt is None and cfg.loss.method == "ce"
     with pytest.raises(FastKDError, match="nothing.pt"):
         resolve(["--resume", str(tmp_path / "nothing.pt")])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_step_under_autocast_on_cpu(tmp_path, amp):
+    """bf16 autocast, and fp16 with a GradScaler, on request (CPU twin of the GPU default)."""
+    trainer = make_trainer(tmp_path, **{"precision.amp": amp, "model.students": ["resnet18"]})
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    images, labels = next(iter(trainer.train_loader))
+    parts = trainer.step(images, labels)
+    assert torch.isfinite(parts["loss"]) and parts["loss"].dtype == torch.float32
+
+
+def test_compile_modes_checked(tmp_path):
+    from fastkd.errors import FastKDError
+
+    with pytest.raises(FastKDError, match="cudagraphs needs CUDA"):
+        make_trainer(tmp_path, **{"compile.mode": "cudagraphs"})
+    trainer = make_trainer(tmp_path, **{"compile.mode": "inductor", "model.students": ["resnet18"]})
+    assert type(trainer.students._forwards[0]).__name__ == "OptimizedModule"  # compiled lazily, not run here
+    assert list(trainer.students.state_dict())[0] == "nets.0.conv1.weight"  # torchvision keys kept
