@@ -306,6 +306,27 @@ def test_torch_crops_independent_of_workers(get_loader):
     assert torch.equal(i1, i2) and torch.equal(x1, x2)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_torch_batched_resize_matches_per_image(gradient, split):
+    """TorchLoader(batched_resize=True) (the CUDA default) vs the per-image resize (the CPU
+    default): same samples, crops and flips; pixels within 1 grey level (normalised < 0.02)."""
+    from fastkd.data.packed import shard_paths
+    from fastkd.data.torch_loader import TorchLoader
+
+    base = _loader(gradient, split, "torch")
+    assert base.batched_resize is False  # cpu default
+    shards = shard_paths(gradient["dir"], base.manifest, split)
+    batched = TorchLoader(base.spec, base.manifest, shards, batched_resize=True)
+    x0, y0, i0 = _pass(base)
+    x1, y1, i1 = _pass(batched)
+    assert torch.equal(i0, i1) and torch.equal(y0, y1)
+    assert x1.dtype == torch.float32 and x1.is_contiguous(memory_format=torch.channels_last)
+    d = (x1 - x0).abs()
+    assert d.mean() < 0.01 and d.max() < 0.02, (d.mean(), d.max())
+    batched.set_epoch(0)
+    assert torch.equal(_pass(batched)[0], x1)  # same seed and epoch: same pixels
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_set_resolution(get_loader, backend):
     loader = get_loader("val", backend)
@@ -498,3 +519,23 @@ def test_gpu_val_matches_cpu(gradient, backend):
         xs.append(x.float().cpu()), ys.append(y.cpu()), idx.append(i)
     assert torch.equal(torch.cat(idx), cpu[2]) and torch.equal(torch.cat(ys), cpu[1])
     assert (torch.cat(xs) - cpu[0]).abs().mean() < 0.03  # nvJPEG vs libjpeg-turbo, bf16 rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_gpu_torch_batched_resize(gradient, split):
+    """On CUDA the torch backend resizes batched by default; the per-image path stays available
+    and agrees (same decoder, same boxes: only the resize arithmetic differs, <= 1 level)."""
+    from fastkd.data.packed import shard_paths
+    from fastkd.data.torch_loader import TorchLoader
+
+    batched = build_loader(gradient["dir"], split, "torch", 8, RES, "cuda", "fp32", num_workers=2,
+                           return_indices=True)
+    assert batched.batched_resize is True
+    per_image = TorchLoader(batched.spec, batched.manifest, shard_paths(gradient["dir"], batched.manifest, split),
+                            batched_resize=False)
+    (xb, yb, ib), (xp, yp, ip) = _pass(batched), _pass(per_image)
+    assert torch.equal(ib, ip) and torch.equal(yb, yp)
+    assert xb.is_cuda and xb.is_contiguous(memory_format=torch.channels_last)
+    d = (xb - xp).abs()
+    assert d.mean() < 0.01 and d.max() < 0.02, (d.mean(), d.max())

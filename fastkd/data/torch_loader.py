@@ -7,10 +7,15 @@ as ffcv and folder).
 Decoding, by device:
 - cuda: DataLoader workers (`num_workers` processes) only read bytes; a background thread decodes
   each batch with one `torchvision.io.decode_jpeg(list, device="cuda")` call (nvJPEG, batched),
-  then crops/resizes/flips every image on the GPU and normalises, on a side CUDA stream, one batch
-  ahead of the training step.
-- cpu: the workers decode (libjpeg-turbo), crop and resize (uint8 antialiased bilinear) and
-  return a uint8 batch; normalisation happens in the main process.
+  then crops/resizes/flips the whole batch on the GPU (`transforms.crop_resize_batch`: a few
+  kernels per chunk of similar-size crops, not a few per image) and normalises, on a side CUDA
+  stream, one batch ahead of the training step.
+- cpu: the workers decode (libjpeg-turbo), crop and resize (uint8 antialiased bilinear, image by
+  image: faster on CPU than the batched matmuls) and return a uint8 batch; normalisation happens
+  in the main process.
+`batched_resize=` (TorchLoader option; default: True on cuda, False on cpu) picks
+`crop_resize_batch` or the per-image `crop_resize`; both give the same boxes and flips and pixel
+values within 1 level.
 
 Crops: transforms.py (torchvision's RandomResizedCrop algorithm; val centre square of
 0.875 * shorter side). Every random number comes from (seed, epoch, pack index), so the same
@@ -29,7 +34,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from fastkd.data.contract import Loader, LoaderSpec
 from fastkd.data.packed import ShardStore
 from fastkd.data.sharding import epoch_indices, num_batches, split_batches
-from fastkd.data.transforms import center_crop_box, crop_resize, train_params
+from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
 
 
 def _boxes(shapes, indices, seed: int, epoch: int, train: bool):
@@ -38,12 +43,23 @@ def _boxes(shapes, indices, seed: int, epoch: int, train: bool):
     return [(center_crop_box(h, w), False) for h, w in shapes]
 
 
+def augment(images: list, indices, seed: int, epoch: int, train: bool, resolution: int,
+            batched: bool) -> torch.Tensor:
+    """Decoded uint8 [3,H,W] images (one device) -> uint8 [B,3,r,r] channels_last: each sample's
+    crop and flip from (seed, epoch, pack index), resized batched or image by image."""
+    params = _boxes([im.shape[1:] for im in images], indices, seed, epoch, train)
+    if batched:
+        return crop_resize_batch(images, [b for b, _ in params], [f for _, f in params], resolution)
+    return torch.cat([crop_resize(im, box, resolution, flip) for im, (box, flip) in zip(images, params)])
+
+
 class _BatchReader(torch.utils.data.Dataset):
     """Item (epoch, resolution, indices) -> (uint8 [B,3,r,r] channels_last, or (JPEG bytes of the
     batch in one tensor, their sizes) when decoding happens on the GPU, labels, indices)."""
 
-    def __init__(self, store: ShardStore, seed: int, train: bool, decode: bool):
+    def __init__(self, store: ShardStore, seed: int, train: bool, decode: bool, batched: bool = False):
         self.store, self.seed, self.train, self.decode = store, seed, train, decode
+        self.batched = batched
 
     def __getitem__(self, item):
         epoch, resolution, indices = item
@@ -54,8 +70,7 @@ class _BatchReader(torch.utils.data.Dataset):
             return (buffer, [len(c) for c in chunks]), labels, indices
         data = [self.store.jpeg(i) for i in indices]
         images = decode_jpeg(data, mode=ImageReadMode.RGB)
-        boxes = _boxes([im.shape[1:] for im in images], indices, self.seed, epoch, self.train)
-        out = torch.cat([crop_resize(im, box, resolution, flip) for im, (box, flip) in zip(images, boxes)])
+        out = augment(images, indices, self.seed, epoch, self.train, resolution, self.batched)
         return out, labels, indices  # uint8 [B,3,r,r] channels_last
 
 
@@ -79,13 +94,16 @@ class _PassSampler:
 class TorchLoader(Loader):
     backend = "torch"
 
-    def __init__(self, spec: LoaderSpec, manifest: dict, shards: list, prefetch_factor: int = 2):
+    def __init__(self, spec: LoaderSpec, manifest: dict, shards: list, prefetch_factor: int = 2,
+                 batched_resize: bool | None = None):
         super().__init__(spec, manifest)
         self.store = ShardStore(shards, self.num_samples)
         self._gpu = spec.device.type == "cuda"
+        self.batched_resize = self._gpu if batched_resize is None else bool(batched_resize)
         workers = 0 if spec.num_workers <= 1 and not self._gpu else spec.num_workers
         self._sampler = _PassSampler()
-        self._reader = _BatchReader(self.store, spec.seed, spec.train, decode=not self._gpu)
+        self._reader = _BatchReader(self.store, spec.seed, spec.train, decode=not self._gpu,
+                                    batched=self.batched_resize)
         self._loader = torch.utils.data.DataLoader(
             self._reader, batch_size=None, sampler=self._sampler, num_workers=workers,
             persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers else None,
@@ -128,8 +146,7 @@ class TorchLoader(Loader):
                     for (buffer, sizes), labels, indices in raw:
                         data = list(torch.split(buffer, sizes))
                         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-                        boxes = _boxes([im.shape[1:] for im in images], indices, s.seed, epoch, s.train)
-                        batch = torch.cat([crop_resize(im, box, r, flip) for im, (box, flip) in zip(images, boxes)])
+                        batch = augment(images, indices, s.seed, epoch, s.train, r, self.batched_resize)
                         out = self.normalize(batch)
                         labels = labels.to(device, non_blocking=True)
                         done = torch.cuda.Event()
