@@ -7,8 +7,8 @@
 #
 # Stages, each under its own `timeout`, each recorded pass/fail/skip, a failure never stops the rest;
 # a stage that would start after BUDGET_S seconds (default 400) is skipped and every stage's timeout
-# is cut to end by BUDGET_S + 140 s, so the check ends within ~9 minutes whatever happens; expected
-# about 6-7 minutes on an H100 (an estimate: not yet run on one):
+# is cut to end by BUDGET_S + 120 s, so the check ends within ~9 minutes whatever happens; expected
+# about 7 minutes on an H100 (an estimate: not yet run on one). Order = priority:
 #   env      GPU (nvidia-smi), driver, torch/CUDA/cuDNN/Triton/torchvision, nvcc, ninja, cores
 #   install  make `fastkd` importable with no internet: `pip install --no-build-isolation --no-deps
 #            --no-index -e .` (setuptools maps preprocess/ -> fastkd.preprocess and kernels/ ->
@@ -16,14 +16,13 @@
 #   kernel   build the CUDA loss kernel (torch.utils.cpp_extension, first use) and compare the fused
 #            op with the reference on random bf16/fp32 logits (relative error printed)
 #   gputest  pytest -m gpu tests/
-#   step     benchmarks/step_throughput.py (4 variants x 160/192/224 px x batch 128/256; compiled
-#            variant at 160 px x 256 only)
-#   loss     benchmarks/loss_kernel.py
-#   data     a synthetic ImageNet-style folder of photo-sized JPEGs -> `fastkd pack --formats dali`
-#            (or DATA=carried/packed/dir to use a carried pack)
+#   loss     benchmarks/loss_kernel.py --device cuda
+#   data     16 x 384 synthetic photo-sized JPEGs -> `fastkd pack --formats dali` (or DATA=packed/dir)
 #   loader   benchmarks/loader_throughput.py, `torch` backend (nvJPEG decode on the GPU)
 #   e2e      benchmarks/e2e_throughput.py, `torch` backend vs synthetic data
-#   losstest pytest of the loss tests (CPU reference, op under compile; GPU tests too if marked)
+#   step     benchmarks/step_throughput.py (4 variants x 160/192/224 px x batch 128/256; compiled
+#            variant at 160 px x 256 only), given the time left up to HARD_S (at most 200 s)
+#   losstest pytest of the loss tests (CPU reference, op under compile; GPU ones too)
 # Last: benchmarks/run_all.py --collect merges the JSONs into results.{json,md,png}, then a short
 # table (stages + goals) is printed. Under $OUT (at most 8 files, none in sub-folders):
 #   gpu_check.log  this console output       summary.md   stage table + results.md
@@ -45,7 +44,7 @@ fi
 W=${WORK:-$(mktemp -d /tmp/fastkd-gpucheck.XXXXXX)}
 mkdir -p "$W/logs" "$W/json"
 BUDGET_S=${BUDGET_S:-400}      # no stage starts after this many seconds
-HARD_S=$(( BUDGET_S + 140 ))   # and none runs past this: the whole check ends within ~9 minutes
+HARD_S=$(( BUDGET_S + 120 ))   # and none runs past this: the whole check ends within ~9 minutes
 START=$(date +%s)
 STAGES="$W/stages.tsv"
 : > "$STAGES"
@@ -138,7 +137,19 @@ TAIL_LINES=40 stage env 60 any env_report
 
 # ------------------------------------------------------------------ install
 fastkd_importable() {
-  (cd / && "$PY" -c "import fastkd, fastkd.preprocess, fastkd.kernels, fastkd.data; print('fastkd importable from', fastkd.__file__)")
+  (cd / && "$PY" - <<'EOF'
+import importlib, sys
+bad = 0
+for name in ("fastkd", "fastkd.preprocess", "fastkd.kernels", "fastkd.losses", "fastkd.data", "fastkd.train"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name}: {mod.__file__}")
+    except Exception as error:  # report every module, not only the first failure
+        bad += 1
+        print(f"{name}: NOT importable: {type(error).__name__}: {error}")
+sys.exit(1 if bad else 0)
+EOF
+  )
 }
 make_shim() {
   mkdir -p "$W/shim"
@@ -212,27 +223,17 @@ print(f"fused op built and checked in {time.perf_counter() - t0:.1f} s")
 assert worst < 1e-4, f"fp32 fused vs reference relative error (loss or grad) {worst:.2e} >= 1e-4"
 EOF
 }
-stage kernel 240 cuda kernel_check
+stage kernel 180 cuda kernel_check
 
 # ------------------------------------------------------------------ gpu tests
 stage gputest 150 any "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider --continue-on-collection-errors
-
-# ------------------------------------------------------------------ step benchmark
-if [ "$MODE" = gpu ]; then
-  STEP_ARGS=(--windows 5 --steps 3 --warmup 2 --max-seconds 200)  # JSON written after each shape
-  STEP_T=260
-else
-  STEP_ARGS=(--res 32 --batch 4 --steps 1 --windows 2 --warmup 1 --variants fp32_nchw,bf16_cl,bf16_cl_fused)
-  STEP_T=300  # shared CPUs: tiny shapes can still take minutes
-fi
-stage step "$STEP_T" any "$PY" benchmarks/step_throughput.py "${STEP_ARGS[@]}" --json "$W/json/step.json"
 
 # ------------------------------------------------------------------ loss benchmark
 if [ -f benchmarks/loss_kernel.py ]; then
   if [ "$MODE" = gpu ]; then LOSS_ARGS=(--device cuda); else LOSS_ARGS=(--device cpu --warmup 1 --iters 3 --no-compile); fi
   # pass only flags the script accepts
   LOSS_ARGS=($( "$PY" benchmarks/run_all.py --filter-flags benchmarks/loss_kernel.py -- "${LOSS_ARGS[@]}" 2>/dev/null ))
-  stage loss 150 any "$PY" benchmarks/loss_kernel.py "${LOSS_ARGS[@]}" --json "$W/json/loss.json"
+  stage loss 120 any "$PY" benchmarks/loss_kernel.py "${LOSS_ARGS[@]}" --json "$W/json/loss.json"
 else
   printf 'loss\tskip\t0\tbenchmarks/loss_kernel.py missing\n' >> "$STAGES"
 fi
@@ -251,7 +252,7 @@ if [ -n "${DATA:-}" ]; then
   printf 'data\tpass\t0\tcarried %s\n' "$DATA" >> "$STAGES"
 else
   PACKED="$W/packed"
-  stage data 120 any make_data
+  stage data 90 any make_data
 fi
 
 # ------------------------------------------------------------------ loader benchmark (torch backend)
@@ -263,7 +264,7 @@ fi
 if [ -f benchmarks/loader_throughput.py ]; then
   LOADER_ARGS=($( "$PY" benchmarks/run_all.py --filter-flags benchmarks/loader_throughput.py -- \
                    --data "$PACKED" --backends torch "${LOADER_EXTRA[@]}" 2>/dev/null ))
-  stage loader 120 any "$PY" benchmarks/loader_throughput.py "${LOADER_ARGS[@]}" --json "$W/json/loader.json"
+  stage loader 90 any "$PY" benchmarks/loader_throughput.py "${LOADER_ARGS[@]}" --json "$W/json/loader.json"
 else
   printf 'loader\tskip\t0\tbenchmarks/loader_throughput.py missing\n' >> "$STAGES"
 fi
@@ -272,6 +273,21 @@ fi
 if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 40 --warmup 5); else E2E_ARGS=(--res 32 --batch 4 --steps 2 --warmup 1); fi
 stage e2e 120 any "$PY" benchmarks/e2e_throughput.py --data "$PACKED" --backends torch "${E2E_ARGS[@]}" \
   --json "$W/json/e2e.json"
+
+# ------------------------------------------------------------------ step benchmark
+# Last of the benchmarks, with whatever time is left (at most 200 s of measuring): it writes its JSON
+# after each shape and starts no new measurement after --max-seconds, so it always reports something.
+STEP_MAX=$(( HARD_S - $(elapsed) - 45 ))
+[ "$STEP_MAX" -gt 200 ] && STEP_MAX=200
+[ "$STEP_MAX" -lt 30 ] && STEP_MAX=30
+if [ "$MODE" = gpu ]; then
+  STEP_ARGS=(--windows 5 --steps 3 --warmup 2 --max-seconds "$STEP_MAX")
+  STEP_T=270
+else
+  STEP_ARGS=(--res 32 --batch 4 --steps 1 --windows 2 --warmup 1 --variants fp32_nchw,bf16_cl,bf16_cl_fused)
+  STEP_T=300  # shared CPUs: tiny shapes can still take minutes
+fi
+stage step "$STEP_T" any "$PY" benchmarks/step_throughput.py "${STEP_ARGS[@]}" --json "$W/json/step.json"
 
 # ------------------------------------------------------------------ loss tests (CPU + GPU)
 LOSS_TESTS=$(ls tests/test_loss*.py tests/test_kernel*.py 2>/dev/null | tr '\n' ' ')
