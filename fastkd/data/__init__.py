@@ -41,7 +41,7 @@ _OPTIONS = {
     "ffcv": {"os_cache", "order", "batches_ahead"},
     "dali": {"shuffle", "initial_fill", "hw_decoder_load", "device_memory_padding", "host_memory_padding",
              "prefetch_queue_depth"},
-    "torch": {"prefetch_factor"},
+    "torch": {"prefetch_factor", "batched_resize"},
     "folder": {"source"},
 }
 
