@@ -232,7 +232,8 @@ stage gputest 150 any "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider --
 if [ -f benchmarks/loss_kernel.py ]; then
   if [ "$MODE" = gpu ]; then LOSS_ARGS=(--device cuda); else LOSS_ARGS=(--device cpu --warmup 1 --iters 3 --no-compile); fi
   # pass only flags the script accepts
-  LOSS_ARGS=($( "$PY" benchmarks/run_all.py --filter-flags benchmarks/loss_kernel.py -- "${LOSS_ARGS[@]}" 2>/dev/null ))
+  FILTERED=($( "$PY" benchmarks/run_all.py --filter-flags benchmarks/loss_kernel.py -- "${LOSS_ARGS[@]}" 2>/dev/null ))
+  [ ${#FILTERED[@]} -gt 0 ] && LOSS_ARGS=("${FILTERED[@]}")  # filtering failed: keep the flags as they are
   stage loss 120 any "$PY" benchmarks/loss_kernel.py "${LOSS_ARGS[@]}" --json "$W/json/loss.json"
 else
   printf 'loss\tskip\t0\tbenchmarks/loss_kernel.py missing\n' >> "$STAGES"
@@ -264,6 +265,7 @@ fi
 if [ -f benchmarks/loader_throughput.py ]; then
   LOADER_ARGS=($( "$PY" benchmarks/run_all.py --filter-flags benchmarks/loader_throughput.py -- \
                    --data "$PACKED" --backends torch "${LOADER_EXTRA[@]}" 2>/dev/null ))
+  [ ${#LOADER_ARGS[@]} -gt 0 ] || LOADER_ARGS=(--data "$PACKED" --backends torch "${LOADER_EXTRA[@]}")
   stage loader 90 any "$PY" benchmarks/loader_throughput.py "${LOADER_ARGS[@]}" --json "$W/json/loader.json"
 else
   printf 'loader\tskip\t0\tbenchmarks/loader_throughput.py missing\n' >> "$STAGES"
