@@ -348,7 +348,8 @@ def finish(args, rows, loss_desc, machine, device, backend, variants, res_list, 
         best = max(fast, key=lambda r: r["images_per_s"])
         notes.append(f"goal (H100): >= 6,000 img/s at 160 px bf16 channels_last and >= 4x fp32 NCHW; "
                      f"best here at {goal_res} px b{goal_batch}: {best['variant']} "
-                     f"{best['images_per_s']:,.0f} img/s, {best.get('ratio', float('nan')):.2f}x")
+                     f"{best['images_per_s']:,.0f} img/s, "
+                     + (f"{best['ratio']:.2f}x" if best.get("ratio") is not None else "no fp32 baseline in this run"))
     notes.append("loss: " + "; ".join(f"{k}: {v}" for k, v in loss_desc.items()))
     notes.append(f"total wall time {wall_s:.0f} s" + ("" if final else " (partial: run still going)"))
 
