@@ -149,14 +149,14 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     console.print()
     console.print(summary_table(report))
-    console.print(
-        f"teacher {t_name} trained with ce: val top-1 {t_net['top1']:.2f} % in "
+    # plain prints: paths stay on one line (copy-pasteable), whatever the terminal width
+    print(
+        f"teacher {t_name} trained with ce: val top-1 {t_net.get('top1') or float('nan'):.2f} % in "
         f"{format_duration(teacher_run.get('wall_time_s'))}; students ({report['method']}) in "
         f"{format_duration(report.get('wall_time_s'))}; whole quickstart "
-        f"{format_duration(report['pipeline_wall_time_s'])}",
-        highlight=False,
+        f"{format_duration(report['pipeline_wall_time_s'])}"
     )
     out = Path(args.out)
-    console.print(f"run directory: {out / 'students'} (report.md, plots/, checkpoints/); "
-                  f"teacher: {out / 'teacher'}", highlight=False)
+    print(f"run directory: {out / 'students'} (report.md, plots/, checkpoints/)")
+    print(f"teacher run: {out / 'teacher'}")
     return 0
