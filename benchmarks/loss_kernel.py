@@ -20,7 +20,12 @@ Each is warmed up (`--warmup` runs, which include compilation and the extension 
 timed `--iters` times, the three taking turns run by run (so a busy spell of a shared machine
 hits all three alike); the median is printed with the speed-up over eager (eager / impl).
 CPU: time.perf_counter around each run, with torch's intra-op threads as printed. GPU: CUDA
-events around each run (the interval includes launch gaps, i.e. what a training step pays).
+events around each run (the interval includes launch gaps, i.e. what an eager training step
+pays: at these sizes that is host-side launch and dispatch time, not GPU work). GPU also gets
+`eager-graph` and `fused-graph` rows: the same forward + backward captured once in a CUDA graph
+and replayed (`--graph-replays` replays between two events, median over windows), which
+removes the host side and measures the device time alone, i.e. what a step compiled with
+`--compile cudagraphs` pays; their speed-up is over `eager-graph`.
 Goals (issue 4): fused >= 5x eager on GPU at B=256, C=100; fused not slower than eager on CPU.
 `--json PATH` writes the shared benchmark schema (see benchmarks/common.py: benchmark, schema,
 command, machine, params, rows, headline, notes); rows carry device, B, C, dtype, impl,
@@ -101,7 +106,39 @@ def time_interleaved(fns: dict, device: str, warmup: int, iters: int) -> dict[st
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_shape(device, B, C, dtype, warmup, iters, compiled):
+def capture_graph(step, warmup: int = 3):
+    """step() (forward + backward) captured in a CUDA graph; returns its replay function."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture requires
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def time_graphs(replays: dict, windows: int, per_window: int) -> dict[str, float]:
+    """Median milliseconds of one replay: `per_window` replays between two CUDA events, taking turns."""
+    for replay in replays.values():
+        replay()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in replays}
+    for _ in range(windows):
+        for name, replay in replays.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(per_window):
+                replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / per_window)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_shape(device, B, C, dtype, warmup, iters, compiled, graph_replays=0):
     g = torch.Generator().manual_seed(0)
     teacher, a, b = (torch.randn(B, C, generator=g).mul(3).to(device, dtype) for _ in range(3))
     a.requires_grad_(True)
@@ -128,6 +165,17 @@ def bench_shape(device, B, C, dtype, warmup, iters, compiled):
     eager_ms = rows[0]["median_ms"]
     for r in rows:
         r["speedup"] = eager_ms / r["median_ms"]
+    if device == "cuda" and graph_replays > 0:
+        try:
+            replays = {f"{name}-graph": capture_graph(run(impls[name])) for name in ("eager", "fused")}
+        except RuntimeError as error:  # a host sync in an implementation cannot be captured
+            print(f"CUDA-graph rows skipped at B={B} C={C}: {error}", flush=True)
+            return rows
+        graph_ms = time_graphs(replays, windows=max(iters // 10, 5), per_window=graph_replays)
+        for name, ms in graph_ms.items():
+            rows.append({"device": device, "B": B, "C": C, "dtype": str(dtype).removeprefix("torch."), "impl": name,
+                         "median_ms": ms, "warmup": 3, "iters": max(iters // 10, 5) * graph_replays,
+                         "speedup": graph_ms["eager-graph"] / ms})
     return rows
 
 
@@ -164,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="smoke run: B,C in (256,100),(1024,1000), 2 warm-up + 5 timed runs, no compile on CPU")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op CPU threads (default: torch's); 1 is steadier on shared cores")
+    parser.add_argument("--graph-replays", type=int, default=20,
+                        help="GPU: replays per timed window of the CUDA-graph rows (0: no graph rows)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -198,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup = args.warmup if args.warmup is not None else default_warmup
         iters = args.iters if args.iters is not None else default_iters
         for B, C in shapes:
-            new = bench_shape(device, B, C, dtype, warmup, iters, compiled)
+            new = bench_shape(device, B, C, dtype, warmup, iters, compiled, args.graph_replays)
             rows += new
             for r in new:
                 print(f"{r['device']:5s} B={r['B']:5d} C={r['C']:5d} {r['impl']:9s} {r['median_ms']:9.3f} ms "
@@ -215,9 +265,22 @@ def main(argv: list[str] | None = None) -> int:
             comp_s = f"{comp['median_ms']:.3f} ({comp['speedup']:.2f}x)" if comp else "skipped"
             print(f"| {device} | {B} | {C} | {by['eager']['median_ms']:.3f} | {comp_s} | "
                   f"{by['fused']['median_ms']:.3f} ({by['fused']['speedup']:.2f}x) |")
+    graph_rows = [r for r in rows if r["impl"].endswith("-graph")]
+    if graph_rows:
+        print()
+        print("device time alone (CUDA graph replay)")
+        print("| device | B | C | eager-graph ms | fused-graph ms (x eager-graph) |")
+        print("|---|---|---|---|---|")
+        for B, C in shapes:
+            by = {r["impl"]: r for r in graph_rows if (r["B"], r["C"]) == (B, C)}
+            print(f"| cuda | {B} | {C} | {by['eager-graph']['median_ms']:.4f} | "
+                  f"{by['fused-graph']['median_ms']:.4f} ({by['fused-graph']['speedup']:.2f}x) |")
     if args.json is not None:
         headline = [{"label": f"fused loss vs eager, {r['device']} B={r['B']} C={r['C']}", "value": r["speedup"],
                      "unit": "x"} for r in rows if r["impl"] == "fused" and (r["B"], r["C"]) == (256, 100)]
+        headline += [{"label": f"fused loss vs eager, device time (CUDA graph), B={r['B']} C={r['C']}",
+                      "value": r["speedup"], "unit": "x"}
+                     for r in rows if r["impl"] == "fused-graph" and (r["B"], r["C"]) == (256, 100)]
         payload = {
             "benchmark": "loss_kernel",
             "schema": 1,
