@@ -168,3 +168,17 @@ class Loader:
         return (f"<{type(self).__name__} {s.data_dir} split={s.split} batches={len(self)} "
                 f"batch_size={s.batch_size} r={self.resolution} rank={s.rank}/{s.world_size} "
                 f"device={s.device} dtype={s.dtype}>")
+
+
+class PassSampler:
+    """A batch sampler holding the batches of the current pass; `Loader`s that use a torch
+    DataLoader refill `items` each pass, and persistent workers re-read it every pass."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)

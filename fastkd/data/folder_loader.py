@@ -18,7 +18,8 @@ import torch
 from torchvision import datasets
 from torchvision import transforms as T
 
-from fastkd.data.contract import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO, Loader, LoaderSpec
+from fastkd.data.contract import (FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO, Loader, LoaderSpec,
+                                   PassSampler)
 from fastkd.data.sharding import derive_seed, epoch_indices, num_batches, split_batches
 from fastkd.errors import FastKDError
 
@@ -40,17 +41,6 @@ class ManifestImageFolder(datasets.ImageFolder):
         if missing:
             raise FastKDError(f"{directory}: no folder for class(es) {missing[:5]} of the manifest")
         return list(self._wnids), {w: i for i, w in enumerate(self._wnids)}
-
-
-class _Sampler:
-    def __init__(self):
-        self.batches: list = []
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -83,7 +73,7 @@ class FolderLoader(Loader):
         if len(self.folder) != self.num_samples:
             raise FastKDError(f"folder backend: {root} has {len(self.folder)} usable images of the manifest's "
                               f"classes, the manifest says {self.num_samples}: the source changed since packing")
-        self._sampler = _Sampler()
+        self._sampler = PassSampler()
         self._generator = torch.Generator()
         self._loader = torch.utils.data.DataLoader(
             _Indexed(self.folder), batch_sampler=self._sampler, num_workers=spec.num_workers,
@@ -98,7 +88,7 @@ class FolderLoader(Loader):
         epoch = self._start_pass()
         self._transform.resolution = self.resolution  # workers start per pass and copy it
         order = epoch_indices(self.num_samples, s.train, s.seed, epoch, s.rank, s.world_size, s.drop_last)
-        self._sampler.batches = [b.tolist() for b in split_batches(order, s.batch_size, s.drop_last)]
+        self._sampler.items = [b.tolist() for b in split_batches(order, s.batch_size, s.drop_last)]
         self._generator.manual_seed(derive_seed(s.seed, epoch, s.rank, 3))  # worker seeds
         for images, labels, indices in self._loader:
             images = images.to(s.device, non_blocking=True)

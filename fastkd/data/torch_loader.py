@@ -31,7 +31,7 @@ import threading
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fastkd.data.contract import Loader, LoaderSpec
+from fastkd.data.contract import Loader, LoaderSpec, PassSampler
 from fastkd.data.packed import ShardStore
 from fastkd.data.sharding import epoch_indices, num_batches, split_batches
 from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
@@ -78,19 +78,6 @@ def _identity(batch):
     return batch
 
 
-class _PassSampler:
-    """The batches of the current pass; re-read by persistent DataLoader workers every pass."""
-
-    def __init__(self):
-        self.items: list = []
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self):
-        return len(self.items)
-
-
 class TorchLoader(Loader):
     backend = "torch"
 
@@ -101,7 +88,7 @@ class TorchLoader(Loader):
         self._gpu = spec.device.type == "cuda"
         self.batched_resize = self._gpu if batched_resize is None else bool(batched_resize)
         workers = 0 if spec.num_workers <= 1 and not self._gpu else spec.num_workers
-        self._sampler = _PassSampler()
+        self._sampler = PassSampler()
         self._reader = _BatchReader(self.store, spec.seed, spec.train, decode=not self._gpu,
                                     batched=self.batched_resize)
         self._loader = torch.utils.data.DataLoader(
