@@ -5,7 +5,7 @@
 
 Data and teacher come from the quickstart's steps 1-3 (`fastkd.quickstart.prepare`: demo folder,
 pack, ResNet-18 teacher trained with `ce`; reused when OUT already holds them). Then, with the
-quickstart student config (fastkd/configs/quickstart.yaml: ResNet-18 + MobileNetV2, 32 px) and
+quickstart student config (fastkd/configs/quickstart.yaml: ResNet-18 + MobileNetV2, 48 px) and
 only `--method` changed, one `fastkd train` run per method into OUT/<method>/:
 
     ce    cross-entropy only, no teacher          dml   students teach each other, no teacher
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine_info("cpu" if "cpu" in str(teacher_report.get("device", "cpu")) else "cuda")
     notes = [
         teacher_line,
-        "Students: ResNet-18 + MobileNetV2 from fastkd/configs/quickstart.yaml (32 px), only --method changed.",
+        "Students: ResNet-18 + MobileNetV2 from fastkd/configs/quickstart.yaml (48 px, 8 epochs), only --method changed.",
         "Digits demo: 1437 train / 360 val images, 10 classes; a small-data sanity table, not the "
         "paper's ImageNet-100 claim.",
         f"Total wall time {time.perf_counter() - start:.0f} s on {machine.get('cpu', 'this machine')}.",
