@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from fastkd.data.sharding import epoch_indices, num_batches
 from fastkd.errors import FastKDError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,8 +158,15 @@ class Loader:
             return images, labels, torch.as_tensor(np.asarray(indices), dtype=torch.int64)
         return images, labels
 
-    def __len__(self) -> int:  # batches per pass on this rank
-        raise NotImplementedError
+    def __len__(self) -> int:
+        """Batches per pass on this rank, under the shared sharding rule (fastkd.data.sharding)."""
+        s = self.spec
+        return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
+
+    def _pass_order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for one pass: the (seed, epoch) permutation when training."""
+        s = self.spec
+        return epoch_indices(self.num_samples, s.train, s.seed, epoch, s.rank, s.world_size, s.drop_last)
 
     def __iter__(self) -> Iterator[Any]:
         raise NotImplementedError

@@ -42,7 +42,7 @@ import torch
 from fastkd.data.contract import (FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO, TRAIN_SCALE,
                                   VAL_CROP_RATIO, Loader, LoaderSpec)
 from fastkd.data.packed import ShardStore
-from fastkd.data.sharding import derive_seed, epoch_indices, num_batches, split_batches
+from fastkd.data.sharding import derive_seed, split_batches
 from fastkd.errors import FastKDError
 
 _LABEL_BYTES = 12  # .cls holds an ASCII decimal label; padded to this many bytes for a dense batch
@@ -95,7 +95,7 @@ class DALILoader(Loader):
     def __len__(self) -> int:
         s = self.spec
         if self.shuffle == "global":
-            return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
+            return super().__len__()
         if s.drop_last:
             return (self.num_samples // s.world_size) // s.batch_size
         return -(-self.part_size // s.batch_size)
@@ -171,7 +171,7 @@ class DALILoader(Loader):
     def _external(self, epoch: int):
         """Batches of (JPEG bytes, pack index) in sharding.py order, for fn.external_source."""
         s = self.spec
-        order = epoch_indices(self.num_samples, s.train, s.seed, epoch, s.rank, s.world_size, s.drop_last)
+        order = self._pass_order(epoch)
         for batch in split_batches(order, s.batch_size, s.drop_last):
             yield ([np.frombuffer(self.store.jpeg_bytes(i), np.uint8) for i in batch],
                    [np.array([i], np.int64) for i in batch])

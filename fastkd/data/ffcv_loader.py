@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastkd.data.contract import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO, Loader, LoaderSpec
-from fastkd.data.sharding import epoch_indices, num_batches
+from fastkd.data.sharding import epoch_indices
 from fastkd.errors import FastKDError
 
 ORDERS = ("random", "sequential", "quasi_random")
@@ -116,10 +116,9 @@ class FFCVLoader(Loader):
         self._built_resolution = r
 
     def __len__(self) -> int:
-        s = self.spec
         if self.order == "quasi_random":
             return len(self._loader)
-        return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
+        return super().__len__()
 
     def _sync_resolution(self) -> None:
         if self.resolution != self._built_resolution:

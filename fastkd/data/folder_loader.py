@@ -20,7 +20,7 @@ from torchvision import transforms as T
 
 from fastkd.data.contract import (FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO, Loader, LoaderSpec,
                                    PassSampler)
-from fastkd.data.sharding import derive_seed, epoch_indices, num_batches, split_batches
+from fastkd.data.sharding import derive_seed, split_batches
 from fastkd.errors import FastKDError
 
 
@@ -79,15 +79,11 @@ class FolderLoader(Loader):
             _Indexed(self.folder), batch_sampler=self._sampler, num_workers=spec.num_workers,
             generator=self._generator, pin_memory=spec.device.type == "cuda")
 
-    def __len__(self) -> int:
-        s = self.spec
-        return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
-
     def __iter__(self):
         s = self.spec
         epoch = self._start_pass()
         self._transform.resolution = self.resolution  # workers start per pass and copy it
-        order = epoch_indices(self.num_samples, s.train, s.seed, epoch, s.rank, s.world_size, s.drop_last)
+        order = self._pass_order(epoch)
         self._sampler.items = [b.tolist() for b in split_batches(order, s.batch_size, s.drop_last)]
         self._generator.manual_seed(derive_seed(s.seed, epoch, s.rank, 3))  # worker seeds
         for images, labels, indices in self._loader:

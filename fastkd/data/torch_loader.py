@@ -33,7 +33,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from fastkd.data.contract import Loader, LoaderSpec, PassSampler
 from fastkd.data.packed import ShardStore
-from fastkd.data.sharding import epoch_indices, num_batches, split_batches
+from fastkd.data.sharding import split_batches
 from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
 
 
@@ -96,14 +96,10 @@ class TorchLoader(Loader):
             persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers else None,
             collate_fn=_identity)
 
-    def __len__(self) -> int:
-        s = self.spec
-        return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
-
     def __iter__(self):
         s = self.spec
         epoch = self._start_pass()
-        order = epoch_indices(self.num_samples, s.train, s.seed, epoch, s.rank, s.world_size, s.drop_last)
+        order = self._pass_order(epoch)
         self._sampler.items = [(epoch, self.resolution, b) for b in split_batches(order, s.batch_size, s.drop_last)]
         if self._gpu:
             yield from self._gpu_batches(iter(self._loader), epoch)
