@@ -35,12 +35,6 @@ median_ms and speedup (eager / impl).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
-import shlex
-import socket
-import os
 import statistics
 import sys
 import time
@@ -49,6 +43,9 @@ from pathlib import Path
 import torch
 
 from fastkd.losses import LossConfig, distillation_loss, reference_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py: machine description, result JSON)
 
 SHAPES = [(256, 100), (256, 1000), (1024, 100), (1024, 1000)]
 QUICK_SHAPES = [(256, 100), (1024, 1000)]
@@ -67,15 +64,6 @@ def has_triton() -> bool:
             return True
         except ImportError:
             return False
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:  # any import failure means no usable Triton
-        return None
 
 
 def time_interleaved(fns: dict, device: str, warmup: int, iters: int) -> dict[str, float]:
@@ -179,27 +167,6 @@ def bench_shape(device, B, C, dtype, warmup, iters, compiled, graph_replays=0):
     return rows
 
 
-def machine(devices: list[str]) -> dict:
-    info = {
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda_build": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if "cuda" in devices else None,
-        "triton": _triton_version(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
@@ -227,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         devices.remove("cuda")
     dtype = DTYPES[args.dtype]
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    info = machine(devices)
+    info = common.machine_info("cuda" if "cuda" in devices else "cpu")
     print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     notes, rows = [], []
     for device in devices:
@@ -256,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print("note:", note)
     print()
-    print(f"| device | B | C | eager ms | compiled ms (x eager) | fused ms (x eager) |")
+    print("| device | B | C | eager ms | compiled ms (x eager) | fused ms (x eager) |")
     print("|---|---|---|---|---|---|")
     for device in devices:
         for B, C in shapes:
@@ -281,19 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         headline += [{"label": f"fused loss vs eager, device time (CUDA graph), B={r['B']} C={r['C']}",
                       "value": r["speedup"], "unit": "x"}
                      for r in rows if r["impl"] == "fused-graph" and (r["B"], r["C"]) == (256, 100)]
-        payload = {
-            "benchmark": "loss_kernel",
-            "schema": 1,
-            "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-            "machine": info,
-            "params": {"method": "uadkd", "dtype": args.dtype, "shapes": shapes, "devices": devices,
-                       "quick": args.quick, "compile": not args.no_compile},
-            "rows": rows,
-            "headline": headline,
-            "notes": notes,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        common.write_result(args.json, "loss_kernel", rows, machine=info, headline=headline, notes=notes,
+                            params={"method": "uadkd", "dtype": args.dtype, "shapes": shapes, "devices": devices,
+                                    "quick": args.quick, "compile": not args.no_compile})
         print(f"wrote {args.json}")
     return 0
 
