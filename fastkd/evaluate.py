@@ -22,13 +22,14 @@ one transfer to the host, so every rank returns the metrics of the whole (sharde
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fastkd.losses import confidence_weight  # w(x), the same function the loss weights by
 
 TEACHER = "teacher"
 TEACHER_W = "teacher_w"
@@ -46,16 +47,6 @@ def _bin_index_right(values: Tensor, num_bins: int) -> Tensor:
 def _bin_index_left(values: Tensor, num_bins: int) -> Tensor:
     """Equal-width bins [lo, hi) over [0, 1], the last one closed (numpy.histogram's convention)."""
     return torch.floor(values * num_bins).long().clamp_(0, num_bins - 1)
-
-
-def teacher_weight(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """w(x) = 1 - H(softmax(t/T)) / log C per sample, in fp32: [B, C] -> [B]."""
-    num_classes = teacher_logits.shape[-1]
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1)
-    if num_classes < 2:
-        return torch.ones_like(entropy)
-    return (1.0 - entropy / math.log(num_classes)).clamp_(0.0, 1.0)
 
 
 class _NetAccumulator:
@@ -172,7 +163,7 @@ def evaluate(
             for name, out in logits.items():
                 acc[name].add(out, labels)
             if teacher is not None:
-                w = teacher_weight(logits[TEACHER], w_temperature)
+                w = confidence_weight(logits[TEACHER], w_temperature)
                 w_sums[0] += w.numel()
                 w_sums[1] += w.sum().double()
                 w_sums[2:] += torch.bincount(_bin_index_left(w, num_bins), minlength=num_bins).double()

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fastkd.evaluate import evaluate, teacher_weight
+from fastkd.evaluate import evaluate
+from fastkd.losses import confidence_weight as teacher_weight
 
 # Four samples, six classes. Student probabilities chosen away from bin edges:
 #   s0 conf .88 right | s1 conf .62 wrong (label in top-5) | s2 conf .32 wrong (label last) | s3 conf .66 right
