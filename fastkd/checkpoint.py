@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -26,25 +25,15 @@ import torch
 from torch import nn
 
 import fastkd
+from fastkd.atomic import atomic_write
 from fastkd.models import CHECKPOINT_FORMAT, load_file
 
 FORMAT_VERSION = 1
 
 
 def save_atomic(obj, path: str | Path) -> None:
-    """torch.save to `path.tmp-<pid>`, fsync, then os.replace onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save to a temporary name beside `path`, fsync, then rename onto `path`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def plain_state_dict(model: nn.Module) -> dict:

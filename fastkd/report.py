@@ -34,7 +34,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -53,6 +52,7 @@ from rich.progress import (
 from rich.table import Table
 
 import fastkd
+from fastkd.atomic import atomic_write_bytes
 
 PLOT_NAMES = ("loss", "accuracy", "w_hist", "reliability")
 
@@ -82,22 +82,6 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return list(value)
     return str(value)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from fastkd.atomic import atomic_write_bytes
 from fastkd.errors import FastKDError
 
 FORMAT = "fastkd-pack"
@@ -39,16 +39,9 @@ def file_entry(root: Path, path: Path, size: int | None = None, sha256: str | No
 
 
 def write_manifest(root: Path, manifest: dict) -> Path:
-    """Write atomically: a temporary name, fsync, then rename over manifest.json."""
-    path = Path(root) / MANIFEST_NAME
-    tmp = path.with_name(MANIFEST_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
+    """Write atomically (temporary name, fsync, rename): its presence means a complete pack."""
+    text = json.dumps(manifest, indent=1) + "\n"
+    return atomic_write_bytes(Path(root) / MANIFEST_NAME, text.encode("utf-8"))
 
 
 def load_manifest(root) -> dict:
