@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from fastkd.data import available_backends, build_loader
-from fastkd.data.contract import IMAGENET_MEAN, IMAGENET_STD
+from fastkd.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from fastkd.data.sharding import epoch_indices, num_batches
 from fastkd.errors import FastKDError
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd.data.contract import IMAGENET_STD
+from fastkd.data.spec import IMAGENET_STD
 from fastkd.data.transforms import (aa_weights, center_crop_box, crop_resize, crop_resize_batch,
                                     train_params)
 

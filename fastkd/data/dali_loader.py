@@ -39,8 +39,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastkd.data.contract import (FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO, TRAIN_SCALE,
-                                  VAL_CROP_RATIO, Loader, LoaderSpec)
+from fastkd.data.contract import Loader, LoaderSpec
+from fastkd.data.spec import FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO
 from fastkd.data.packed import ShardStore
 from fastkd.data.sharding import derive_seed, split_batches
 from fastkd.errors import FastKDError

@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastkd.data.contract import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO, Loader, LoaderSpec
+from fastkd.data.contract import Loader, LoaderSpec
+from fastkd.data.spec import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO
 from fastkd.data.sharding import epoch_indices
 from fastkd.errors import FastKDError
 

@@ -18,8 +18,8 @@ import torch
 from torchvision import datasets
 from torchvision import transforms as T
 
-from fastkd.data.contract import (FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO, Loader, LoaderSpec,
-                                   PassSampler)
+from fastkd.data.contract import Loader, LoaderSpec, PassSampler
+from fastkd.data.spec import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO
 from fastkd.data.sharding import derive_seed, split_batches
 from fastkd.errors import FastKDError
 

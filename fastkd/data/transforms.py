@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from fastkd.data.contract import FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO
+from fastkd.data.spec import FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO
 
 Box = tuple[int, int, int, int]
 
