@@ -2,12 +2,14 @@
 
     fastkd eval runs/uadkd/checkpoints/last.pt --data data/imagenet100-packed      # every student
     fastkd eval runs/uadkd --data data/imagenet100-packed                          # same (run dir)
+    fastkd eval runs/uadkd --arch resnet18 --data DIR                              # its best-resnet18.pt
     fastkd eval runs/uadkd/checkpoints/best-resnet18.pt --data DIR                 # arch from the name
     fastkd eval weights.pt --arch resnet50 --data DIR                              # any state_dict
 
 Resolution, backend and batch size default to the run's config (inside last.pt, or the run's
 config.yaml next to checkpoints/best-<net>.pt), else to 224 / ffcv / 256. A 1000-way ImageNet
-state_dict is sliced to the manifest's classes like a teacher.
+state_dict is sliced to the manifest's classes like a teacher. A checkpoint whose classes are
+recorded (last.pt, or best-<net>.pt beside one) is refused on data with other classes.
 """
 
 from __future__ import annotations
@@ -27,24 +29,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, choices=["ffcv", "dali", "torch", "folder"])
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None, help="val resolution (px)")
-    parser.add_argument("--arch", default=None, help="architecture of a plain state_dict")
+    parser.add_argument("--arch", default=None, help="architecture of a plain state_dict; with a run directory, evaluate its best-<arch>.pt")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--num-workers", type=int, default=None)
 
 
-def _networks(path: Path, arch: str | None, manifest: dict) -> tuple[dict, dict]:
-    """(name -> model, config dict or {}) for the file at `path`."""
-    from fastkd.models import CHECKPOINT_FORMAT, build_model, load_file, load_teacher, state_from_file
+def resolve_device(name: str) -> torch.device:
+    """--device auto/cpu/cuda/cuda:N; FastKDError naming `--device` when CUDA is asked for and absent."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FastKDError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastKDError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise FastKDError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def load_networks(path: Path, arch: str | None, manifest: dict) -> tuple[dict, dict]:
+    """(name -> model, config dict or {}) for the weights file at `path`, checked against the
+    manifest's classes wherever the file (or the last.pt beside a best-<net>.pt) records them."""
+    from fastkd.checkpoint import check_same_classes, is_checkpoint, load_file, network_state, state_from_file
+    from fastkd.models import build_model, load_teacher, load_weights
 
     obj = load_file(path)
     num_classes = len(manifest["classes"])
-    if obj.get("format") == CHECKPOINT_FORMAT:
-        if obj["num_classes"] != num_classes:
-            raise FastKDError(f"{path} has {obj['num_classes']} classes, the data {num_classes}")
+    if is_checkpoint(obj):
+        if obj.get("num_classes") != num_classes:
+            raise FastKDError(f"{path} has {obj.get('num_classes')} classes, the data {num_classes}")
+        if "classes" in obj:
+            check_same_classes(obj["classes"], manifest["classes"], str(path))
+        archs = obj.get("archs")
+        if not isinstance(archs, dict):
+            raise FastKDError(f"checkpoint {path} has no 'archs': not a complete fastkd checkpoint")
         nets = {}
-        for name, a in obj["archs"].items():
+        for name, a in archs.items():
             nets[name] = build_model(a, num_classes)
-            nets[name].load_state_dict(obj["models"][name])
+            load_weights(nets[name], network_state(obj, path, name), path, a)
         return nets, obj.get("config", {})
     if arch is None:  # best-<net>.pt: the network name is the arch, maybe suffixed -2
         stem = path.stem.removeprefix("best-")
@@ -59,18 +83,16 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from fastkd.checkpoint import resolve_weights_path
     from fastkd.data import build_loader
     from fastkd.evaluate import evaluate
     from fastkd.preprocess.manifest import load_manifest
-    from fastkd.train import resolve_device
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+    device = resolve_device(args.device)  # before any loading: a wrong flag fails fast
+    path = resolve_weights_path(args.checkpoint, args.arch)
     manifest = load_manifest(args.data)
-    nets, config = _networks(path, args.arch, manifest)
+    nets, config = load_networks(path, args.arch, manifest)
     data_cfg = config.get("data", {})
-    device = resolve_device(args.device)
     backend = args.backend or data_cfg.get("backend", "ffcv")
     resolution = args.resolution or data_cfg.get("val_resolution", 224)
     batch_size = args.batch_size or data_cfg.get("batch_size", 256)
