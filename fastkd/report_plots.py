@@ -3,7 +3,7 @@
 render_plots(records, report) -> {"loss": png_bytes, "accuracy": ..., "w_hist": ..., "reliability": ...}
 A plot whose data is absent (no teacher -> no w histogram) is left out of the dict.
 
-Series read from the records (schema in fastkd.report):
+Series read from the records (schema in fastkd.metrics):
 - loss:        step records' `loss`, `ce`, `kd`, `peer` and any key containing "loss" (numbers,
                per-student lists or {network: number} dicts) against the global step; val CE
                per network against epochs from eval records.
@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fastkd.report import eval_networks, teacher_w_of
+from fastkd.metrics import eval_networks, teacher_w_of
 
 LOSS_KEYS = ("loss", "ce", "kd", "peer")
 META_KEYS = ("kind", "epoch", "step", "lr", "images_per_s", "time", "samples", "world_size")

@@ -1,4 +1,5 @@
-"""fastkd.report: metrics.jsonl, live display, summary table, report.json/.md and PNG plots."""
+"""fastkd.metrics (metrics.jsonl), fastkd.live (live display) and fastkd.report (summary table,
+report.json/.md and PNG plots)."""
 
 import io
 import json
@@ -10,14 +11,10 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from fastkd.report import (
-    LiveDisplay,
-    MetricsLog,
-    config_digest,
-    read_metrics,
-    summary_table,
-    write_report,
-)
+import fastkd.report
+from fastkd.live import LiveDisplay
+from fastkd.metrics import MetricsLog, read_metrics, truncate_metrics
+from fastkd.report import config_digest, summary_table, write_report
 
 NETS = ("resnet18", "mobilenet_v2")
 
@@ -160,6 +157,63 @@ def test_metrics_log_appends_converts_and_dedupes(tmp_path):
     disabled.write({"kind": "step"})
     disabled.close()
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_append_after_a_cut_off_line_keeps_the_next_record(tmp_path):
+    """kill -9 mid-write leaves a last line without newline; the resumed run's first record must
+    start on a line of its own instead of being glued to the fragment (and lost)."""
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLog(path, enabled=True) as log:
+        log.write({"kind": "step", "epoch": 0, "step": 1, "loss": 2.0})
+    with open(path, "a") as f:
+        f.write('{"kind": "step", "epoch": 0, "st')
+    with MetricsLog(path, enabled=True) as log:
+        log.write({"kind": "step", "epoch": 0, "step": 2, "loss": 1.5})
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_truncate_metrics_drops_records_past_the_checkpoint(tmp_path):
+    """Killed in epoch 2 (0-based) after step 8; the checkpoint stands at 2 epochs done, global
+    step 6 (3 steps per epoch): steps 7, 8, the eval of epoch 2 and the cut-off line go."""
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLog(path, enabled=True) as log:
+        log.write({"kind": "note", "text": "started"})
+        for epoch in range(3):
+            for s in range(1, 4):
+                step = epoch * 3 + s
+                if step <= 8:
+                    log.write({"kind": "step", "epoch": epoch, "step": step, "loss": 1.0 / step})
+            if epoch < 2:
+                log.write({"kind": "eval", "epoch": epoch, "step": (epoch + 1) * 3, "resnet18": {"top1": 50.0}})
+        # an eval of epoch 2 at a step <= 6 cannot happen in order, but goes by its epoch
+        log.write({"kind": "eval", "epoch": 2, "step": 6, "resnet18": {"top1": 60.0}})
+    with open(path, "a") as f:
+        f.write('{"kind": "step", "ep')
+    lines = path.read_bytes().splitlines(keepends=True)
+
+    assert truncate_metrics(path, keep_through_step=6, keep_epoch_evals_before=2) == 4
+    assert path.read_bytes() == b"".join(lines[:9])  # kept lines byte for byte
+    records = read_metrics(path)
+    assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [0, 1]
+    assert records[0]["kind"] == "note"
+
+    # the resumed run appends steps 7.. again: each step once
+    with MetricsLog(path, enabled=True) as log:
+        log.write({"kind": "step", "epoch": 2, "step": 7, "loss": 0.1})
+    steps = [r["step"] for r in read_metrics(path) if r["kind"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+    mtime = path.stat().st_mtime_ns
+    assert truncate_metrics(path, 7, 3) == 0 and path.stat().st_mtime_ns == mtime  # nothing to do
+    assert truncate_metrics(tmp_path / "missing.jsonl", 0, 0) == 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_module_keeps_the_old_names():
+    from fastkd import live, metrics
+
+    assert fastkd.report.LiveDisplay is live.LiveDisplay and fastkd.report.MetricsLog is metrics.MetricsLog
+    assert fastkd.report.read_metrics is metrics.read_metrics
 
 
 def test_live_display_plain_lines_when_not_a_terminal():
