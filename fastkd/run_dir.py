@@ -1,0 +1,268 @@
+"""The rules of a run directory (`--out`), applied by `fastkd train` before it trains:
+
+    with RunLock(out):                          # one training per run dir at a time
+        if resuming:
+            truncate_metrics(out / "metrics.jsonl", ckpt_global_step, ckpt_epoch)  # fastkd.metrics
+        else:
+            prepare_fresh(out, overwrite)         # refuse to mix two runs in one dir
+        ... train ...
+
+classify(out) says what a dir holds: "empty" (nothing of a run; unrelated files allowed),
+"run" (config.yaml, metrics.jsonl or checkpoints/last.pt of a previous run) or "finished"
+(report.json says the run completed all its epochs).
+
+Every refusal is a FastKDError naming the dir and the flag that resolves it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fastkd.errors import FastKDError
+from fastkd.metrics import read_metrics
+
+LOCK_NAME = ".lock"
+TRASH_PREFIX = ".old-"  # RUN/.old-<pid>: a replaced run on its way out (see prepare_fresh)
+
+# What a fastkd run writes into its dir; --overwrite removes these and nothing else. Order
+# matters: the markers of a finished run (report.json) and of a resumable run (checkpoints/) go
+# first, so a crash halfway leaves at worst an unfinished, checkpoint-less run, which a fresh
+# run refuses again rather than mixing with it.
+RUN_FILES = ("report.json", "checkpoints", "report.md", "plots", "tensorboard", "tb", "metrics.jsonl",
+             "config.yaml")
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints/last.pt")
+
+# run dirs this process holds: a POSIX lock is per process, so a second RunLock of the same dir
+# in this process would "succeed" and its close would drop the first one's lock
+_HELD: set[Path] = set()
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _read_holder(fd: int) -> dict:
+    """{"pid", "host", "started"} written by the lock's last holder, {} if none/unreadable.
+
+    Read through the lock's own fd: opening and closing the file again would drop this
+    process's POSIX lock on it."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    pid = holder.get("pid", "?")
+    host = holder.get("host")
+    where = f" on host {host}" if host and host != socket.gethostname() else ""
+    started = f" (started {holder['started']})" if holder.get("started") else ""
+    return f"PID {pid}{where}{started}"
+
+
+class RunLock:
+    """An exclusive lock on a run dir for the whole training; a context manager.
+
+    RUN/.lock carries a POSIX lock (fcntl.lockf) and the holder's {"pid", "host", "started"} as
+    JSON. A POSIX lock belongs to the process: the kernel drops it when the process dies (even by
+    kill -9), and unlike flock it is not inherited by forked DataLoader workers, which would keep
+    a dead trainer's lock alive. Where the file system has no locks (ENOLCK), the PID written in
+    the file decides: a live PID on this host holds the dir. A lock file naming a process that is
+    gone is taken over with a one-line note (`note`, default stderr).
+
+    Take it in the one process that lives for the whole training (rank 0 / the launcher), not
+    in every rank, and never open RUN/.lock elsewhere in that process (closing any fd of the file
+    drops a POSIX lock). Release clears the file (it stays, empty, so no two processes ever lock two
+    different files of one name).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, note: Callable[[str], None] = _note):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.note = note
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        key = self.run_dir.resolve()
+        if key in _HELD:
+            raise FastKDError(f"run dir {self.run_dir} is in use by this process (PID {os.getpid()}); "
+                              "use another --out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            locked = True
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno in (errno.EAGAIN, errno.EACCES):
+                    raise FastKDError(f"run dir {self.run_dir} is in use by {_describe(_read_holder(fd))}; "
+                                      "use another --out") from None
+                if error.errno != errno.ENOLCK:
+                    raise
+                locked = False  # no locks on this file system: the PID in the file decides
+            previous = _read_holder(fd)
+            if previous:
+                same_host = previous.get("host") == socket.gethostname()
+                pid = previous.get("pid")
+                if not locked and same_host and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+                    raise FastKDError(f"run dir {self.run_dir} is in use by {_describe(previous)}; use another --out")
+                dead = same_host and isinstance(pid, int) and not _pid_alive(pid)
+                gone = "is no longer running" if dead else "no longer holds it"
+                self.note(f"fastkd: run dir {self.run_dir}: taking over the lock left by {_describe(previous)}, "
+                          f"which {gone}")
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        _HELD.add(key)
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # a clean exit leaves no holder to take over from
+        finally:
+            os.close(self._fd)  # drops the lock
+            self._fd = None
+            _HELD.discard(self.run_dir.resolve())
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _report(run_dir: Path) -> dict | None:
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def _finished(report: dict | None) -> bool:
+    """report.json says the run completed: "finished": true, or "epochs" >= "total_epochs"."""
+    if not report:
+        return False
+    if report.get("finished") is True:
+        return True
+    epochs, total = report.get("epochs"), report.get("total_epochs")
+    return isinstance(epochs, int) and isinstance(total, int) and total > 0 and epochs >= total
+
+
+def classify(run_dir: str | os.PathLike) -> str:
+    """"empty" | "run" | "finished": what `run_dir` holds (a missing dir is "empty").
+
+    "finished": report.json says the run completed its epochs ("finished": true, or "epochs" >=
+    "total_epochs"); "run": config.yaml, metrics.jsonl, checkpoints/last.pt or report.json of a
+    run that is not known to be finished; "empty": none of these (other files do not count).
+    """
+    run_dir = Path(run_dir)
+    report = _report(run_dir)
+    if _finished(report):
+        return "finished"
+    if (run_dir / "report.json").exists() or any((run_dir / m).exists() for m in RUN_MARKERS):
+        return "run"
+    return "empty"
+
+
+def describe_run(run_dir: str | os.PathLike) -> str:
+    """'N epochs, last step S' of the run in run_dir, from report.json or metrics.jsonl.
+
+    N counts finished epochs: report.json's "epochs" when present, else the epochs with an eval
+    record or followed by steps of a later epoch (an epoch without eval, at most one, may be
+    counted as unfinished when eval_every > 1)."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in records if r.get("kind") == "step" and isinstance(r.get("step"), int)]
+    evals = [r for r in records if r.get("kind") == "eval" and isinstance(r.get("epoch"), int)]
+    report = _report(run_dir) or {}
+    epochs = report.get("epochs")
+    if not isinstance(epochs, int):
+        epochs = max([r["epoch"] + 1 for r in evals] +
+                     [r["epoch"] for r in steps if isinstance(r.get("epoch"), int)] + [0])
+    last_step = max((r["step"] for r in steps), default=None)
+    if last_step is None:
+        return f"{epochs} epochs, no step logged"
+    return f"{epochs} epochs, last step {last_step}"
+
+
+def _run_entries(run_dir: Path) -> list[Path]:
+    """What a fastkd run wrote into run_dir, in removal order: RUN_FILES, TensorBoard event files
+    and atomic-write temporaries of those names (.report.json.<random>.tmp)."""
+    entries = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if run_dir.is_dir():
+        for child in sorted(run_dir.iterdir()):
+            if child.name.startswith("events.out.tfevents."):
+                entries.append(child)
+            elif child.name.endswith(".tmp") and any(child.name.startswith(f".{n}.") for n in RUN_FILES):
+                entries.append(child)
+    return entries
+
+
+def _remove_stale_trash(run_dir: Path) -> None:
+    """Delete RUN/.old-<pid> folders a crashed --overwrite left (their process is gone)."""
+    if not run_dir.is_dir():
+        return
+    for child in run_dir.iterdir():
+        if child.is_dir() and child.name.startswith(TRASH_PREFIX):
+            pid = child.name[len(TRASH_PREFIX):]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def prepare_fresh(run_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Make run_dir ready for a fresh (not resumed) run; creates it when missing.
+
+    A dir that holds a run ("run" or "finished") is refused unless `overwrite`:
+    FastKDError "run dir X already holds a run (N epochs, last step S); continue it with
+    --resume auto, replace it with --overwrite, or choose another --out". With overwrite, only
+    what a fastkd run writes goes (config.yaml, metrics.jsonl, checkpoints/, report.json/.md,
+    plots/, tensorboard/, tb/, events.out.tfevents.*); other files stay. The entries are first
+    renamed into RUN/.old-<pid> (one rename each, markers of a finished or resumable run first)
+    and then deleted, so a crash never leaves a half-deleted checkpoint or report; a later call
+    deletes such a leftover folder. Call it while holding the RunLock.
+    """
+    run_dir = Path(run_dir)
+    _remove_stale_trash(run_dir)
+    state = classify(run_dir)
+    if state != "empty" and not overwrite:
+        what = "a finished run" if state == "finished" else "a run"
+        raise FastKDError(f"run dir {run_dir} already holds {what} ({describe_run(run_dir)}); continue it "
+                          "with --resume auto, replace it with --overwrite, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    entries = _run_entries(run_dir) if overwrite else []  # without a run, leftovers (plots/) stay
+    if not entries:
+        return
+    trash = run_dir / f"{TRASH_PREFIX}{os.getpid()}"
+    trash.mkdir(exist_ok=True)
+    for entry in entries:
+        os.replace(entry, trash / entry.name)
+    shutil.rmtree(trash)
