@@ -9,7 +9,8 @@
 4. `fastkd train --config quickstart.yaml`          ResNet-18 + MobileNetV2 students with uadkd from that
                                                     teacher -> OUT/students (report.md, plots/)
 
-Then the report table (teacher, both students, compression, top-1/top-5) and the run directory.
+Then one report table (teacher, both students, compression, top-1/top-5; the training runs print
+none of their own, `--run.summary false`) and the run directory.
 Goal on a 2-core CPU: under 5 minutes, both students >= 90 % val top-1.
 
 Re-running with the same OUT reuses every finished step (a step is finished when its output
@@ -64,6 +65,28 @@ def _cli(argv: list[str], what: str) -> None:
         raise FastKDError(f"{what} failed (fastkd {argv[0]} exit status {rc}); see the messages above")
 
 
+def train_argv(config: str, data: Path, out: Path, backend: str | None, epochs: int | None,
+               extra: list[str], teacher_weights: Path | str | None = None) -> list[str]:
+    """The `fastkd train` argv of one quickstart run into `out`.
+
+    --resume auto: an interrupted quickstart continues where it stopped. --overwrite where `out`
+    has no checkpoints/last.pt: a run killed before its first checkpoint has nothing to continue,
+    and `out` is the quickstart's own folder. --run.summary false: the quickstart prints one
+    table of its own (teacher + students) at the end instead of one per training run. `extra`
+    (the user's flags after `--`) comes last, so it can override any of these."""
+    argv = ["train", "--config", str(config_path(config)), "--data", str(data), "--out", str(out),
+            "--resume", "auto", "--run.summary", "false"]
+    if not (out / "checkpoints" / "last.pt").is_file():
+        argv.append("--overwrite")
+    if backend:
+        argv += ["--backend", backend]
+    if epochs is not None:
+        argv += ["--epochs", str(epochs)]
+    if teacher_weights is not None:
+        argv += ["--teacher-weights", str(teacher_weights)]
+    return argv + list(extra)
+
+
 def train_run(config: str, data: Path, out: Path, backend: str | None, epochs: int | None,
               extra: list[str], teacher_weights: Path | str | None = None) -> dict:
     """One `fastkd train` run into `out` unless its report.json already exists; returns the report."""
@@ -71,15 +94,7 @@ def train_run(config: str, data: Path, out: Path, backend: str | None, epochs: i
     if report.is_file():
         print(f"\n[quickstart] reusing {out} (report.json present; --fresh to retrain)", flush=True)
     else:
-        argv = ["train", "--config", str(config_path(config)), "--data", str(data), "--out", str(out),
-                "--resume", "auto"]  # an interrupted quickstart continues where it stopped
-        if backend:
-            argv += ["--backend", backend]
-        if epochs is not None:
-            argv += ["--epochs", str(epochs)]
-        if teacher_weights is not None:
-            argv += ["--teacher-weights", str(teacher_weights)]
-        _cli(argv + extra, f"train {out.name}")
+        _cli(train_argv(config, data, out, backend, epochs, extra, teacher_weights), f"train {out.name}")
     try:
         return json.loads(report.read_text())
     except (OSError, ValueError) as error:
@@ -140,7 +155,8 @@ def _extra(train_args: list[str] | None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fastkd.report import format_duration, summary_table
+    from fastkd.live import format_duration
+    from fastkd.report import summary_table
 
     report = run_quickstart(args.out, args.backend, args.teacher_epochs, args.epochs, args.fresh,
                             args.train_args)

@@ -2,14 +2,16 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastkd.cli import main
-from fastkd.config import resolve_config
+from fastkd import quickstart
+from fastkd.cli import build_parser, main
+from fastkd.config import overrides_from_args, resolve_config
+from fastkd.metrics import read_metrics
 from fastkd.quickstart import config_path
-from fastkd.report import read_metrics
 
 
 def test_quickstart_configs_validate():
@@ -20,6 +22,52 @@ def test_quickstart_configs_validate():
     assert students.model.students == ["resnet18", "mobilenet_v2"]
     assert students.model.teacher == teacher.model.students[0]  # the teacher the first run trains
     assert students.data.val_resolution == teacher.data.val_resolution
+
+
+def _train_config(argv):
+    """The TrainConfig a `fastkd train` argv resolves to (flags parsed by the real CLI parser)."""
+    parser, _ = build_parser(argv)
+    args = parser.parse_args(argv)
+    return resolve_config(args.config, overrides_from_args(args), check=False)
+
+
+def test_quickstart_prints_one_table_and_replaces_only_unresumable_runs(tmp_path, monkeypatch, capsys):
+    """Both training runs get --run.summary false (the quickstart prints the one table itself);
+    --overwrite only where no checkpoint could be continued; the user's flags come last."""
+    calls = []
+
+    def fake_cli(argv, what):
+        calls.append(argv)
+        if argv[0] != "train":
+            (tmp_path / "qs" / "packed").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "qs" / "packed" / "manifest.json").write_text("{}")
+            return
+        out = Path(argv[argv.index("--out") + 1])
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / "best-resnet18.pt").write_bytes(b"w")
+        nets = {"resnet18": {"arch": "resnet18", "params": 11_000_000, "top1": 80.0, "top5": 99.0}}
+        if out.name == "students":
+            nets["mobilenet_v2"] = {"arch": "mobilenet_v2", "params": 2_000_000, "top1": 70.0, "top5": 98.0}
+        report = {"method": "ce" if out.name == "teacher" else "uadkd", "networks": nets, "wall_time_s": 5.0,
+                  "teacher": {"arch": "resnet18", "params": 11_000_000, "top1": 80.0} if out.name == "students" else None}
+        (out / "report.json").write_text(json.dumps(report))
+
+    monkeypatch.setattr(quickstart, "_cli", fake_cli)
+    out = tmp_path / "qs"
+    (out / "students" / "checkpoints").mkdir(parents=True)
+    (out / "students" / "checkpoints" / "last.pt").write_bytes(b"w")  # an interrupted students run
+    assert main(["quickstart", "--out", str(out), "--", "--run.log_every", "5"]) == 0
+    trains = [argv for argv in calls if argv[0] == "train"]
+    assert len(trains) == 2
+    teacher, students = (_train_config(argv) for argv in trains)
+    for cfg in (teacher, students):
+        assert cfg.run.summary is False and cfg.run.resume == "auto" and cfg.run.log_every == 5
+    assert teacher.run.overwrite is True  # nothing to continue: a killed partial run is replaced
+    assert students.run.overwrite is False  # continued from its last.pt, never replaced
+    assert trains[0][-2:] == ["--run.log_every", "5"]
+    text = capsys.readouterr().out
+    assert text.count("val accuracy in %") == 1  # the caption of summary_table: one table
+    assert "mobilenet_v2" in text and "5.50x" in text  # teacher params / student params
 
 
 def _steps(run_dir):
@@ -45,6 +93,7 @@ def test_quickstart_short_end_to_end(tmp_path, capsys, one_thread):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert f"run directory: {out / 'students'} (report.md" in text
+    assert text.count("val accuracy in %") == 1  # summary_table's caption: the quickstart's table only
     assert "mobilenet_v2" in text and "teacher" in text
 
     teacher = json.loads((out / "teacher" / "report.json").read_text())
