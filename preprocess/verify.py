@@ -13,7 +13,7 @@ import argparse
 import time
 
 from fastkd.errors import FastKDError
-from fastkd.preprocess.manifest import FORMATS, check_outputs, load_manifest
+from fastkd.packformat import FORMATS, check_outputs, load_manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ FFCV: the layout `DatasetWriter(path, {'image': RGBImageField(write_mode='jpg'),
 IntField()})` produces (ffcv 1.0.2, file version 2): header, field descriptors (type ids of
 RGBImageField and IntField, so FFCV's `Reader`/`Loader` map them back to those fields and their
 decoders), one metadata row per sample (mode=jpg, width, height, data_ptr | label), the JPEG
-bytes, and the allocation table. The record types below restate FFCV's (`ffcv.types`,
+bytes, and the allocation table. The record types (fastkd.packformat) restate FFCV's (`ffcv.types`,
 `RGBImageField.metadata_type`, `IntField.metadata_type`); tests/test_pack.py asserts they are
 equal, so a format change in FFCV fails the tests. Restating them keeps `fastkd pack` free of
 FFCV's heavy import (torch, numba, OpenCV: 10+ s on a small machine) and usable without FFCV. FFCV's own writer only takes pixel
@@ -33,25 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-PAGE_SIZE = 1 << 23  # 8 MiB, FFCV's DatasetWriter default; also the largest storable JPEG
-TAR_BLOCK = 512
-INDEX_VERSION = "v1.2"  # DALI wds2idx index format
-
-
-# --- FFCV .beton record types (ffcv/types.py, ffcv/fields/{rgb_image,basics}.py)
-FFCV_VERSION = 2  # ffcv.types.CURRENT_VERSION
-FFCV_TYPE_INT, FFCV_TYPE_RGB_IMAGE = 1, 2  # ffcv.types.TYPE_ID_HANDLER keys
-FFCV_JPG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES['jpg']
-HEADER_TYPE = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
-                        ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
-ALLOC_TABLE_TYPE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
-FIELD_DESC_TYPE = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
-                           align=True)
-RGB_IMAGE_METADATA = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
-INT_METADATA = np.dtype("<i8")
-# one row per sample: (image, label), laid out like ffcv.types.get_metadata_type
-SAMPLE_METADATA = np.dtype([("", RGB_IMAGE_METADATA), ("", INT_METADATA)], align=True)
-FIELDS = (("image", FFCV_TYPE_RGB_IMAGE), ("label", FFCV_TYPE_INT))
+# the record layout lives with the rest of the format; re-exported here for older importers
+from fastkd.packformat import (ALLOC_TABLE_TYPE, FFCV_JPG_MODE, FFCV_TYPE_INT,  # noqa: F401
+                               FFCV_TYPE_RGB_IMAGE, FFCV_VERSION, FIELD_DESC_TYPE, FIELDS, HEADER_TYPE,
+                               INDEX_VERSION, INT_METADATA, PAGE_SIZE, RGB_IMAGE_METADATA, SAMPLE_METADATA,
+                               TAR_BLOCK)
 
 
 class SampleTooLarge(Exception):
@@ -113,7 +99,12 @@ class BetonWriter:
         self._f.close()
 
     def abort(self) -> None:
-        self._f.close()
+        """Close without finishing; never raises (a full disk fails the flush too: the caller
+        deletes the file anyway and reports the first error)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
 
 def _tar_header(name: str, size: int) -> bytes:
@@ -194,6 +185,10 @@ class ShardWriter:
         self._close_current()
 
     def abort(self) -> None:
+        """Close without finishing; never raises (see BetonWriter.abort)."""
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
             self._f = None

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastkd.preprocess.manifest import check_outputs, load_manifest
+from fastkd.packformat import check_outputs, load_manifest
 from fastkd.preprocess.pack import pack
 from fastkd.resources import imagenet100_wnids
 

@@ -27,6 +27,7 @@ import torch
 
 from fastkd.data.contract import BACKEND_FORMAT, BACKENDS, Loader, LoaderSpec
 from fastkd.errors import FastKDError
+from fastkd.packformat import split_files
 
 __all__ = ["build_loader", "available_backends", "Loader", "BACKENDS"]
 
@@ -86,8 +87,6 @@ def build_loader(data_dir, split: str, backend: str, batch_size: int, resolution
                            expected_classes=expected_classes)
     if backend == "ffcv":
         from fastkd.data.ffcv_loader import FFCVLoader
-        from fastkd.preprocess.manifest import split_files
-
         beton = split_files(data_dir, manifest, split, "ffcv")[0]
         return FFCVLoader(spec, manifest, str(beton), **backend_opts)
     if backend == "dali":

@@ -1,7 +1,7 @@
 """Opening a packed directory for a loader: manifest, checks before any byte is decoded, shard index.
 
 `open_packed` is the one gate every backend passes: it loads the manifest (format and version
-checked by `fastkd.preprocess.manifest.load_manifest`), compares its classes with what the run
+checked by `fastkd.packformat.load_manifest`), compares its classes with what the run
 expects, and checks the backend's files (size always, sha256 with verify=True), naming every file
 that fails, so a truncated shard or .beton is a FastKDError before training, never a hang or a
 segfault inside FFCV/DALI later.
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fastkd.errors import FastKDError
+from fastkd.packformat import MANIFEST_NAME, check_outputs, load_manifest, split_files
 
 
 def _class_ids(classes: Sequence) -> list[str]:
@@ -49,11 +50,9 @@ def check_classes(manifest: dict, expected_classes: Sequence | int | None, where
 def open_packed(data_dir: str | Path, split: str, fmt: str | None, verify: bool = False,
                 expected_classes: Sequence | int | None = None) -> dict:
     """Load and check the manifest and the `fmt` files ("ffcv", "dali" or None for none)."""
-    from fastkd.preprocess.manifest import check_outputs, load_manifest
-
     root = Path(data_dir)
     manifest = load_manifest(root)
-    where = str(root / "manifest.json")
+    where = str(root / MANIFEST_NAME)
     check_classes(manifest, expected_classes, where)
     splits = manifest.get("splits", {})
     if split not in splits:
@@ -79,8 +78,6 @@ def open_packed(data_dir: str | Path, split: str, fmt: str | None, verify: bool 
 
 def shard_paths(data_dir: str | Path, manifest: dict, split: str) -> list[tuple[Path, Path]]:
     """(tar, idx) pairs of a split, in sample order."""
-    from fastkd.preprocess.manifest import split_files
-
     tars = [Path(t) for t in split_files(Path(data_dir), manifest, split, "dali")]
     return [(t, t.with_suffix(".idx")) for t in tars]
 
