@@ -6,11 +6,17 @@ scan (classes, files in pack order) -> a process pool decodes/encodes each image
 (`encode.encode_file`) -> the main process writes the same JPEG bytes, in order, to the
 `.beton` and to the tar shards (`writers`) -> hashes -> `manifest.json`, written last.
 
-Safety: everything is written into a hidden temporary folder next to OUT (same file system) and
-renamed into place at the end, so an interrupted pack (Ctrl-C, kill -9) never leaves a
-manifest at OUT; an existing OUT is replaced only with `overwrite=True`, and only once the new
-pack is complete. Pool workers die with the parent (PR_SET_PDEATHSIG) so a killed pack leaves
-no orphans; a later pack removes temporary folders left by dead packs.
+Safety (never lose a user's data):
+- SRC and OUT must not overlap (same folder, or either inside the other, symlinks resolved).
+- Everything is written into a hidden temporary folder next to OUT (same file system) and
+  renamed into place at the end, so an interrupted pack (Ctrl-C, kill -9) never leaves a
+  manifest at OUT. An existing OUT is replaced only with `overwrite=True`, only if it is empty
+  or holds a fastkd pack (a manifest.json of ours and nothing but the pack's own files), and
+  only once the new pack is complete.
+- A full disk or quota (ENOSPC/EDQUOT) anywhere in the pack removes the temporary folder and
+  raises one FastKDError with the space needed (estimated) and the space free.
+- Pool workers die with the parent (PR_SET_PDEATHSIG) so a killed pack leaves no orphans; any
+  later pack into the same parent folder removes temporary folders of dead packs.
 """
 
 from __future__ import annotations
@@ -21,26 +27,31 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import fastkd
 from fastkd.errors import FastKDError
+from fastkd.packformat import FORMAT, FORMAT_VERSION, FORMATS, MANIFEST_NAME, PAGE_SIZE, file_entry, write_manifest
 from fastkd.preprocess import encode as _encode
-from fastkd.preprocess.manifest import FORMAT, FORMAT_VERSION, FORMATS, file_entry, write_manifest
+from fastkd.preprocess.safety import (TMP_MARK, check_no_overlap, check_replaceable, disk_full_message,
+                                      is_disk_full, remove_stale_temporaries, tree_bytes)
 from fastkd.preprocess.scan import SPLITS, ScannedSplit, check_source, scan_split, select_classes
-from fastkd.preprocess.writers import PAGE_SIZE, BetonWriter, ShardWriter
-
-TMP_MARK = ".packing-"  # hidden temporary folder: OUT.parent/.{OUT.name}.packing-{pid}
+from fastkd.preprocess.writers import BetonWriter, ShardWriter
 
 
 class Progress:
-    """Callbacks for a progress display; the default shows nothing."""
+    """Callbacks for a progress display; the default shows no bar and prints notes to stderr."""
 
     def start(self, total: int) -> None: ...
 
     def advance(self, n: int = 1) -> None: ...
+
+    def note(self, message: str) -> None:
+        """One line the user should see (stale folders removed, images dropped): stderr."""
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -109,25 +120,6 @@ def _check_params(max_side, quality, formats, workers, shard_size) -> None:
         raise FastKDError(f"--shard-size {shard_size}: must be >= 1")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary folders of earlier packs into OUT whose process is gone (kill -9, power loss)."""
-    prefix = f".{out.name}{TMP_MARK}"
-    for candidate in out.parent.glob(prefix + "*"):
-        pid = candidate.name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(candidate, ignore_errors=True)
-
-
 def default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -162,15 +154,25 @@ def pack(
     val_labels = Path(val_labels).absolute() if val_labels else None
 
     check_source(src)
-    if out.exists() and not overwrite:
-        raise FastKDError(f"{out} already exists; pass --overwrite to replace it")
-    if out == src or src in out.parents:
-        raise FastKDError(f"{out}: the output folder must not be inside the source folder {src}")
+    check_no_overlap(src, out)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FastKDError(f"{out} already exists; pass --overwrite to replace it")
+        check_replaceable(out)
     chosen = select_classes(src, classes)
     scanned: dict[str, ScannedSplit] = {s: scan_split(src, s, chosen, val_labels) for s in SPLITS}
+    for s in SPLITS:
+        if scanned[s].dropped:
+            progress.note(f"{s}: dropped {len(scanned[s].dropped):,} of "
+                          f"{len(scanned[s].dropped) + len(scanned[s].items):,} image(s) whose --val-labels "
+                          f"class is not among the chosen classes (listed under 'dropped' in {MANIFEST_NAME})")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out)
+        stale = remove_stale_temporaries(out.parent)
+        if stale:
+            progress.note(f"removed {len(stale)} temporary folder(s) of earlier packs that did not finish "
+                          f"(process gone) in {out.parent}: {', '.join(p.name for p in stale[:3])}"
+                          f"{' ...' if len(stale) > 3 else ''}")
         tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -183,8 +185,9 @@ def pack(
     betons: dict[str, BetonWriter] = {}
     shards: dict[str, ShardWriter] = {}
     pool = None
+    jobs = [(s, item) for s in SPLITS for item in scanned[s].items]
+    done = 0  # results consumed, for the disk-full estimate
     try:
-        jobs = [(s, item) for s in SPLITS for item in scanned[s].items]
         progress.start(len(jobs))
         # fork: workers start in milliseconds and inherit the encoder module; they use only PIL
         ctx = multiprocessing.get_context("fork")
@@ -218,6 +221,7 @@ def pack(
                     shards[s].add(jpeg, item.label)
                 stats[s].count += 1
                 stats[s].jpeg_bytes += len(jpeg)
+            done = n + 1
             progress.advance(1)
         if jobs:
             stats[jobs[-1][0]].seconds = time.perf_counter() - t_split
@@ -254,6 +258,7 @@ def pack(
                        for s in SPLITS},
             "files": files,
             "skipped": skipped,
+            "dropped": [row for s in SPLITS for row in scanned[s].dropped],
         }
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out, overwrite)
@@ -262,11 +267,15 @@ def pack(
             pool.terminate()
             pool.join()
         for writer in [*betons.values(), *shards.values()]:
-            writer.abort()
+            writer.abort()  # never raises: a full disk fails the close too
+        written = tree_bytes(tmp) if is_disk_full(error) else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, OSError):  # disk full, quota, permissions: the user can fix these
+        if is_disk_full(error):
+            raise FastKDError(disk_full_message(error, out, written, done, [item.path for _, item in jobs],
+                                                len(formats))) from None
+        if isinstance(error, OSError):  # quota, permissions, I/O error: the user can fix these
             raise FastKDError(f"writing {tmp} (for {out}) failed: {error.strerror or error}; "
-                              "nothing was left at OUT") from error
+                              "the partial pack was removed and nothing was left at OUT") from error
         raise
     return PackResult(out, manifest, time.perf_counter() - t0, stats)
 
@@ -275,6 +284,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise FastKDError(f"{out} appeared while packing; pass --overwrite to replace it")
+        check_replaceable(out)  # it may have changed while we packed
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         out.rename(old)
         tmp.rename(out)

@@ -10,14 +10,15 @@ LOC_val_solution.csv). Each image is decoded once (by content; no EXIF rotation)
 RGB, shrunk so its longer side is at most --max-side, and encoded once as a baseline JPEG.
 Output: OUT/ffcv/{train,val}.beton, OUT/dali/{train,val}/shard-NNNNNN.tar + .idx, and
 OUT/manifest.json (written last: its presence means the pack is complete). Unreadable inputs
-are skipped and listed (path + reason); --strict makes them fatal.
+are skipped and listed (path + reason); --strict makes them fatal. SRC and OUT must not overlap;
+--overwrite replaces only an empty folder or an earlier pack.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from fastkd.preprocess.manifest import FORMATS
+from fastkd.packformat import FORMATS
 from fastkd.preprocess.pack import Progress, default_workers, pack
 
 
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"decode/encode processes (default: all cores, here {default_workers()})")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per DALI tar shard (default 1000)")
     parser.add_argument("--strict", action="store_true", help="any unreadable input is an error")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (once the new pack is done)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it is an earlier pack or empty (once the new pack is done)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -61,6 +63,9 @@ class RichProgress(Progress):
         if task.completed % 16 == 0 or task.finished:
             speed = task.speed
             self.bar.update(self.task, rate=f"{speed:,.0f} img/s" if speed else "- img/s")
+
+    def note(self, message: str) -> None:
+        self.bar.console.print(message, markup=False, highlight=False)
 
     def stop(self) -> None:
         if self.task is not None:

@@ -11,7 +11,9 @@ that were not chosen are ignored and counted; so are files whose extension is no
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,9 @@ class ScannedSplit:
     items: list[Item] = field(default_factory=list)
     ignored_folders: list[str] = field(default_factory=list)  # class folders not chosen
     ignored_files: int = 0  # non-image extensions, hidden files
+    # flat val with --val-labels: images whose labelled class was not chosen, as manifest rows
+    # {"split", "path", "wnid", "reason"}; they are not packed
+    dropped: list[dict] = field(default_factory=list)
 
 
 def _is_image_name(name: str) -> bool:
@@ -138,14 +143,23 @@ def _files_of(folder: Path, src: Path, label: int, split: ScannedSplit) -> list[
     return items
 
 
-def read_val_labels(csv_path: Path) -> dict[str, str]:
+def read_val_labels(csv_path: Path) -> dict[str, tuple[str, int]]:
     """Kaggle's LOC_val_solution.csv: `ImageId,PredictionString` where the string starts with
-    the WNID ("n01751748 86 55 412 303 n01751748 ..."). Returns ImageId -> WNID."""
+    the WNID ("n01751748 86 55 412 303 n01751748 ..."). UTF-8, with or without a byte-order mark.
+    Returns ImageId -> (WNID, line number)."""
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+        data = Path(csv_path).read_bytes()
     except OSError as error:
         raise FastKDError(f"--val-labels {csv_path}: cannot read ({error.strerror or error})") from None
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = start + error.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise FastKDError(f"--val-labels {csv_path}: not UTF-8 text: byte 0x{data[offset]:02x} at byte offset "
+                          f"{offset} (line {line}) is {error.reason}; save the file as UTF-8") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows or [c.strip() for c in rows[0][:2]] != ["ImageId", "PredictionString"]:
         raise FastKDError(f"--val-labels {csv_path}: expected a header 'ImageId,PredictionString' "
                           "(Kaggle's LOC_val_solution.csv)")
@@ -155,7 +169,7 @@ def read_val_labels(csv_path: Path) -> dict[str, str]:
             continue
         if len(row) < 2 or not row[1].split():
             raise FastKDError(f"--val-labels {csv_path}: line {n} has no WNID")
-        labels[row[0].strip()] = row[1].split()[0]
+        labels[row[0].strip()] = (row[1].split()[0], n)
     return labels
 
 
@@ -165,6 +179,12 @@ def scan_split(src: Path, name: str, classes: list[ClassInfo], val_labels: Path 
     by_wnid = {c.wnid: c for c in classes}
     if name == "val" and val_labels is not None:
         # flat ILSVRC-2012 val folder: val/ILSVRC2012_val_00000001.JPEG ...
+        subfolders = class_folders(split_dir)
+        if subfolders:
+            raise FastKDError(f"--val-labels {val_labels}: {split_dir} is not flat: it has {len(subfolders)} "
+                              f"subfolder(s) ({', '.join(subfolders[:3])}{', ...' if len(subfolders) > 3 else ''}); "
+                              "--val-labels is for a flat ILSVRC-2012 val folder of images; for class "
+                              "folders, leave --val-labels out")
         labels = read_val_labels(val_labels)
         per_class: dict[int, list[Item]] = {c.label: [] for c in classes}
         unlabelled = []
@@ -172,15 +192,17 @@ def scan_split(src: Path, name: str, classes: list[ClassInfo], val_labels: Path 
             if not (entry.is_file() and _is_image_name(entry.name)):
                 split.ignored_files += 1
                 continue
-            wnid = labels.get(entry.name.rsplit(".", 1)[0])
+            wnid, line = labels.get(entry.name.rsplit(".", 1)[0], (None, 0))
+            path = Path(entry.path)
+            rel = path.relative_to(src).as_posix()
             if wnid is None:
                 unlabelled.append(entry.name)
             elif wnid in by_wnid:
-                path = Path(entry.path)
-                per_class[by_wnid[wnid].label].append(
-                    Item(path.absolute(), path.relative_to(src).as_posix(), by_wnid[wnid].label))
+                per_class[by_wnid[wnid].label].append(Item(path.absolute(), rel, by_wnid[wnid].label))
             else:
-                split.ignored_files += 1  # an image of a class that was not chosen
+                split.dropped.append({"split": name, "path": rel, "wnid": wnid,
+                                      "reason": f"class {wnid} ({Path(val_labels).name} line {line}) "
+                                                "is not among the chosen classes"})
         if unlabelled:
             raise FastKDError(f"--val-labels {val_labels}: no label for {len(unlabelled)} file(s) of "
                               f"{split_dir}, e.g. {unlabelled[0]}")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastkd import cli
+from fastkd import cli, packformat
 from fastkd.errors import FastKDError
 from fastkd.preprocess import writers
 from fastkd.preprocess.encode import target_size
-from fastkd.preprocess.manifest import check_outputs, load_manifest, split_files
+from fastkd.packformat import check_outputs, load_manifest, split_files
 from fastkd.preprocess.pack import pack
 from fastkd.resources import imagenet100_wnids, imagenet1k_synsets
 
@@ -191,11 +191,12 @@ def test_record_types_match_ffcv():
     from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType,
                             get_metadata_type)
 
-    assert writers.HEADER_TYPE == HeaderType and writers.FIELD_DESC_TYPE == FieldDescType
-    assert writers.ALLOC_TABLE_TYPE == ALLOC_TABLE_TYPE and writers.FFCV_VERSION == CURRENT_VERSION
-    assert writers.SAMPLE_METADATA == get_metadata_type([RGBImageField(), IntField()])
-    assert TYPE_ID_HANDLER[writers.FFCV_TYPE_RGB_IMAGE] is RGBImageField
-    assert TYPE_ID_HANDLER[writers.FFCV_TYPE_INT] is IntField
+    f = packformat
+    assert f.HEADER_TYPE == HeaderType and f.FIELD_DESC_TYPE == FieldDescType
+    assert f.ALLOC_TABLE_TYPE == ALLOC_TABLE_TYPE and f.FFCV_VERSION == CURRENT_VERSION
+    assert f.SAMPLE_METADATA == get_metadata_type([RGBImageField(), IntField()])
+    assert TYPE_ID_HANDLER[f.FFCV_TYPE_RGB_IMAGE] is RGBImageField
+    assert TYPE_ID_HANDLER[f.FFCV_TYPE_INT] is IntField
     assert not RGBImageField().to_binary().tobytes().strip(b"\0")  # all-zero arguments, as we write
 
 
@@ -270,11 +271,17 @@ def test_refuses_existing_out_unless_overwrite(packed, tmp_path):
     assert (out / "keep.txt").exists()
     assert cli.main(["pack", str(src), str(out), "--classes", classes, "--quiet", "--workers", "1",
                      "--formats", "dali"]) == 2
-    pack(src, out, classes=classes, workers=1, formats=("dali",), overwrite=True)
-    assert not (out / "keep.txt").exists() and load_manifest(out)["params"]["formats"] == ["dali"]
-    assert not (out / "ffcv").exists()
-    with pytest.raises(FastKDError, match="without the ffcv format"):
-        split_files(out, load_manifest(out), "train", "ffcv")
+    # --overwrite replaces only an earlier pack or an empty folder: keep.txt is the user's
+    with pytest.raises(FastKDError, match=f"{out} is not a fastkd pack.*nothing was deleted"):
+        pack(src, out, classes=classes, workers=1, formats=("dali",), overwrite=True)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    pack(src, out, classes=classes, workers=1, formats=("dali",), overwrite=True)  # empty: replaced
+    assert load_manifest(out)["params"]["formats"] == ["dali"] and not (out / "ffcv").exists()
+    pack(src, out, classes=classes, workers=1, formats=("ffcv",), overwrite=True)  # a pack: replaced
+    assert load_manifest(out)["params"]["formats"] == ["ffcv"] and not (out / "dali").exists()
+    with pytest.raises(FastKDError, match="without the dali format"):
+        split_files(out, load_manifest(out), "train", "dali")
 
 
 def test_verify_catches_flipped_byte(packed, tmp_path, capsys):
@@ -326,3 +333,18 @@ def test_beton_pages_never_split_a_sample(tmp_path):
     assert np.concatenate(labels).tolist() == [i % 7 for i in range(40)]
     pil = np.stack([np.asarray(Image.open(io.BytesIO(j))) for j in jpegs]).astype(np.int16)
     assert np.abs(np.concatenate(images).astype(np.int16) - pil).mean() < 2.0
+
+
+def test_loaders_read_the_format_without_the_packer(packed):
+    """fastkd.data opens a pack through fastkd.packformat alone: the packer (fastkd.preprocess)
+    is not imported, so the two sides share only the format module."""
+    import subprocess
+    import sys
+
+    _, out, _ = packed
+    code = ("import sys; from fastkd.data.packed import open_packed, shard_paths; "
+            f"m = open_packed({str(out)!r}, 'train', 'dali'); shard_paths({str(out)!r}, m, 'train'); "
+            "print(sorted(n for n in sys.modules if n.startswith('fastkd.preprocess')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ from PIL import Image
 from fastkd import cli
 from fastkd.errors import FastKDError
 from fastkd.preprocess.encode import BadImage, encode_image
-from fastkd.preprocess.manifest import load_manifest
+from fastkd.packformat import load_manifest
 from fastkd.preprocess.pack import pack
 from fastkd.resources import imagenet100_wnids
 
@@ -220,3 +220,62 @@ def test_source_errors(tmp_path, capsys):
     assert cli.main(["pack", str(src), str(tmp_path / "o"), "--quality", "0", "--quiet"]) == 2
     assert cli.main(["pack", str(src), str(tmp_path / "o"), "--formats", "tfrecord", "--quiet"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def _flat_val_source(tmp_path: Path, wnids: list[str]) -> tuple[Path, list[str]]:
+    """train/<wnid>/a.JPEG for WNIDS, a flat val/ with one image per entry of `wnids`; CSV rows."""
+    src = tmp_path / "src"
+    for c, wnid in enumerate(WNIDS):
+        (src / "train" / wnid).mkdir(parents=True)
+        (src / "train" / wnid / "a.JPEG").write_bytes(encoded(image(20, 20, seed=c)))
+    (src / "val").mkdir()
+    rows = ["ImageId,PredictionString"]
+    for i, wnid in enumerate(wnids, start=1):
+        name = f"ILSVRC2012_val_{i:08d}"
+        (src / "val" / f"{name}.JPEG").write_bytes(encoded(image(24, 16, seed=100 + i)))
+        rows.append(f"{name},{wnid} 1 2 20 14")
+    return src, rows
+
+
+def test_val_labels_utf8_bom_accepted(tmp_path):
+    src, rows = _flat_val_source(tmp_path, [WNIDS[0], WNIDS[1], WNIDS[0]])
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(rows) + "\r\n").encode())  # Excel's "CSV UTF-8"
+    result = pack(src, tmp_path / "o", classes="all", val_labels=csv, formats=("dali",), workers=1)
+    assert result.manifest["splits"]["val"]["count"] == 3
+
+
+def test_val_labels_not_utf8_names_file_and_offset(tmp_path):
+    src, rows = _flat_val_source(tmp_path, [WNIDS[0], WNIDS[1]])
+    csv = tmp_path / "labels.csv"
+    text = "\n".join(rows) + "\n"
+    data = text.encode().replace(b"PredictionString", b"Predicti\xe9nString")  # Latin-1 byte
+    csv.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(FastKDError, match=rf"--val-labels {csv}: not UTF-8 text: byte 0xe9 at byte offset "
+                                          rf"{offset} \(line 1\)"):
+        pack(src, tmp_path / "o", classes="all", val_labels=csv, formats=("dali",), workers=1)
+
+
+def test_val_labels_rows_of_unchosen_classes_listed_as_dropped(tmp_path, capsys):
+    src, rows = _flat_val_source(tmp_path, [WNIDS[0], "n99999999", WNIDS[1], WNIDS[0]])
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    result = pack(src, tmp_path / "o", classes="all", val_labels=csv, formats=("dali",), workers=1)
+    m = load_manifest(tmp_path / "o")
+    assert m["splits"]["val"]["count"] == 3 and result.splits["val"].ignored_files == 0
+    assert m["dropped"] == [{"split": "val", "path": "val/ILSVRC2012_val_00000002.JPEG", "wnid": "n99999999",
+                             "reason": "class n99999999 (LOC_val_solution.csv line 3) is not among the "
+                                       "chosen classes"}]
+    assert m["skipped"] == []  # dropped is not skipped: the folder loader's file count stays right
+    err = capsys.readouterr().err
+    assert "val: dropped 1 of 4 image(s) whose --val-labels class is not among the chosen classes" in err
+
+
+def test_val_labels_with_class_folders_says_not_flat(tmp_path):
+    src = simple_folder(tmp_path / "src")
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01 1 2 3 4\n")
+    with pytest.raises(FastKDError, match=rf"--val-labels {csv}: {src / 'val'} is not flat: it has 2 "
+                                          rf"subfolder\(s\) \({WNIDS[0]}, {WNIDS[1]}\)"):
+        pack(src, tmp_path / "o", classes="all", val_labels=csv, formats=("dali",), workers=1)
