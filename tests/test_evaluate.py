@@ -170,3 +170,54 @@ def test_sums_all_reduced_across_two_ranks():
     results = dict(queue.get(timeout=30) for _ in range(2))
     for rank in (0, 1):
         check_full_result(results[rank])
+
+
+# ---------------------------------------------------------------- `fastkd eval` (fastkd.eval_cmd)
+
+
+def eval_args(*argv):
+    import argparse
+
+    from fastkd import eval_cmd
+
+    parser = argparse.ArgumentParser()
+    eval_cmd.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_eval_cuda_hint_names_its_own_flag(tmp_path, monkeypatch):
+    from fastkd import eval_cmd
+    from fastkd.errors import FastKDError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FastKDError) as info:
+        eval_cmd.run(eval_args(str(tmp_path / "last.pt"), "--data", str(tmp_path / "data"), "--device", "cuda"))
+    assert "--device cpu" in str(info.value) and "--run.device" not in str(info.value)
+    assert eval_cmd.resolve_device("auto").type == "cpu"
+
+
+def _packed_classes(monkeypatch, wnids):
+    """`fastkd eval` reads this class list as the pack's manifest (no pack written)."""
+    import fastkd.preprocess.manifest as manifest_module
+
+    classes = [{"label": i, "wnid": w, "name": w, "imagenet_index": None} for i, w in enumerate(wnids)]
+    monkeypatch.setattr(manifest_module, "load_manifest", lambda root: {"classes": classes})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_eval_refuses_checkpoint_trained_on_other_classes(tmp_path, monkeypatch):
+    from test_checkpoint import classes_of, tiny_last
+
+    from fastkd import eval_cmd
+    from fastkd.checkpoint import save_atomic
+    from fastkd.errors import FastKDError
+    from fastkd.models import build_model
+
+    net = build_model("resnet18", 3, channels_last=False)
+    run = tmp_path / "run"
+    save_atomic(tiny_last({"resnet18": net}, classes_of(["n01", "n02", "n03"])), run / "checkpoints" / "last.pt")
+    save_atomic(net.state_dict(), run / "checkpoints" / "best-resnet18.pt")
+    _packed_classes(monkeypatch, ["n01", "n09", "n03"])  # same count, one other class
+    for target in (run, run / "checkpoints" / "best-resnet18.pt"):
+        with pytest.raises(FastKDError, match=r"first differing class at label 1: checkpoint n02, data n09"):
+            eval_cmd.run(eval_args(str(target), "--data", str(tmp_path), "--device", "cpu"))

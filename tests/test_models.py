@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 from fastkd.errors import FastKDError
+from fastkd.checkpoint import build_last
 from fastkd.models import build_model, load_teacher, network_names, slice_head
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -86,3 +87,62 @@ def test_teacher_checkpoint_classes_must_match(tmp_path):
     other = [dict(c, wnid=f"x{c['label']}") for c in classes]
     with pytest.raises(FastKDError, match="other classes"):
         load_teacher(str(tmp_path / "last.pt"), "resnet18", {"classes": other})
+
+
+def test_wrong_architecture_says_what_the_file_looks_like(tmp_path):
+    """A resnet18 state_dict given as a resnet50 teacher: a short message naming resnet18, not a key dump."""
+    torch.save(build_model("resnet18", 4).state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(FastKDError) as info:
+        load_teacher(str(tmp_path / "r18.pt"), "resnet50", manifest_for([None] * 4))
+    message = str(info.value)
+    assert "r18.pt" in message and "resnet18, not resnet50" in message
+    assert "198 of resnet50's 320 keys missing" in message and "193 more" in message
+    assert len(message) < 800 and "\n" not in message
+
+
+def test_other_class_count_is_named(tmp_path):
+    torch.save(build_model("resnet18", 7).state_dict(), tmp_path / "seven.pt")
+    with pytest.raises(FastKDError, match=r"seven\.pt: its resnet18 head has 7 outputs, the data 4 classes"):
+        load_teacher(str(tmp_path / "seven.pt"), "resnet18", manifest_for([None] * 4))
+
+
+def test_1000_way_file_on_non_imagenet_classes_names_the_file(tmp_path):
+    torch.save(build_model("resnet18", 1000, channels_last=False).state_dict(), tmp_path / "in1k.pt")
+    manifest = {"classes": [{"label": 0, "wnid": "digit0", "name": "0", "imagenet_index": None},
+                            {"label": 1, "wnid": "digit1", "name": "1", "imagenet_index": None}]}
+    with pytest.raises(FastKDError) as info:
+        load_teacher(str(tmp_path / "in1k.pt"), "resnet18", manifest)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "in1k.pt")) and "1000-way" in message and "digit0" in message
+    assert "`imagenet`" not in message  # the user gave a path, not the word imagenet
+
+
+def _run_folder(tmp_path, classes):
+    """RUN/checkpoints with best-resnet18.pt (weights A) and last.pt (weights B), both 3-way."""
+    torch.manual_seed(0)
+    best, last = build_model("resnet18", 3), build_model("resnet18", 3)
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    torch.save(best.state_dict(), ckpts / "best-resnet18.pt")
+    torch.save(build_last(archs={"resnet18": "resnet18"}, models={"resnet18": last.state_dict()}, classes=classes),
+               ckpts / "last.pt")
+    return tmp_path / "run", best, last
+
+
+def test_run_folder_as_teacher_weights(tmp_path):
+    classes = manifest_for([None] * 3)["classes"]
+    run, best, last = _run_folder(tmp_path, classes)
+    teacher = load_teacher(str(run), "resnet18", {"classes": classes})
+    assert torch.equal(teacher.fc.weight, best.fc.weight)  # best-<arch>.pt first
+    (run / "checkpoints" / "best-resnet18.pt").unlink()
+    teacher = load_teacher(str(run), "resnet18", {"classes": classes})
+    assert torch.equal(teacher.fc.weight, last.fc.weight)  # else last.pt
+
+
+def test_best_file_beside_last_is_checked_for_classes(tmp_path):
+    classes = manifest_for([None] * 3)["classes"]
+    run, _, _ = _run_folder(tmp_path, classes)
+    other = [dict(c, wnid=f"x{c['label']}") for c in classes]
+    with pytest.raises(FastKDError, match=r"best-resnet18\.pt \(classes from .*last\.pt\).*label 0: checkpoint "
+                                          r"n00000000, data x0"):
+        load_teacher(str(run / "checkpoints" / "best-resnet18.pt"), "resnet18", {"classes": other})
