@@ -252,7 +252,9 @@ def validate_last(obj: dict, path: str | Path) -> dict:
         if key in obj and obj[key] < 0:
             raise FastKDError(f"{path}: last.pt key '{key}' must be >= 0, got {obj[key]}")
     if set(obj["archs"]) != set(obj["models"]):
-        raise FastKDError(f"{path}: last.pt networks {sorted(obj['archs'])} differ from its models {sorted(obj['models'])}")
+        raise FastKDError(
+            f"{path}: last.pt networks {sorted(obj['archs'])} differ from its models {sorted(obj['models'])}"
+        )
     if "classes" in obj:
         _check_class_list(obj["classes"], f"{path}: last.pt key 'classes'")
     return obj

@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, choices=["ffcv", "dali", "torch", "folder"])
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None, help="val resolution (px)")
-    parser.add_argument("--arch", default=None, help="architecture of a plain state_dict; with a run directory, evaluate its best-<arch>.pt")
+    parser.add_argument(
+        "--arch", default=None, help="architecture of a plain state_dict; with a run directory, its best-<arch>.pt"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--num-workers", type=int, default=None)
 

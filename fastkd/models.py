@@ -115,6 +115,11 @@ def load_weights(model: nn.Module, state: dict, path: str | Path, arch: str) -> 
     """model.load_state_dict(state), or a FastKDError that says why `state` (from `path`) does
     not fit `arch`: the class count, or which architecture its keys look like plus a few of
     the missing / unexpected / reshaped keys (never the full key dump)."""
+    try:
+        model.load_state_dict(state)  # torch's rules (e.g. BN's num_batches_tracked may be absent)
+        return
+    except RuntimeError as error:
+        torch_error = error  # its text lists every key: replaced by the summary below
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     missing = [k for k in ours if k not in theirs]
@@ -135,7 +140,8 @@ def load_weights(model: nn.Module, state: dict, path: str | Path, arch: str) -> 
             shown = ", ".join(f"{k} {list(theirs[k])} vs {list(ours[k])}" for k in reshaped[:3])
             parts.append(f"{len(reshaped)} keys with other shapes ({shown}{', ...' if len(reshaped) > 3 else ''})")
         raise FastKDError("; ".join(parts))
-    model.load_state_dict(state)
+    first = str(torch_error).strip().splitlines()[0][:300]
+    raise FastKDError(f"checkpoint {path} does not fit {arch}: {first}")
 
 
 def _first(keys: list[str], n: int = 5) -> str:

@@ -146,3 +146,12 @@ def test_best_file_beside_last_is_checked_for_classes(tmp_path):
     with pytest.raises(FastKDError, match=r"best-resnet18\.pt \(classes from .*last\.pt\).*label 0: checkpoint "
                                           r"n00000000, data x0"):
         load_teacher(str(run / "checkpoints" / "best-resnet18.pt"), "resnet18", {"classes": other})
+
+
+def test_state_dict_without_bn_step_counters_still_loads(tmp_path):
+    """Old torchvision files lack BatchNorm's num_batches_tracked; torch accepts them, so must we."""
+    net = build_model("resnet18", 4, channels_last=False)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.pt")
+    teacher = load_teacher(str(tmp_path / "old.pt"), "resnet18", manifest_for([None] * 4))
+    assert torch.equal(teacher.fc.weight, net.fc.weight)
