@@ -300,9 +300,10 @@ def test_dali_reader_shuffle_is_seeded(get_loader):
     assert not torch.equal(i0, i1)
 
 
-def test_torch_crops_independent_of_workers(get_loader):
-    x1, _, i1 = _pass(get_loader("train", "torch", num_workers=1))
-    x2, _, i2 = _pass(get_loader("train", "torch", num_workers=2))
+@pytest.mark.parametrize("backend", ["torch", "folder"])
+def test_crops_independent_of_workers(get_loader, backend):
+    x1, _, i1 = _pass(get_loader("train", backend, num_workers=1))
+    x2, _, i2 = _pass(get_loader("train", backend, num_workers=2))
     assert torch.equal(i1, i2) and torch.equal(x1, x2)
 
 
@@ -338,6 +339,96 @@ def test_set_resolution(get_loader, backend):
         loader.set_resolution(RES)
 
 
+# ----------------------------------------------------------------------------- mid-epoch start
+
+
+def _batches(loader):
+    return [(x, y, i) for x, y, i in loader]
+
+
+def _record_reads(loader) -> list:
+    """Pack indices whose JPEG bytes the loader reads from now on (torch with num_workers=1
+    reads in this process; dali's external source runs in a thread of it)."""
+    reads, read = [], loader.store.jpeg_bytes
+
+    def recording(index):
+        reads.append(int(index))
+        return read(index)
+
+    loader.store.jpeg_bytes = recording
+    return reads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_start_batch_yields_the_tail(get_loader, backend):
+    """set_epoch(e, start_batch=k): batches k.. of epoch e's full pass (same samples and labels;
+    same pixels where crops are keyed by (seed, epoch, sample): torch, folder, dali "global"),
+    reading none of batches 0..k-1; len() stays the full pass; the pass after starts at 0."""
+    loader = get_loader("train", backend)
+    k, n = 2, len(loader)  # 36 samples, batch 8: 4 batches
+    assert n == 4 and loader.start_batch == 0
+    loader.set_epoch(1)
+    full = _batches(loader)
+    reads = _record_reads(loader) if backend in ("torch", "dali") else None
+    loader.set_epoch(1, start_batch=k)
+    assert loader.start_batch == k and len(loader) == n
+    tail, starts = [], []
+    for x, y, i in loader:
+        starts.append(loader.start_batch)  # the running pass's first batch
+        tail.append((x, y, i))
+    assert starts == [k] * (n - k) and loader.start_batch == 0
+    assert len(tail) == n - k
+    for (x, y, i), (xf, yf, i_f) in zip(tail, full[k:]):
+        assert torch.equal(i, i_f) and torch.equal(y, yf)
+        b = _pixels(x)[:, 2].mean(dim=(1, 2))  # the images are those samples
+        assert (b - torch.tensor([_b_value("train", int(j)) for j in i])).abs().max() < 2.5
+        if backend != "ffcv":  # FFCV's crops are unseeded: same samples, other crops
+            assert torch.equal(x, xf)
+    if reads is not None:  # nothing of batches 0..k-1 was read, let alone decoded
+        assert sorted(reads) == sorted(torch.cat([i for _, _, i in full[k:]]).tolist())
+    # the next pass: epoch 2 from batch 0
+    following = torch.cat([i for _, _, i in loader])
+    assert following.tolist() == epoch_indices(36, True, 0, 2, 0, 1, True)[:32].tolist()
+
+
+def test_start_batch_edges(get_loader):
+    loader = get_loader("train", "torch")
+    loader.set_epoch(3, start_batch=len(loader))  # everything done: an empty pass
+    assert list(loader) == [] and loader.start_batch == 0 and loader.epoch == 4
+    for bad in (-1, len(loader) + 1):
+        with pytest.raises(ValueError, match="start_batch"):
+            loader.set_epoch(0, start_batch=bad)
+    reader = get_loader("train", "dali", shuffle="reader")
+    assert not reader.supports_start_batch
+    reader.set_epoch(2)  # from the top: fine
+    with pytest.raises(FastKDError, match="shuffle='global'"):
+        reader.set_epoch(2, start_batch=1)
+
+
+def test_folder_start_batch_opens_no_skipped_file(gradient, tmp_path):
+    """The files of the skipped batches are overwritten with garbage: a pass started after them
+    still runs, and equals the tail of a full pass over the intact source."""
+    src = tmp_path / "src"
+    shutil.copytree(gradient["src"], src)
+    broken = _loader(gradient, "train", "folder", source=str(src))
+    intact = _loader(gradient, "train", "folder")
+    k = 3
+    intact.set_epoch(5)
+    full = _batches(intact)
+    for j in torch.cat([i for _, _, i in full[:k]]).tolist():
+        Path(broken.folder.samples[j][0]).write_bytes(b"not a jpeg")
+    broken.set_epoch(5, start_batch=k)
+    tail = _batches(broken)
+    assert len(tail) == len(full) - k == 1
+    for (x, y, i), (xf, yf, i_f) in zip(tail, full[k:]):
+        assert torch.equal(i, i_f) and torch.equal(y, yf) and torch.equal(x, xf)
+    from PIL import UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):  # the garbage is really there: a full pass fails
+        broken.set_epoch(5)
+        _batches(broken)
+
+
 # ----------------------------------------------------------------------------- distributed
 
 
@@ -367,6 +458,30 @@ def test_sharding(get_loader, backend, world_size, split):
                         for r in range(world_size)}) == 1
 
 
+def test_world_size_change_at_an_epoch_boundary(get_loader):
+    """The epoch order is a function of (seed, epoch) alone and rank r of W takes every W-th
+    sample of it, so a run may change its world size between epochs: epoch 1 at W=2 reads what
+    epoch 1 at W=1 reads, minus the documented remainder (sharding.py: N % W + W * ((N // W) % B)
+    samples: here 0 + 2 * (18 % 4) = 4, the last 4 of the epoch order), and each sample gets the
+    same crop and flip. (A mid-epoch start needs the world size and batch size it was saved with.)"""
+    batch = 4
+    one = get_loader("train", "torch", batch_size=batch)
+    one.set_epoch(1)
+    x1, _, i1 = _pass(one)
+    assert len(i1) == 36
+    images, indices = [], []
+    for rank in range(2):
+        part = get_loader("train", "torch", batch_size=batch, rank=rank, world_size=2)
+        part.set_epoch(1)
+        x, _, i = _pass(part)
+        images.append(x), indices.append(i)
+    x2, i2 = torch.cat(images), torch.cat(indices)
+    assert len(i2) == len(set(i2.tolist())) == 36 - 4
+    assert set(i2.tolist()) == set(i1[:32].tolist())  # the epoch order minus its last 4 samples
+    position = {int(j): p for p, j in enumerate(i1)}
+    assert torch.equal(x2, x1[[position[int(j)] for j in i2]])  # same crops, whichever rank
+
+
 def test_ffcv_quasi_random_covers_the_epoch(gradient):
     """FFCV's QUASI_RANDOM (single process, os_cache=False): every sample once per epoch, and the
     yielded indices are the samples FFCV read (B channel); its order is seeded but depends on the
@@ -380,6 +495,9 @@ def test_ffcv_quasi_random_covers_the_epoch(gradient):
         b = _pixels(images)[:, 2].mean(dim=(1, 2))
         assert (b - torch.tensor([_b_value("train", int(i)) for i in indices])).abs().max() < 2.5
     assert torch.get_num_threads() == threads  # FFCV's set_num_threads side effect undone
+    assert not loader.supports_start_batch
+    with pytest.raises(FastKDError, match="quasi_random"):
+        loader.set_epoch(0, start_batch=1)
 
 
 def test_ffcv_reads_the_rank_part(gradient):

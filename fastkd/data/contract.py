@@ -11,6 +11,13 @@ A loader is built once per run and iterated once per epoch. Each pass yields `(i
 
 Epochs: `set_epoch(e)` makes the next pass epoch `e`; a pass without a `set_epoch` call before it
 is the previous epoch + 1 (so a plain `for epoch: for batch in loader` also reshuffles).
+Mid-epoch start (resume): `set_epoch(e, start_batch=k)` makes the next pass yield exactly batches
+k..len-1 of the full pass of epoch e on this rank (same samples in the same batches; for the
+backends whose crops are keyed by (seed, epoch, sample), the same pixels too), without reading or
+decoding batches 0..k-1. `len(loader)` stays the full pass length; `loader.start_batch` is the
+batch the running pass started at, or between passes the one the next pass starts at; the pass
+after that starts at 0 again. Backends that cannot start mid-pass say so with
+`supports_start_batch = False` and refuse k > 0 (FastKDError) in `set_epoch`.
 Resolution: `set_resolution(r)` applies from the next pass, without rebuilding the loader.
 """
 
@@ -21,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from fastkd.data.sharding import epoch_indices, num_batches
+from fastkd.data.sharding import epoch_indices, num_batches, split_batches
 from fastkd.data.spec import (BACKEND_FORMAT, BACKENDS, FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO,
                               TRAIN_SCALE, VAL_CROP_RATIO, LoaderSpec, parse_device, parse_dtype)
 from fastkd.data.transforms import normalize_uint8_cpu
@@ -36,6 +43,9 @@ class Loader:
     """Base of every backend: epoch/resolution bookkeeping and the public attributes."""
 
     backend = "base"
+    # a backend that cannot begin a pass at batch k > 0 without reading batches 0..k-1 says False
+    supports_start_batch = True
+    why_no_start_batch = ""  # and why (in the FastKDError of set_epoch)
 
     def __init__(self, spec: LoaderSpec, manifest: dict):
         self.spec = spec
@@ -45,21 +55,33 @@ class Loader:
         self.batch_size = spec.batch_size
         self.resolution = spec.resolution
         self.epoch = 0  # epoch of the next pass
+        self._next_start = 0  # batch the next pass starts at (set_epoch)
+        self._running_start: int | None = None  # batch the running pass started at; None between passes
         self._mean_std: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def set_epoch(self, epoch: int) -> None:
+    @property
+    def start_batch(self) -> int:
+        """Index (in the full pass) of the first batch of the running pass, or, between passes,
+        of the next one: the trainer's step counter for the first batch it receives."""
+        return self._next_start if self._running_start is None else self._running_start
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next pass is epoch `epoch` and yields batches `start_batch`..len-1 of that epoch's
+        full pass on this rank (start_batch == len: an empty pass). The pass after it starts at 0."""
+        start = int(start_batch)
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start_batch={start_batch} is outside 0..{len(self)} (batches per pass on "
+                             f"rank {self.spec.rank} of {self.spec.world_size})")
+        if start and not self.supports_start_batch:
+            raise FastKDError(f"the {self.backend} loader cannot start a pass at batch {start}: "
+                              f"{self.why_no_start_batch}")
         self.epoch = int(epoch)
+        self._next_start = start
 
     def set_resolution(self, resolution: int) -> None:
         if int(resolution) < 8:
             raise FastKDError(f"resolution must be >= 8 pixels, got {resolution}")
         self.resolution = int(resolution)
-
-    def _start_pass(self) -> int:
-        """The epoch this pass runs; the next pass defaults to the one after."""
-        epoch = self.epoch
-        self.epoch += 1
-        return epoch
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B,3,r,r] (any layout, on the device) -> normalised `dtype`, channels_last.
@@ -90,11 +112,29 @@ class Loader:
         return num_batches(self.num_samples, s.batch_size, s.rank, s.world_size, s.drop_last)
 
     def _pass_order(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices for one pass: the (seed, epoch) permutation when training."""
+        """This rank's sample indices for one full pass: the (seed, epoch) permutation when training."""
         s = self.spec
         return epoch_indices(self.num_samples, s.train, s.seed, epoch, s.rank, s.world_size, s.drop_last)
 
+    def _pass_batches(self, epoch: int, start: int) -> list[np.ndarray]:
+        """Pack indices of batches start..len-1 of the full pass (the first `start` never built)."""
+        s = self.spec
+        return split_batches(self._pass_order(epoch), s.batch_size, s.drop_last)[start:]
+
     def __iter__(self) -> Iterator[Any]:
+        """One pass: epoch and start batch are taken when the first batch is asked for; the next
+        pass defaults to the following epoch, from batch 0."""
+        epoch, start = self.epoch, self._next_start
+        self.epoch, self._next_start = epoch + 1, 0
+        self._running_start = start
+        try:
+            if start < len(self):  # start == len: nothing left of this pass (and no pipeline to build)
+                yield from self._pass(epoch, start)
+        finally:
+            self._running_start = None
+
+    def _pass(self, epoch: int, start: int) -> Iterator[Any]:
+        """The backend's batches start..len-1 of epoch `epoch`, each through `_output`."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

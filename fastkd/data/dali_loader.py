@@ -1,8 +1,11 @@
 """`dali` backend: the split's WebDataset shards decoded and augmented by NVIDIA DALI.
 
 Pipeline (one per pass, built for that epoch and resolution):
-  JPEG bytes (reader, see below) -> train: decoders.image_random_crop (decodes only the
-  RandomResizedCrop window, area 0.08-1, aspect 3/4-4/3) -> resize r x r;  val:
+  JPEG bytes (reader, see below) -> train, shuffle="global": decoders.image_slice of the box
+  transforms.train_params draws from (seed, epoch, pack index) (the torch backend's boxes and
+  flips; the image size comes from the JPEG header, `jpeg_size`), fed with the bytes;
+  train, shuffle="reader": decoders.image_random_crop (DALI's RNG; area 0.08-1, aspect
+  3/4-4/3); both decode only the window -> resize r x r;  val:
   decoders.image_slice of the centre square int(0.875 * shorter side) at ((H-s)//2, (W-s)//2),
   the box of transforms.center_crop_box -> resize r x r  (antialiased linear)
   -> crop_mirror_normalize (flip p=0.5 on train, ImageNet mean/std, NHWC, fp16 or fp32)
@@ -28,9 +31,13 @@ Reading, two ways (`shuffle=`):
   store samples sorted by label, so a batch then mixes only the classes of the buffer's
   ~initial_fill / shard_size shards: that is why "global" is the train default.
 
-Determinism: same seed -> same order and the same crops and flips (pipeline and reader seeds
-derive from (seed, epoch, rank)); DALI's crop RNG differs from the torch backend's, so the two
-backends' crops differ; on the GPU the hardware decoder may differ from nvJPEG's CUDA decoder in
+Determinism: same seed -> same order and the same crops and flips. "global": boxes and flips
+are keyed by (seed, epoch, pack index), the same as the torch backend's (pixels then differ by the
+decoder and resize, like val), so a pass started at batch k (`set_epoch(e, start_batch=k)`)
+yields the tail of the full pass, pixels included, and reads no byte of batches 0..k-1 (costs
+~25 us of Python per sample in the feeding thread for the box). "reader": pipeline and reader
+seeds derive from (seed, epoch, rank) and DALI's RNG advances batch by batch; it cannot start
+mid-pass (FastKDError). On the GPU the hardware decoder may differ from nvJPEG's CUDA decoder in
 the last bit. Cost of rebuilding per pass: about a second (thread start, reader index).
 """
 
@@ -42,7 +49,8 @@ import torch
 from fastkd.data.contract import Loader, LoaderSpec
 from fastkd.data.spec import FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO
 from fastkd.data.packed import ShardStore
-from fastkd.data.sharding import derive_seed, split_batches
+from fastkd.data.sharding import derive_seed
+from fastkd.data.transforms import train_params
 from fastkd.errors import FastKDError
 
 _LABEL_BYTES = 12  # .cls holds an ASCII decimal label; padded to this many bytes for a dense batch
@@ -57,6 +65,32 @@ def _labels_from_ascii(cls: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(cls.shape[1]).unsqueeze(0)
     power = torch.where(valid, n - 1 - pos, torch.zeros_like(pos)).clamp_(min=0)
     return (torch.where(valid, digits, torch.zeros_like(digits)) * (10 ** power)).sum(1)
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of a JPEG from its frame header, without decoding (walks the marker
+    segments up to the first SOFn; a few of them in a packed JPEG)."""
+    n, pos = len(data), 2
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no SOI marker)")
+    while pos + 9 <= n:
+        if data[pos] != 0xFF:
+            raise ValueError(f"corrupt JPEG: no marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # segments without a length
+            pos += 2
+            continue
+        if marker in _SOF:
+            return (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8]
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    raise ValueError("corrupt JPEG: no frame header (SOFn) found")
 
 
 def _indices_from_keys(info: torch.Tensor) -> np.ndarray:
@@ -79,6 +113,10 @@ class DALILoader(Loader):
         if shuffle not in ("global", "reader"):
             raise FastKDError(f"dali shuffle must be 'global' or 'reader', not {shuffle!r}")
         self.shuffle = shuffle
+        if shuffle == "reader":
+            self.supports_start_batch = False
+            self.why_no_start_batch = ("with shuffle='reader' DALI's webdataset reader has no seek and its order "
+                                       "comes from a buffer filled by reading; use shuffle='global'")
         self.store = ShardStore(shards, self.num_samples) if shuffle == "global" else None
         self.tars = [str(t) for t, _ in shards]
         self.idxs = [str(i) for _, i in shards]
@@ -100,7 +138,7 @@ class DALILoader(Loader):
             return (self.num_samples // s.world_size) // s.batch_size
         return -(-self.part_size // s.batch_size)
 
-    def _pipeline(self, epoch: int):
+    def _pipeline(self, epoch: int, start: int = 0):
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali import math as dmath
 
@@ -116,8 +154,13 @@ class DALILoader(Loader):
         @pipeline_def
         def pipe():
             if self.shuffle == "global":
-                jpegs, indices = fn.external_source(source=self._external(epoch), num_outputs=2, batch=True,
-                                                    dtype=[types.UINT8, types.INT64])
+                if train:  # + each sample's box (x, y), (w, h) and flip, from (seed, epoch, index)
+                    jpegs, indices, anchor, size, flip = fn.external_source(
+                        source=self._external(epoch, start), num_outputs=5, batch=True,
+                        dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32])
+                else:
+                    jpegs, indices = fn.external_source(source=self._external(epoch, start), num_outputs=2,
+                                                        batch=True, dtype=[types.UINT8, types.INT64])
             else:
                 shuffle = {}
                 if train:  # tar order from (seed, epoch), same on all ranks; buffer draws per rank
@@ -128,7 +171,13 @@ class DALILoader(Loader):
                     paths=self.tars, index_paths=self.idxs, ext=["jpg", "cls"], name="reader",
                     shard_id=s.rank, num_shards=s.world_size, pad_last_batch=True,
                     missing_component_behavior="error", **shuffle)
-            if train:
+            if train and self.shuffle == "global":
+                # adjust_orientation=False: the box is in the stored pixel grid (as torch decodes it)
+                images = fn.decoders.image_slice(jpegs, device=dec_device, output_type=types.RGB, start=anchor,
+                                                 shape=size, axis_names="WH", adjust_orientation=False,
+                                                 **dec_opts)
+                mirror = flip
+            elif train:
                 images = fn.decoders.image_random_crop(
                     jpegs, device=dec_device, output_type=types.RGB, random_area=list(TRAIN_SCALE),
                     random_aspect_ratio=list(TRAIN_RATIO), num_attempts=10, **dec_opts)
@@ -140,9 +189,9 @@ class DALILoader(Loader):
                 height, width = shape[0], shape[1]
                 side = fn.cast(dmath.floor(fn.cast(dmath.min(height, width), dtype=types.FLOAT) * VAL_CROP_RATIO),
                                dtype=types.INT32)
-                start = fn.stack((width - side) // 2, (height - side) // 2)
+                corner = fn.stack((width - side) // 2, (height - side) // 2)
                 images = fn.decoders.image_slice(jpegs, device=dec_device, output_type=types.RGB,
-                                                 start=start, shape=fn.stack(side, side), axis_names="WH",
+                                                 start=corner, shape=fn.stack(side, side), axis_names="WH",
                                                  **dec_opts)
                 mirror = 0
             images = fn.resize(images, size=[r, r], interp_type=types.INTERP_LINEAR, antialias=True)
@@ -168,20 +217,29 @@ class DALILoader(Loader):
                               "the torch backend reads the same shards without DALI") from None
         return p
 
-    def _external(self, epoch: int):
-        """Batches of (JPEG bytes, pack index) in sharding.py order, for fn.external_source."""
+    def _external(self, epoch: int, start: int):
+        """Batches start.. of the pass in sharding.py order, for fn.external_source: (JPEG bytes,
+        pack index) and on train each sample's crop start (x, y), size (w, h) and flip."""
         s = self.spec
-        order = self._pass_order(epoch)
-        for batch in split_batches(order, s.batch_size, s.drop_last):
-            yield ([np.frombuffer(self.store.jpeg_bytes(i), np.uint8) for i in batch],
-                   [np.array([i], np.int64) for i in batch])
+        for batch in self._pass_batches(epoch, start):
+            data = [self.store.jpeg_bytes(i) for i in batch]
+            out = ([np.frombuffer(d, np.uint8) for d in data], [np.array([i], np.int64) for i in batch])
+            if not s.train:
+                yield out
+                continue
+            anchors, sizes, flips = [], [], []
+            for i, d in zip(batch, data):
+                (top, left, h, w), flip = train_params(s.seed, epoch, int(i), *jpeg_size(d))
+                anchors.append(np.array([left, top], np.int32))
+                sizes.append(np.array([w, h], np.int32))
+                flips.append(np.array(flip, np.int32))
+            yield out + (anchors, sizes, flips)
 
-    def __iter__(self):
+    def _pass(self, epoch: int, start: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        epoch = self._start_pass()
         s = self.spec
-        pipe = self._pipeline(epoch)
+        pipe = self._pipeline(epoch, start)
         if self.shuffle == "global":
             it = DALIGenericIterator(pipe, ["images", "indices"], auto_reset=False,
                                      last_batch_policy=LastBatchPolicy.PARTIAL)

@@ -14,6 +14,11 @@ rank's part with repeated samples. `order="quasi_random"` (data larger than RAM;
 page) is FFCV's QuasiRandom: single process only (FFCV does not implement it distributed) and it
 needs `os_cache=False`.
 
+Mid-epoch start: `set_epoch(e, start_batch=k)` hands FFCV the pass order without its first
+k * batch_size samples (random/sequential), so batches k.. hold the same samples as in the full
+pass and the skipped ones are never read or decoded; their crops and flips differ (unseeded, see
+below). quasi_random cannot start mid-pass (FastKDError).
+
 Determinism: the sample order is a function of (seed, epoch). quasi_random: FFCV's order is
 seeded but reshuffles its page table in place at every epoch, so epoch e's order depends on the
 epochs run before it in the process (a resumed run gets other orders). Crops and flips are NOT
@@ -42,12 +47,16 @@ class _ShardOrder:
 
     def __init__(self, spec: LoaderSpec, num_samples: int, shuffle: bool):
         self.spec, self.num_samples, self.shuffle = spec, num_samples, shuffle
+        self.skip = 0  # samples of the pass not to read (start_batch * batch_size), set per pass
 
     def sample_order(self, epoch: int) -> np.ndarray:
         s = self.spec
-        # drop_last=True cuts N % W here; FFCV then drops the partial batch (Loader drop_last)
-        return epoch_indices(self.num_samples, self.shuffle, s.seed, epoch, s.rank, s.world_size,
-                             s.drop_last).astype(np.uint64)
+        order = epoch_indices(self.num_samples, self.shuffle, s.seed, epoch, s.rank, s.world_size, s.drop_last)
+        if s.drop_last:  # cut the partial batch here: FFCV only cuts the order to its len() from epoch 0
+            order = order[:len(order) // s.batch_size * s.batch_size]
+        # FFCV batches whatever order it gets from its start, so cutting whole batches off the
+        # front keeps the later batches as they were, and FFCV never reads the cut samples.
+        return order[self.skip:].astype(np.uint64)
 
 
 class _Recorded:
@@ -85,6 +94,10 @@ class FFCVLoader(Loader):
             raise FastKDError("ffcv order='quasi_random' needs os_cache=False (it exists to read page "
                               "by page when the data does not fit in RAM)")
         self.order = order
+        if order == "quasi_random":
+            self.supports_start_batch = False
+            self.why_no_start_batch = ("order='quasi_random' draws FFCV's page-shuffled order, which depends on "
+                                       "the epochs run before it in the process; use order='random'")
         r = spec.resolution
         r_train = (r, r)
         if spec.train:
@@ -128,8 +141,8 @@ class FFCVLoader(Loader):
             self._loader.generate_code()
             self._built_resolution = self.resolution
 
-    def __iter__(self):
-        epoch = self._start_pass()
+    def _pass(self, epoch: int, start: int):
+        self._shard_order.skip = start * self.spec.batch_size
         self._sync_resolution()
         self._loader.next_epoch = epoch
         B = self.spec.batch_size

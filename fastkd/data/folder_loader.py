@@ -6,8 +6,11 @@ RandomHorizontalFlip; val Resize(int(r / 0.875)) + CenterCrop(r); PILToTensor (u
 normalisation on the device like every backend. Only the manifest's classes are read, labelled
 in the manifest's order, and the files the packer skipped are left out, so sample i is pack
 index i (checked: the file count must match the manifest). Order and sharding: sharding.py.
-Determinism: same seed -> same order; crops come from torch's RNG in each worker, seeded from
-(seed, epoch), so they repeat for the same seed and the same num_workers.
+Determinism: same seed -> same order, crops and flips, on any number of workers: torchvision's
+transforms draw from torch's global RNG, which is seeded per sample from (seed, epoch, index)
+right before its transform (in the worker, inside `torch.random.fork_rng`). So a pass started at
+batch k (`set_epoch(e, start_batch=k)`) yields the same batches, pixels included, as the tail of
+the full pass, and the files of batches 0..k-1 are never opened.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torchvision import transforms as T
 
 from fastkd.data.contract import Loader, LoaderSpec, PassSampler
 from fastkd.data.spec import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO
-from fastkd.data.sharding import derive_seed, split_batches
+from fastkd.data.sharding import derive_seed
 from fastkd.errors import FastKDError
 
 
@@ -44,16 +47,22 @@ class ManifestImageFolder(datasets.ImageFolder):
 
 
 class _Indexed(torch.utils.data.Dataset):
-    """Adds the sample index to ImageFolder items (for return_indices)."""
+    """Item (epoch, i) -> (uint8 [3,r,r], label, i); train transforms seeded from (seed, epoch, i)."""
 
-    def __init__(self, folder: ManifestImageFolder):
-        self.folder = folder
+    def __init__(self, folder: ManifestImageFolder, seed: int, train: bool):
+        self.folder, self.seed, self.train = folder, seed, train
 
     def __len__(self):
         return len(self.folder)
 
-    def __getitem__(self, i):
-        image, label = self.folder[i]
+    def __getitem__(self, item):
+        epoch, i = item
+        if not self.train:  # no randomness in the val transform
+            image, label = self.folder[i]
+            return image, label, i
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG as it was
+            torch.manual_seed(derive_seed(self.seed, epoch, i, 3))
+            image, label = self.folder[i]
         return image, label, i
 
 
@@ -74,18 +83,17 @@ class FolderLoader(Loader):
             raise FastKDError(f"folder backend: {root} has {len(self.folder)} usable images of the manifest's "
                               f"classes, the manifest says {self.num_samples}: the source changed since packing")
         self._sampler = PassSampler()
-        self._generator = torch.Generator()
+        # its own generator for the workers' base seed, so a pass does not draw from torch's global RNG
         self._loader = torch.utils.data.DataLoader(
-            _Indexed(self.folder), batch_sampler=self._sampler, num_workers=spec.num_workers,
-            generator=self._generator, pin_memory=spec.device.type == "cuda")
+            _Indexed(self.folder, spec.seed, spec.train), batch_sampler=self._sampler,
+            num_workers=spec.num_workers, generator=torch.Generator().manual_seed(spec.seed),
+            pin_memory=spec.device.type == "cuda")
 
-    def __iter__(self):
+    def _pass(self, epoch: int, start: int):
         s = self.spec
-        epoch = self._start_pass()
         self._transform.resolution = self.resolution  # workers start per pass and copy it
-        order = self._pass_order(epoch)
-        self._sampler.items = [b.tolist() for b in split_batches(order, s.batch_size, s.drop_last)]
-        self._generator.manual_seed(derive_seed(s.seed, epoch, s.rank, 3))  # worker seeds
+        # batches before `start` are never handed to the workers: their files are not opened
+        self._sampler.items = [[(epoch, i) for i in b.tolist()] for b in self._pass_batches(epoch, start)]
         for images, labels, indices in self._loader:
             images = images.to(s.device, non_blocking=True)
             yield self._output(self.normalize(images), labels, indices.numpy())

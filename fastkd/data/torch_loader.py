@@ -20,7 +20,9 @@ values within 1 level.
 Crops: transforms.py (torchvision's RandomResizedCrop algorithm; val centre square of
 0.875 * shorter side). Every random number comes from (seed, epoch, pack index), so the same
 seed gives the same order, crops and flips on any number of workers, CPU or GPU (pixel values
-then agree up to the decoder: nvJPEG vs libjpeg-turbo differ by a few levels).
+then agree up to the decoder: nvJPEG vs libjpeg-turbo differ by a few levels), and a pass started
+at batch k (`set_epoch(e, start_batch=k)`) yields the same batches, pixels included, as the tail
+of the full pass, reading nothing before batch k.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from fastkd.data.contract import Loader, LoaderSpec, PassSampler
 from fastkd.data.packed import ShardStore
-from fastkd.data.sharding import split_batches
 from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
 
 
@@ -96,11 +97,9 @@ class TorchLoader(Loader):
             persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers else None,
             collate_fn=_identity)
 
-    def __iter__(self):
-        s = self.spec
-        epoch = self._start_pass()
-        order = self._pass_order(epoch)
-        self._sampler.items = [(epoch, self.resolution, b) for b in split_batches(order, s.batch_size, s.drop_last)]
+    def _pass(self, epoch: int, start: int):
+        # batches before `start` are never handed to the workers: not read, not decoded
+        self._sampler.items = [(epoch, self.resolution, b) for b in self._pass_batches(epoch, start)]
         if self._gpu:
             yield from self._gpu_batches(iter(self._loader), epoch)
             return
