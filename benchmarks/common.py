@@ -1,25 +1,44 @@
-"""Shared helpers for the fastkd benchmarks: machine description, honest timing, tables, JSON.
+"""Shared helpers for the fastkd benchmarks: machine description, honest timing, tables, the one
+result schema, synthetic JPEGs.
 
 Every benchmark script in this folder can `import common` (they run as `python benchmarks/X.py`,
-so this folder is on sys.path). What lives here:
+so this folder is on sys.path; tests put it there too). What lives here:
 
     machine_info(device)          # dict: host, CPU, GPU, torch/CUDA/Triton versions, UTC date
     device_slug(info)             # "nvidia-h100-80gb-hbm3" / "cpu-amd-epyc-2c", for result folders
     time_windows(fn, ...)         # per-window seconds; CUDA events on GPU, warm-up excluded
     print_table / markdown_table  # one table, rich on a terminal, plain text otherwise
-    write_result(path, name, rows, ...)   # the JSON every benchmark writes with --json
+    row(), head(), goal(), fill_ratios() # build rows and goals of the schema below
+    write_result(path, benchmark, rows, ...) # the JSON every benchmark writes with --json
+    validate_result(payload)      # [] or the list of schema violations (run_all.py and tests)
+    make_synthetic_folder(root)   # ImageNet-style folder of photo-like JPEGs
 
-The JSON schema shared by step_throughput.py, e2e_throughput.py and run_all.py:
+The result schema (SCHEMA = 2), written by pack_throughput, loader_throughput, loss_kernel,
+step_throughput, e2e_throughput and methods_table, and the only thing run_all.py reads:
 
-    {"benchmark": "step_throughput", "schema": 1, "command": "python benchmarks/...",
-     "machine": {...machine_info...}, "params": {...}, "rows": [{...}, ...],
-     "headline": [{"label": str, "value": float, "unit": str}], "notes": [str]}
+    {"schema": 2, "benchmark": "step_throughput", "command": "python benchmarks/...",
+     "machine": {...machine_info...}, "params": {...the run's settings...},
+     "rows": [ROW, ...], "headline": [HEAD, ...], "goals": [GOAL, ...], "notes": [str, ...]}
 
-`headline` holds the few numbers run_all.py charts; `rows` holds everything.
+    ROW   one measurement. Required keys:
+          name      str    what was measured: a variant, backend, implementation or method
+          case      str    the condition it was measured under ("160px b256", "cpu B=256 C=100");
+                           "" when a benchmark has one condition. (name, case) is unique.
+          status    str    "ok", "skipped", "oom" or "failed" (then "error" says why)
+          unit      str    unit of value: a rate ends in "/s" (higher is better), "s"/"ms"/"us"
+                           are times (lower is better), anything else ("%", "x") is neither
+          value     float  the measurement (None unless status is "ok")
+          baseline  str    name of the row, in the same case, that `ratio` compares with (None: none)
+          ratio     float  speed relative to the baseline, > 1 = faster: value / baseline value for
+                           rates, baseline value / value for times (None: no baseline measured)
+          Any other keys are free extras (res, batch, tflops, windows_s, ...).
+    HEAD  {"label": str, "value": float, "unit": str, "ratio": float|None}: the few numbers a
+          summary shows and charts.
+    GOAL  {"goal": str, "measured": str, "met": bool|None}: a goal of benchmarks/README.md checked
+          against this run (met None: not judged, e.g. a GPU goal measured on a CPU).
 
-Also a small generator of an ImageNet-style folder of photo-sized JPEGs (smooth colour fields
-plus texture, so they compress like photos rather than like noise), for loader benchmarks on
-machines without ImageNet:
+Synthetic images: photo-sized JPEGs (smooth colour fields plus texture, so they compress like
+photos rather than like noise), for pack/loader/e2e benchmarks on machines without ImageNet:
 
     python benchmarks/common.py synth-folder OUT --classes 8 --train 96 --val 8 --size 400
 """
@@ -39,7 +58,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-SCHEMA = 1
+SCHEMA = 2
+STATUSES = ("ok", "skipped", "oom", "failed")
+TIME_UNITS = ("s", "ms", "us")
 
 
 # ----------------------------------------------------------------------------- machine
@@ -228,36 +249,165 @@ def print_table(rows: Iterable[dict], columns: Sequence[tuple[str, str]], title:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
-# ----------------------------------------------------------------------------- JSON
+# ----------------------------------------------------------------------------- result schema
+
+
+def row(name: str, *, case: str = "", unit: str, value: float | None = None, status: str = "ok",
+        baseline: str | None = None, ratio: float | None = None, **extras: Any) -> dict[str, Any]:
+    """One ROW of the schema (module docstring); extras go after the required keys."""
+    if status not in STATUSES:
+        raise ValueError(f"row {name!r}: status {status!r} is not one of {STATUSES}")
+    return dict(name=name, case=case, status=status, unit=unit,
+                value=None if value is None else float(value), baseline=baseline, ratio=ratio, **extras)
+
+
+def fill_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Set each ok row's `ratio` from its `baseline` row in the same case (None when that row was
+    not measured): value / base for rates, base / value for times; returns `rows`."""
+    ok = {(r["name"], r["case"]): r for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        base = ok.get((r.get("baseline"), r.get("case")))
+        if r.get("status") != "ok" or base is None or not r["value"] or not base["value"]:
+            r["ratio"] = None
+            continue
+        if base["unit"] != r["unit"]:
+            raise ValueError(f"row {r['name']!r} ({r['unit']}) and its baseline {base['name']!r} "
+                             f"({base['unit']}) have different units")
+        if r["unit"] in TIME_UNITS:
+            r["ratio"] = base["value"] / r["value"]
+        else:
+            r["ratio"] = r["value"] / base["value"]
+    return rows
+
+
+def on_gpu(machine: dict[str, Any]) -> bool:
+    return str(machine.get("device") or "").startswith("cuda")
+
+
+def goal(text: str, measured: str, met: bool | None, machine: dict[str, Any]) -> dict[str, Any]:
+    """A GOAL entry; the goals are GPU goals, so a figure measured elsewhere is shown, never judged."""
+    if not on_gpu(machine):
+        return {"goal": text, "measured": f"{measured} (not a GPU run)", "met": None}
+    return {"goal": text, "measured": measured, "met": met}
+
+
+def validate_result(payload: Any) -> list[str]:
+    """Every way `payload` breaks the schema of the module docstring ([] when it follows it)."""
+    if not isinstance(payload, dict):
+        return ["result is not a JSON object"]
+    errors = []
+    if payload.get("schema") != SCHEMA:
+        errors.append(f"schema is {payload.get('schema')!r}, expected {SCHEMA}")
+    for key, kind in (("benchmark", str), ("command", str), ("machine", dict), ("params", dict),
+                      ("rows", list), ("headline", list), ("goals", list), ("notes", list)):
+        if not isinstance(payload.get(key), kind):
+            errors.append(f"{key!r} missing or not a {kind.__name__}")
+    number = (int, float)
+    seen = set()
+    for i, r in enumerate(payload.get("rows") if isinstance(payload.get("rows"), list) else []):
+        where = f"rows[{i}]"
+        if not isinstance(r, dict):
+            errors.append(f"{where} is not an object")
+            continue
+        for key, kind in (("name", str), ("case", str), ("status", str), ("unit", str)):
+            if not isinstance(r.get(key), kind):
+                errors.append(f"{where}.{key} missing or not a {kind.__name__}")
+        if r.get("status") not in STATUSES:
+            errors.append(f"{where}.status {r.get('status')!r} not in {STATUSES}")
+        if r.get("status") == "ok" and not (isinstance(r.get("value"), number) and not isinstance(r["value"], bool)):
+            errors.append(f"{where}: status ok but value {r.get('value')!r} is not a number")
+        if r.get("status") != "ok" and r.get("value") is not None:
+            errors.append(f"{where}: status {r.get('status')} but a value")
+        for key in ("value", "baseline", "ratio"):
+            if key not in r:
+                errors.append(f"{where}.{key} missing (None when it does not apply)")
+        if r.get("baseline") is not None and not isinstance(r["baseline"], str):
+            errors.append(f"{where}.baseline is not a row name")
+        if r.get("ratio") is not None and not isinstance(r["ratio"], number):
+            errors.append(f"{where}.ratio is not a number")
+        key = (r.get("name"), r.get("case"))
+        if key in seen:
+            errors.append(f"{where}: (name, case) {key} repeated")
+        seen.add(key)
+    for i, h in enumerate(payload.get("headline") if isinstance(payload.get("headline"), list) else []):
+        if not (isinstance(h, dict) and isinstance(h.get("label"), str) and isinstance(h.get("unit"), str)
+                and isinstance(h.get("value"), number) and "ratio" in h):
+            errors.append(f"headline[{i}] needs label (str), value (number), unit (str), ratio")
+    for i, g in enumerate(payload.get("goals") if isinstance(payload.get("goals"), list) else []):
+        if not (isinstance(g, dict) and isinstance(g.get("goal"), str) and isinstance(g.get("measured"), str)
+                and g.get("met") in (True, False, None)):
+            errors.append(f"goals[{i}] needs goal (str), measured (str), met (true/false/null)")
+    if not all(isinstance(n, str) for n in payload.get("notes") or []):
+        errors.append("notes must be strings")
+    return errors
+
+
+def head(label: str, value: float, unit: str, ratio: float | None = None) -> dict[str, Any]:
+    """A HEAD entry of the schema."""
+    return {"label": label, "value": float(value), "unit": unit, "ratio": ratio}
 
 
 def write_result(
     path: str | os.PathLike | None,
-    name: str,
+    benchmark: str,
     rows: list[dict],
     *,
     machine: dict[str, Any],
     params: dict[str, Any],
     headline: list[dict] | None = None,
+    goals: list[dict] | None = None,
     notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Build the shared result payload and, when `path` is given, write it there (atomically)."""
+    """Build the result payload of the schema (module docstring), check it, and when `path` is
+    given write it there atomically (temp name, fsync, rename). A payload that breaks the schema
+    is a bug in the benchmark: ValueError, nothing written."""
     payload = {
-        "benchmark": name,
         "schema": SCHEMA,
+        "benchmark": benchmark,
         "command": command_line(),
         "machine": machine,
         "params": params,
         "rows": rows,
         "headline": headline or [],
+        "goals": goals or [],
         "notes": notes or [],
     }
+    payload = json.loads(json.dumps(payload, default=str))  # what a reader will see (Paths -> str)
+    errors = validate_result(payload)
+    if errors:
+        raise ValueError(f"{benchmark}: result breaks the benchmark schema: " + "; ".join(errors[:5]))
     if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        tmp.replace(path)
+        write_text_atomic(Path(path), json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """fastkd.atomic's write when fastkd is importable; else temp name, fsync, rename here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from fastkd.atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, text.encode())
+        return
+    except ImportError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    """A result file, checked: ValueError naming the file and the first violations otherwise."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    errors = validate_result(payload)
+    if errors:
+        raise ValueError(f"{path}: not a schema-{SCHEMA} benchmark result: " + "; ".join(errors[:5]))
     return payload
 
 

@@ -1,4 +1,4 @@
-"""End-to-end throughput: the three-network step fed by each loader backend vs synthetic data.
+"""End-to-end throughput: the trainer's step (fastkd.step) fed by each loader backend vs synthetic data.
 
     # GPU, on a packed directory (see benchmarks/README.md for the figures):
     python benchmarks/e2e_throughput.py --data PACKED --backends torch,dali,ffcv --json e2e.json
@@ -10,22 +10,25 @@
 
 What it measures: for each backend, `build_loader(data, "train", backend, ...)` (train
 augmentation: RandomResizedCrop + flip, on the device where the backend decodes there) feeds
-`--steps` timed training steps (the step of step_throughput.py, variant `--variant`: by default
-bf16 channels_last + fused loss on GPU, fp32 NCHW on CPU), after `--warmup` untimed steps that
-absorb loader start-up, JIT compilation and cuDNN autotuning. Then the same number of steps on
-one synthetic batch already on the device. Reported per row:
+`--steps` timed iterations of the trainer's own step (`fastkd.step.build_step` from the config of
+step_throughput.py's variant `--variant`, then `step.meter.add`: by default bf16 channels_last +
+fused loss on GPU, fp32 NCHW on CPU), after `--warmup` untimed steps that absorb loader
+start-up, JIT compilation and cuDNN autotuning. Then the same number of steps on one synthetic
+batch already on the device. One step (one set of networks) serves every source. Rows follow
+benchmarks/common.py's schema: name = the source (a backend or `synthetic`), unit img/s,
+baseline `synthetic`, ratio = value / synthetic's. Extras per row:
 
-    images_per_s   images through the step over wall time (host clock; one device sync at each end)
+    value          images through the step over wall time (host clock; one device sync at each end)
     wait_frac      host time blocked in next(iterator) (including re-creating the iterator at an
                    epoch end) over that wall time: the fraction of step time spent waiting for data
     wait_frac_steady  the same without the calls that started a new epoch (`epoch_starts` of
                    them): on a small benchmark set an epoch is a few batches, so its start-up
                    weighs far more than in a real epoch of thousands of batches
-    vs_synthetic   images_per_s over the synthetic row's: 1.0 means data never held the step back
+    ratio          value over the synthetic row's: 1.0 means data never held the step back
 
 The host clock is the right tool here, unlike in step_throughput.py: waiting for data is a host
 event. Work a backend enqueues on the GPU (nvJPEG decode, augmentation) is not "waiting"; it
-shows up as a lower vs_synthetic instead. A backend whose package is missing or that cannot run
+shows up as a lower ratio instead. A backend whose package is missing or that cannot run
 on this machine is skipped with its message.
 """
 
@@ -43,6 +46,8 @@ import common  # noqa: E402
 import step_throughput as st  # noqa: E402
 
 import torch  # noqa: E402
+
+from fastkd.step import build_step  # noqa: E402
 
 BACKENDS = ("torch", "dali", "ffcv", "folder")
 
@@ -69,7 +74,7 @@ def available_formats() -> str:
 
 def measure(step, batches, steps: int, warmup: int, device: str) -> dict[str, Any]:
     """Run warmup + steps steps pulling (x, y) from `batches()` (a callable returning the next
-    batch); returns images/s and the fraction of wall time spent inside batches().
+    batch) into `step(x, y)`; returns images/s and the fraction of wall time spent inside batches().
 
     `batches.epoch_starts` (when present) counts iterator re-creations at epoch ends; the waits of
     those calls are also reported apart (`wait_frac_steady` leaves them out), because on a small
@@ -117,26 +122,30 @@ class LoaderBatches:
             return next(self.it)
 
 
+def trainer_iteration(step):
+    """(x, y) -> one trainer iteration: the step, then the meter (as fastkd/train.py runs it)."""
+
+    def run(x, y) -> None:
+        step.meter.add(step(x, y), int(y.shape[0]))
+
+    return run
+
+
 def run(args) -> dict[str, Any]:
     device = common.pick_device(args.device)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    on_gpu = device_type == "cuda"
+    on_gpu = device.startswith("cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
     variant = args.variant or ("bf16_cl_fused" if on_gpu else "fp32_nchw")
-    spec = dict(st.VARIANTS[variant])
-    if spec["compile"]:
+    cfg = st.variant_config(variant, mode="none", temperature=4.0)
+    if cfg.compile.mode != "none":
         raise SystemExit("--variant: e2e uses an eager variant (compile would dominate a short run)")
-    try:
-        loss_fn, loss_desc = st.make_loss(spec["fused"], 4.0, device)
-    except RuntimeError as error:  # fused op missing: fall back to the reference loss, and say so
-        print(f"e2e_throughput: fused loss unavailable ({error}); using the reference loss")
-        spec["fused"] = False
-        loss_fn, loss_desc = st.make_loss(False, 4.0, device)
-    dtype = torch.bfloat16 if spec["amp"] else torch.float32
+    loss_desc = st.loss_impl(cfg, device)
+    dtype = st.input_dtype(cfg, device)
     res = args.res or (160 if on_gpu else 64)
     batch = args.batch or (256 if on_gpu else 8)
+    case = f"{res}px b{batch}"
 
     if args.make_data:
         data = make_packed(Path(args.make_data), classes=args.classes, per_class=args.per_class,
@@ -151,65 +160,75 @@ def run(args) -> dict[str, Any]:
     machine = common.machine_info(device)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     print(f"e2e_throughput: {machine.get('gpu') or machine['cpu']} | device {device} | {variant} | "
-          f"{res}px b{batch} | {args.steps} steps | data {data}", flush=True)
+          f"{case} | {args.steps} steps | data {data}", flush=True)
 
     rows: list[dict[str, Any]] = []
-    nets = None
-    num_classes = None
+    step = None
+
+    def make_step(num_classes: int):
+        torch.manual_seed(args.seed)
+        return build_step(cfg, num_classes, torch.device(device), lr=1e-3)
+
     for backend in backends:
-        row: dict[str, Any] = dict(source=backend, res=res, batch=batch, variant=variant)
+        extras: dict[str, Any] = dict(res=res, batch=batch, variant=variant)
         try:
             loader = build_loader(str(data), "train", backend, batch, res, device, dtype,
                                   num_workers=args.workers, drop_last=True)
-            if nets is None:
-                num_classes = loader.num_classes
-                nets = st.build_nets(num_classes, device, spec["channels_last"], args.seed)
-            opt = st.make_optimizer(*nets[1:], lr=1e-3)
-            step = st.make_step(*nets, opt, loss_fn, spec["amp"], device_type)
-            row.update(measure(step, LoaderBatches(loader), args.steps, args.warmup, device))
-            row["status"] = "ok"
+            if step is None:
+                step = make_step(loader.num_classes)
+            extras.update(measure(trainer_iteration(step), LoaderBatches(loader), args.steps, args.warmup, device))
             del loader
         except Exception as error:  # any backend failure is reported and the others still run
             message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            row.update(status="skipped", error=message)
+            rows.append(common.row(backend, case=case, unit="img/s", status="skipped", baseline="synthetic",
+                                   error=message, **extras))
             print(f"  {backend:8s} skipped: {message}", flush=True)
-        else:
-            print(f"  {backend:8s} {row['images_per_s']:10,.1f} img/s  waiting {row['wait_frac']:.1%} "
-                  f"({row['wait_frac_steady']:.1%} in-epoch, {row['epoch_starts']} epoch starts)",
-                  flush=True)
-        rows.append(row)
+            continue
+        rows.append(common.row(backend, case=case, unit="img/s", value=extras.pop("images_per_s"),
+                               baseline="synthetic", **extras))
+        r = rows[-1]
+        print(f"  {backend:8s} {r['value']:10,.1f} img/s  waiting {r['wait_frac']:.1%} "
+              f"({r['wait_frac_steady']:.1%} in-epoch, {r['epoch_starts']} epoch starts)", flush=True)
 
-    if nets is None:  # no backend ran: still measure the synthetic ceiling
-        num_classes = args.classes
-        nets = st.build_nets(num_classes, device, spec["channels_last"], args.seed)
+    if step is None:  # no backend ran: still measure the synthetic ceiling
+        step = make_step(args.classes)
     x = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
-    if spec["channels_last"]:
-        x = x.to(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (batch,), device=device)
-    opt = st.make_optimizer(*nets[1:], lr=1e-3)
-    step = st.make_step(*nets, opt, loss_fn, spec["amp"], device_type)
-    synth = dict(source="synthetic", res=res, batch=batch, variant=variant, status="ok")
-    synth.update(measure(step, lambda: (x, y), args.steps, args.warmup, device))
-    rows.append(synth)
-    print(f"  {'synthetic':8s} {synth['images_per_s']:10,.1f} img/s", flush=True)
-    for r in rows:
-        if r.get("status") == "ok":
-            r["vs_synthetic"] = r["images_per_s"] / synth["images_per_s"]
+    if cfg.precision.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, _num_classes(step), (batch,), device=device)
+    synth = measure(trainer_iteration(step), lambda: (x, y), args.steps, args.warmup, device)
+    rows.append(common.row("synthetic", case=case, unit="img/s", value=synth.pop("images_per_s"),
+                           baseline="synthetic", res=res, batch=batch, variant=variant, **synth))
+    print(f"  {'synthetic':8s} {rows[-1]['value']:10,.1f} img/s", flush=True)
+    common.fill_ratios(rows)
 
-    notes = [f"loss: {loss_desc}", "goal (H100): data waiting <= 5 % of step time with the torch backend"]
-    columns = [("source", "data"), ("images_per_s", "img/s"), ("wait_frac", "waiting"),
+    columns = [("name", "data"), ("value", "img/s"), ("wait_frac", "waiting"),
                ("wait_frac_steady", "waiting in-epoch"), ("epoch_starts", "epoch starts"),
-               ("vs_synthetic", "x synthetic"), ("status", "status"), ("error", "note")]
+               ("ratio", "x synthetic"), ("status", "status"), ("error", "note")]
     pct = ("wait_frac", "wait_frac_steady")
     shown = [dict(r, **{k: (f"{r[k]:.1%}" if k in r else None) for k in pct}) for r in rows]
-    common.print_table(shown, columns, title=f"end-to-end, {variant}, {res}px b{batch}, {args.steps} steps")
-    headline = [dict(label=f"e2e {r['source']} {res}px b{batch}", value=r["images_per_s"],
-                     unit="img/s", wait_frac=r.get("wait_frac"), wait_frac_steady=r.get("wait_frac_steady"))
-                for r in rows if r.get("status") == "ok"]
+    common.print_table(shown, columns, title=f"end-to-end, {variant}, {case}, {args.steps} steps")
+    headline = [common.head(f"e2e {r['name']} {case}", r["value"], "img/s", r["ratio"])
+                for r in rows if r["status"] == "ok"]
+    torch_row = next((r for r in rows if r["name"] == "torch" and r["status"] == "ok"), None)
+    text = "data waiting <= 5 % of step time, torch backend"
+    if torch_row is None:
+        goals = [common.goal(text, "torch backend not measured", None, machine)]
+    else:
+        steady = torch_row["wait_frac_steady"]
+        goals = [common.goal(text, f"{steady:.1%} in-epoch, {torch_row['wait_frac']:.1%} with "
+                             f"{torch_row['epoch_starts']} epoch starts; {torch_row['ratio']:.2f}x synthetic",
+                             steady <= 0.05, machine)]
     params = dict(device=device, data=str(data), backends=backends, res=res, batch=batch,
                   steps=args.steps, warmup=args.warmup, variant=variant, workers=args.workers)
     return common.write_result(args.json, "e2e_throughput", rows, machine=machine, params=params,
-                               headline=headline, notes=notes)
+                               headline=headline, goals=goals, notes=[f"loss: {loss_desc}"])
+
+
+def _num_classes(step) -> int:
+    """Classes of the step's students: the out_features of the first student's last Linear."""
+    last = [m for m in step.students.nets[0].modules() if isinstance(m, torch.nn.Linear)][-1]
+    return last.out_features
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=400, help="--make-data: longer image side")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma list of " + ", ".join(BACKENDS))
     p.add_argument("--device", default="auto")
-    p.add_argument("--variant", default=None, choices=[v for v in st.VARIANTS if not st.VARIANTS[v]["compile"]])
+    p.add_argument("--variant", default=None,
+                   choices=[v for v, spec in st.VARIANTS.items() if spec["config"]["compile.mode"] == "none"])
     p.add_argument("--res", type=int, default=None, help="default 160 on GPU, 64 on CPU")
     p.add_argument("--batch", type=int, default=None, help="default 256 on GPU, 8 on CPU")
     p.add_argument("--steps", type=int, default=50, help="timed steps per source")
