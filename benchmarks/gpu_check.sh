@@ -20,8 +20,9 @@
 #   data     16 x 384 synthetic photo-sized JPEGs -> `fastkd pack --formats dali` (or DATA=packed/dir)
 #   loader   benchmarks/loader_throughput.py, `torch` backend (nvJPEG decode on the GPU)
 #   e2e      benchmarks/e2e_throughput.py, `torch` backend vs synthetic data
-#   step     benchmarks/step_throughput.py (4 variants x 160/192/224 px x batch 128/256; compiled
-#            variant at 160 px x 256 only), given the time left up to HARD_S (at most 200 s)
+#   step     benchmarks/step_throughput.py: the trainer's step (fastkd.step.build_step), 5 variants
+#            x 160/192/224 px x batch 128/256; the two compiled variants (reference and fused loss)
+#            at 160 px x 256 only; given the time left up to HARD_S (at most 200 s)
 #   losstest pytest of the loss tests (CPU reference, op under compile; GPU ones too)
 # Last: benchmarks/run_all.py --collect merges the JSONs into results.{json,md,png}, then a short
 # table (stages + goals) is printed. Under $OUT (at most 8 files, none in sub-folders):
@@ -31,7 +32,8 @@
 # Environment knobs: PY (python; default .venv/bin/python if present, else python3), BUDGET_S,
 # DATA (a packed dir), WORK (scratch dir), QUICK=1 (tiny sizes even on a GPU), FORCE_SHIM=1 (test
 # the shim), ONLY="kernel step" (rerun just these stages; env and install always run; a stage
-# that needs data needs `data` too, unless DATA is given).
+# that needs data needs `data` too, unless DATA is given), STEP_VARIANTS (dry run: the step
+# benchmark's --variants).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -229,15 +231,8 @@ stage kernel 180 cuda kernel_check
 stage gputest 150 any "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider --continue-on-collection-errors
 
 # ------------------------------------------------------------------ loss benchmark
-if [ -f benchmarks/loss_kernel.py ]; then
-  if [ "$MODE" = gpu ]; then LOSS_ARGS=(--device cuda); else LOSS_ARGS=(--device cpu --warmup 1 --iters 3 --no-compile); fi
-  # pass only flags the script accepts
-  FILTERED=($( "$PY" benchmarks/run_all.py --filter-flags benchmarks/loss_kernel.py -- "${LOSS_ARGS[@]}" 2>/dev/null ))
-  [ ${#FILTERED[@]} -gt 0 ] && LOSS_ARGS=("${FILTERED[@]}")  # filtering failed: keep the flags as they are
-  stage loss 120 any "$PY" benchmarks/loss_kernel.py "${LOSS_ARGS[@]}" --json "$W/json/loss.json"
-else
-  printf 'loss\tskip\t0\tbenchmarks/loss_kernel.py missing\n' >> "$STAGES"
-fi
+if [ "$MODE" = gpu ]; then LOSS_ARGS=(--device cuda); else LOSS_ARGS=(--device cpu --quick --warmup 1 --iters 3 --no-compile); fi
+stage loss 120 any "$PY" benchmarks/loss_kernel.py "${LOSS_ARGS[@]}" --json "$W/json/loss.json"
 
 # ------------------------------------------------------------------ data: synthetic folder -> pack
 if [ "$MODE" = gpu ]; then SYNTH="--classes 16 --train 384 --val 4 --size 400"; else SYNTH="--classes 4 --train 12 --val 2 --size 96"; fi
@@ -262,14 +257,8 @@ if [ "$MODE" = gpu ]; then
 else
   LOADER_EXTRA=(--device cpu --batch-size 8 --resolution 32 --epochs 1)
 fi
-if [ -f benchmarks/loader_throughput.py ]; then
-  LOADER_ARGS=($( "$PY" benchmarks/run_all.py --filter-flags benchmarks/loader_throughput.py -- \
-                   --data "$PACKED" --backends torch "${LOADER_EXTRA[@]}" 2>/dev/null ))
-  [ ${#LOADER_ARGS[@]} -gt 0 ] || LOADER_ARGS=(--data "$PACKED" --backends torch "${LOADER_EXTRA[@]}")
-  stage loader 90 any "$PY" benchmarks/loader_throughput.py "${LOADER_ARGS[@]}" --json "$W/json/loader.json"
-else
-  printf 'loader\tskip\t0\tbenchmarks/loader_throughput.py missing\n' >> "$STAGES"
-fi
+stage loader 90 any "$PY" benchmarks/loader_throughput.py --data "$PACKED" --backends torch "${LOADER_EXTRA[@]}" \
+  --json "$W/json/loader.json"
 
 # ------------------------------------------------------------------ end to end (torch backend)
 if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 40 --warmup 5); else E2E_ARGS=(--res 32 --batch 4 --steps 2 --warmup 1); fi
@@ -286,7 +275,9 @@ if [ "$MODE" = gpu ]; then
   STEP_ARGS=(--windows 5 --steps 3 --warmup 2 --max-seconds "$STEP_MAX")
   STEP_T=270
 else
-  STEP_ARGS=(--res 32 --batch 4 --steps 1 --windows 2 --warmup 1 --variants fp32_nchw,bf16_cl,bf16_cl_fused)
+  # the compiled variant through cudagraphs (on CPU: dynamo + AOT autograd, ~40 s), not inductor's C++ (minutes)
+  STEP_ARGS=(--res 32 --batch 4 --steps 1 --windows 2 --warmup 1 --compile-mode cudagraphs
+             --variants "${STEP_VARIANTS:-fp32_nchw,bf16_cl,bf16_cl_fused,bf16_cl_compiled}")
   STEP_T=300  # shared CPUs: tiny shapes can still take minutes
 fi
 stage step "$STEP_T" any "$PY" benchmarks/step_throughput.py "${STEP_ARGS[@]}" --json "$W/json/step.json"

@@ -13,9 +13,11 @@ not timed, then --epochs timed epochs; reported: the median epoch's images/s and
 synchronised at the end of each epoch; a backend whose package is missing is skipped with the
 reason.
 
-Data: --data PACKED_DIR (its `source` folder serves `folder`), or --images JPEGs of 200-500 px (default 2000; structured: gradients, shapes, texture and
-noise so JPEG sizes are like photos', ~30-60 KB at quality 90), generated once into --work and
-packed with `fastkd pack` (max side 400, quality 90); later runs reuse them.
+Data: --data PACKED_DIR (its `source` folder serves `folder`), or --images photo-like JPEGs
+(benchmarks/common.py's synthetic folder: 10 classes, 90 % train, longer side 300-400 px)
+generated once into --work and packed with `fastkd pack` (max side 400, quality 90); later runs
+reuse them. Rows follow benchmarks/common.py's schema: name = backend, unit img/s, baseline
+`folder`; extras build_s, warmup_epoch_s, epoch_rates, images_per_epoch.
 """
 
 from __future__ import annotations
@@ -27,40 +29,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 BACKENDS = ("folder", "ffcv", "dali", "torch")
 # extra names for --backends: a backend with options
 VARIANTS = {"dali-reader": ("dali", {"shuffle": "reader"})}  # fn.readers.webdataset buffer shuffle
-
-
-def make_images(src: Path, count: int, classes: int = 10, seed: int = 0) -> None:
-    from PIL import Image, ImageDraw, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        label = i % classes
-        split = "val" if (i // classes) % 10 == 0 else "train"
-        w, h = (int(v) for v in rng.integers(200, 501, size=2))
-        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-        angle = rng.uniform(0, 2 * np.pi)
-        base = (np.cos(angle) * x + np.sin(angle) * y) / max(w, h)
-        colour_a, colour_b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        img = colour_a + (colour_b - colour_a) * base[..., None]
-        image = Image.fromarray(img.clip(0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(image)
-        for _ in range(int(rng.integers(5, 15))):
-            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
-            x1, y1 = x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))
-            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
-        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
-        pixels = np.asarray(image).astype(np.float32)
-        pixels += rng.normal(0, 6, size=(h, w, 1)) * rng.uniform(0.5, 1.5, size=3)  # sensor-like texture
-        folder = src / split / f"n{label:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"img{i:06d}.JPEG", quality=92)
 
 
 def prepare(work: Path, count: int) -> Path:
@@ -70,7 +46,10 @@ def prepare(work: Path, count: int) -> Path:
     if not (packed / "manifest.json").exists():
         if not (src / "val").exists():
             print(f"generating {count} images in {src} ...", flush=True)
-            make_images(src, count)
+            classes = 10
+            per_class = max(1, count // classes)
+            common.make_synthetic_folder(src, classes=classes, train_per_class=per_class - per_class // 10,
+                                         val_per_class=max(1, per_class // 10), size=400)
         print(f"packing into {packed} ...", flush=True)
         pack(src, packed, classes="all", max_side=400, quality=90, overwrite=True)
     return packed
@@ -132,9 +111,6 @@ def measure_all(packed: Path, backends: list[str], args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import common
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--dtype", default="bf16")
@@ -162,23 +138,26 @@ def main(argv=None) -> int:
     print(f"device={args.device} dtype={args.dtype} batch={args.batch_size} r={args.resolution} data={packed}",
           flush=True)
     results = measure_all(packed, args.backends.split(","), args)
-    base = next((r["images_per_s"] for r in results if r["backend"] == "folder" and "images_per_s" in r), None)
+    rows = []
     for r in results:
-        if "images_per_s" in r:
-            r["ratio_to_folder"] = r["images_per_s"] / base if base else None
-    measured = [r for r in results if "images_per_s" in r]
-    common.print_table(measured, [("backend", "backend"), ("images_per_s", "img/s"),
-                                  ("ratio_to_folder", "x folder"), ("build_s", "build s"),
-                                  ("warmup_epoch_s", "warm-up s")],
-                       title=f"train loaders, r={args.resolution}, batch {args.batch_size}, {args.device}")
-    for r in results:
+        extras = {k: v for k, v in r.items() if k not in ("backend", "skipped", "images_per_s")}
         if "skipped" in r:
-            print(f"skipped {r['backend']}: {r['skipped']}")
+            rows.append(common.row(r["backend"], unit="img/s", status="skipped", baseline="folder",
+                                   error=r["skipped"], **extras))
+        else:
+            rows.append(common.row(r["backend"], unit="img/s", value=r["images_per_s"], baseline="folder", **extras))
+    common.fill_ratios(rows)
+    measured = [r for r in rows if r["status"] == "ok"]
+    common.print_table(measured, [("name", "backend"), ("value", "img/s"), ("ratio", "x folder"),
+                                  ("build_s", "build s"), ("warmup_epoch_s", "warm-up s")],
+                       title=f"train loaders, r={args.resolution}, batch {args.batch_size}, {args.device}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"skipped {r['name']}: {r['error']}")
     common.write_result(
-        args.json, "loader_throughput", results, machine=info,
+        args.json, "loader_throughput", rows, machine=info,
         params={k: str(v) for k, v in vars(args).items() if k != "json"},
-        headline=[{"label": f"{r['backend']} loader", "value": r["images_per_s"], "unit": "img/s"}
-                  for r in measured],
+        headline=[common.head(f"{r['name']} loader", r["value"], "img/s", r["ratio"]) for r in measured],
         notes=[f"device {args.device}; ratios are to the folder baseline measured in the same run"])
     return 0
 

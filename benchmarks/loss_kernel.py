@@ -27,9 +27,10 @@ and replayed (`--graph-replays` replays between two events, median over windows)
 removes the host side and measures the device time alone, i.e. what a step compiled with
 `--compile cudagraphs` pays; their speed-up is over `eager-graph`.
 Goals (issue 4): fused >= 5x eager on GPU at B=256, C=100; fused not slower than eager on CPU.
-`--json PATH` writes the shared benchmark schema (see benchmarks/common.py: benchmark, schema,
-command, machine, params, rows, headline, notes); rows carry device, B, C, dtype, impl,
-median_ms and speedup (eager / impl).
+`--json PATH` writes benchmarks/common.py's result schema: one row per implementation and shape,
+name = impl, case = "<device> B=<B> C=<C>", value = median ms, baseline `eager` (`eager-graph`
+for the graph rows), ratio = baseline ms / impl ms (the speed-up); extras device, B, C, dtype,
+warmup, iters.
 """
 
 from __future__ import annotations
@@ -146,25 +147,34 @@ def bench_shape(device, B, C, dtype, warmup, iters, compiled, graph_replays=0):
         impls["compiled"] = compiled
     impls["fused"] = lambda t, s, y, c: distillation_loss(t, s, y, c, fused=True)
     medians = time_interleaved({name: run(fn) for name, fn in impls.items()}, device, warmup, iters)
-    rows = []
-    for name, ms in medians.items():
-        rows.append({"device": device, "B": B, "C": C, "dtype": str(dtype).removeprefix("torch."), "impl": name,
-                     "median_ms": ms, "warmup": warmup, "iters": iters})
-    eager_ms = rows[0]["median_ms"]
-    for r in rows:
-        r["speedup"] = eager_ms / r["median_ms"]
+    case = f"{device} B={B} C={C}"
+    extras = dict(device=device, B=B, C=C, dtype=str(dtype).removeprefix("torch."))
+    rows = [common.row(name, case=case, unit="ms", value=ms, baseline="eager", warmup=warmup, iters=iters, **extras)
+            for name, ms in medians.items()]
     if device == "cuda" and graph_replays > 0:
         try:
             replays = {f"{name}-graph": capture_graph(run(impls[name])) for name in ("eager", "fused")}
         except RuntimeError as error:  # a host sync in an implementation cannot be captured
             print(f"CUDA-graph rows skipped at B={B} C={C}: {error}", flush=True)
-            return rows
+            return common.fill_ratios(rows)
         graph_ms = time_graphs(replays, windows=max(iters // 10, 5), per_window=graph_replays)
         for name, ms in graph_ms.items():
-            rows.append({"device": device, "B": B, "C": C, "dtype": str(dtype).removeprefix("torch."), "impl": name,
-                         "median_ms": ms, "warmup": 3, "iters": max(iters // 10, 5) * graph_replays,
-                         "speedup": graph_ms["eager-graph"] / ms})
-    return rows
+            rows.append(common.row(name, case=case, unit="ms", value=ms, baseline="eager-graph", warmup=3,
+                                   iters=max(iters // 10, 5) * graph_replays, **extras))
+    return common.fill_ratios(rows)
+
+
+def loss_goals(rows: list[dict], machine: dict) -> list[dict]:
+    """The loss goal of benchmarks/README.md: fused >= 5x eager at B=256, C=100 on the GPU, per
+    eager call and in device time (CUDA-graph replay)."""
+    text = "fused loss >= 5x eager (B=256, C=100)"
+    picked = {r["name"]: r for r in rows if r["device"] == "cuda" and (r["B"], r["C"]) == (256, 100)}
+    if "fused" not in picked:
+        return [common.goal(text, "not measured on a GPU", None, machine)]
+    eager_call = picked["fused"]["ratio"]
+    graph = picked.get("fused-graph", {}).get("ratio")
+    measured = f"per eager call {eager_call:.2f}x" + (f", device time {graph:.2f}x" if graph else "")
+    return [common.goal(text, measured, max(eager_call, graph or 0) >= 5, machine)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             new = bench_shape(device, B, C, dtype, warmup, iters, compiled, args.graph_replays)
             rows += new
             for r in new:
-                print(f"{r['device']:5s} B={r['B']:5d} C={r['C']:5d} {r['impl']:9s} {r['median_ms']:9.3f} ms "
-                      f"{r['speedup']:6.2f}x", flush=True)
+                print(f"{r['device']:5s} B={r['B']:5d} C={r['C']:5d} {r['name']:9s} {r['value']:9.3f} ms "
+                      f"{r['ratio']:6.2f}x", flush=True)
     for note in notes:
         print("note:", note)
     print()
@@ -227,28 +237,28 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for device in devices:
         for B, C in shapes:
-            by = {r["impl"]: r for r in rows if (r["device"], r["B"], r["C"]) == (device, B, C)}
+            by = {r["name"]: r for r in rows if (r["device"], r["B"], r["C"]) == (device, B, C)}
             comp = by.get("compiled")
-            comp_s = f"{comp['median_ms']:.3f} ({comp['speedup']:.2f}x)" if comp else "skipped"
-            print(f"| {device} | {B} | {C} | {by['eager']['median_ms']:.3f} | {comp_s} | "
-                  f"{by['fused']['median_ms']:.3f} ({by['fused']['speedup']:.2f}x) |")
-    graph_rows = [r for r in rows if r["impl"].endswith("-graph")]
+            comp_s = f"{comp['value']:.3f} ({comp['ratio']:.2f}x)" if comp else "skipped"
+            print(f"| {device} | {B} | {C} | {by['eager']['value']:.3f} | {comp_s} | "
+                  f"{by['fused']['value']:.3f} ({by['fused']['ratio']:.2f}x) |")
+    graph_rows = [r for r in rows if r["name"].endswith("-graph")]
     if graph_rows:
         print()
         print("device time alone (CUDA graph replay)")
         print("| device | B | C | eager-graph ms | fused-graph ms (x eager-graph) |")
         print("|---|---|---|---|---|")
         for B, C in shapes:
-            by = {r["impl"]: r for r in graph_rows if (r["B"], r["C"]) == (B, C)}
-            print(f"| cuda | {B} | {C} | {by['eager-graph']['median_ms']:.4f} | "
-                  f"{by['fused-graph']['median_ms']:.4f} ({by['fused-graph']['speedup']:.2f}x) |")
+            by = {r["name"]: r for r in graph_rows if (r["B"], r["C"]) == (B, C)}
+            print(f"| cuda | {B} | {C} | {by['eager-graph']['value']:.4f} | "
+                  f"{by['fused-graph']['value']:.4f} ({by['fused-graph']['ratio']:.2f}x) |")
     if args.json is not None:
-        headline = [{"label": f"fused loss vs eager, {r['device']} B={r['B']} C={r['C']}", "value": r["speedup"],
-                     "unit": "x"} for r in rows if r["impl"] == "fused" and (r["B"], r["C"]) == (256, 100)]
-        headline += [{"label": f"fused loss vs eager, device time (CUDA graph), B={r['B']} C={r['C']}",
-                      "value": r["speedup"], "unit": "x"}
-                     for r in rows if r["impl"] == "fused-graph" and (r["B"], r["C"]) == (256, 100)]
+        headline = [common.head(f"fused loss vs eager, {r['device']} B={r['B']} C={r['C']}", r["ratio"], "x")
+                    for r in rows if r["name"] == "fused" and (r["B"], r["C"]) == (256, 100)]
+        headline += [common.head(f"fused loss vs eager, device time (CUDA graph), B={r['B']} C={r['C']}",
+                                 r["ratio"], "x") for r in rows if r["name"] == "fused-graph" and (r["B"], r["C"]) == (256, 100)]
         common.write_result(args.json, "loss_kernel", rows, machine=info, headline=headline, notes=notes,
+                            goals=loss_goals(rows, info),
                             params={"method": "uadkd", "dtype": args.dtype, "shapes": shapes, "devices": devices,
                                     "quick": args.quick, "compile": not args.no_compile})
         print(f"wrote {args.json}")

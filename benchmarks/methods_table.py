@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-import common
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 METHODS = ("ce", "kd", "uakd", "dml", "dual", "uadkd")
 USES_TEACHER = {"kd", "uakd", "dual", "uadkd"}
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def row_for(method: str, reports: list[dict]) -> dict:
+    """One schema row (benchmarks/common.py) from the final reports of `method`'s runs (one per
+    seed): value = the students' mean val top-1 (%), per-student top-1/top-5/ECE as extras."""
     row = {
         "method": method,
         "teacher": "yes" if method in USES_TEACHER else "-",
@@ -79,7 +82,20 @@ def row_for(method: str, reports: list[dict]) -> dict:
             row[f"{name}_{key}"] = scale * statistics.mean(values)
             if len(values) > 1:
                 row[f"{name}_{key}_std"] = scale * statistics.stdev(values)
-    return row
+    top1 = [row[f"{name}_top1"] for name in reports[0]["networks"] if f"{name}_top1" in row]
+    value = statistics.mean(top1) if top1 else None
+    return common.row(method, unit="% top-1", value=value, status="ok" if top1 else "failed",
+                      **({} if top1 else {"error": "no top-1 in the run reports"}), **row)
+
+
+def result(rows: list[dict], *, machine: dict, params: dict, notes: list[str], path=None) -> dict:
+    """The schema payload of the table (written to `path` when given)."""
+    return common.write_result(
+        path, "methods_table", rows, machine=machine, params=params,
+        headline=[common.head(f"{r['method']} {n} top-1", r[f"{n}_top1"], "%")
+                  for r in rows for n in ("resnet18", "mobilenet_v2") if r.get(f"{n}_top1") is not None],
+        notes=notes,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,14 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     common.print_table(rows, COLUMNS, title="fastkd methods on the digits demo")
     for note in notes:
         print(note)
-    payload = common.write_result(
-        args.json, "methods_table", rows, machine=machine,
-        params={"methods": methods, "seeds": seeds, "train_args": extra, "out": str(out),
-                "teacher": {"arch": t_name, "top1": t_net["top1"], "top5": t_net["top5"]}},
-        headline=[{"label": f"{r['method']} {n} top-1", "value": r.get(f"{n}_top1"), "unit": "%"}
-                  for r in rows for n in ("resnet18", "mobilenet_v2") if r.get(f"{n}_top1") is not None],
-        notes=notes,
-    )
+    payload = result(rows, machine=machine, notes=notes, path=args.json,
+                     params={"methods": methods, "seeds": seeds, "train_args": extra, "out": str(out),
+                             "teacher": {"arch": t_name, "top1": t_net["top1"], "top5": t_net["top5"]}})
     (out / "methods.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (out / "methods.md").write_text(md)
     if args.md:

@@ -11,8 +11,8 @@ a non-zero exit or a timeout is recorded as that benchmark's status and the othe
 Writes under the output folder (default `benchmarks/results/<UTC date>-<device>/`):
 
     results.json   {"machine", "command", "benchmarks": {name: {status, rc, seconds, command,
-                    result (the benchmark's own JSON)}}}
-    results.md     per benchmark: status, command, its rows as a table; headline numbers first
+                    result (the benchmark's own JSON)}}, "goals": [...], "stages": [...]}
+    results.md     per benchmark: status, command, its rows as a table; goals and headline first
     results.png    bar chart of each benchmark's headline numbers (one panel per benchmark)
     logs/NAME.log  each subprocess's stdout + stderr
 
@@ -20,6 +20,10 @@ The loader and e2e benchmarks need a packed directory: `--data PACKED`, else a s
 one is made once in a temporary folder (photo-sized JPEGs, `fastkd pack`) and removed
 afterwards unless `--keep-data`. The figures are whatever this machine measured; nothing is
 asserted here.
+
+Everything read here is benchmarks/common.py's result schema (`common.read_result`): rows by
+name and case, the benchmarks' own headline numbers and goals. A result file that breaks the
+schema is recorded as a failed benchmark with the reason; nothing is guessed from other shapes.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -51,8 +54,7 @@ SCRIPTS = {
 
 
 def bench_args(name: str, *, quick: bool, on_gpu: bool, data: Path | None, src: Path | None) -> list[str]:
-    """Arguments for one benchmark (besides --json). Benchmarks owned by other parts get only
-    the flags their docstrings document."""
+    """Arguments for one benchmark (besides --json): flags its docstring documents."""
     if name == "step":
         if quick:
             return ["--res", "32", "--batch", "4", "--steps", "1", "--windows", "2", "--warmup", "1",
@@ -81,28 +83,6 @@ def bench_args(name: str, *, quick: bool, on_gpu: bool, data: Path | None, src: 
     return []
 
 
-def supported_flags(script: Path) -> str:
-    """The script's --help text ('' if it fails): used to pass only flags a script accepts."""
-    try:
-        out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
-                             text=True, timeout=120)
-        return out.stdout
-    except (subprocess.SubprocessError, OSError):
-        return ""
-
-
-def filter_flags(args: list[str], help_text: str) -> list[str]:
-    """Drop flags (and their values) that the script's --help does not mention."""
-    kept, i = [], 0
-    while i < len(args):
-        flag = args[i]
-        has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
-        if not flag.startswith("--") or re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text):
-            kept += args[i:i + 1 + has_value]
-        i += 1 + has_value
-    return kept
-
-
 def run_one(name: str, args: list[str], out: Path, timeout: float) -> dict[str, Any]:
     script = HERE / SCRIPTS[name]
     json_path = out / "json" / f"{name}.json"
@@ -110,10 +90,6 @@ def run_one(name: str, args: list[str], out: Path, timeout: float) -> dict[str, 
     record: dict[str, Any] = {"script": f"benchmarks/{script.name}"}
     if not script.exists():
         return dict(record, status="missing", error=f"{script.name} not in this checkout")
-    help_text = supported_flags(script)
-    args = filter_flags(args, help_text) if help_text else args
-    if help_text and not re.search(r"(?<![\w-])--json(?![\w-])", help_text):
-        return dict(record, status="failed", error=f"{script.name} has no --json flag")
     cmd = [sys.executable, str(script), *args, "--json", str(json_path)]
     record["command"] = " ".join(["python", f"benchmarks/{script.name}", *args, "--json", f"{name}.json"])
     print(f"[run_all] {name}: {record['command']}", flush=True)
@@ -132,10 +108,10 @@ def run_one(name: str, args: list[str], out: Path, timeout: float) -> dict[str, 
     record["log"] = str(log_path.relative_to(out))
     if json_path.exists():
         try:
-            record["result"] = json.loads(json_path.read_text())
-        except json.JSONDecodeError as error:
+            record["result"] = common.read_result(json_path)
+        except ValueError as error:
             record["status"] = "failed"
-            record["error"] = f"bad JSON: {error}"
+            record["error"] = str(error)[:300]
     elif record["status"] == "ok":
         record["status"] = "failed"
         record["error"] = "exited 0 but wrote no JSON"
@@ -151,26 +127,8 @@ def run_one(name: str, args: list[str], out: Path, timeout: float) -> dict[str, 
 
 
 def headline_of(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The benchmark's own headline, else the first throughput-like number of each row."""
-    if result.get("headline"):
-        return list(result["headline"])
-    rows = result.get("rows") or result.get("results") or []
-    if isinstance(rows, dict):
-        rows = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "value": v} for k, v in rows.items()]
-    heads = []
-    for row in rows if isinstance(rows, list) else []:
-        if not isinstance(row, dict):
-            continue
-        numeric = [k for k in row if isinstance(row[k], (int, float)) and not isinstance(row[k], bool)]
-        key = next((k for k in numeric if "per_s" in k or "throughput" in k), None)
-        key = key or next((k for k in numeric if "speedup" in k), None)
-        key = key or next((k for k in numeric if k.endswith("_ms") or k == "ms"), None)
-        if key is None:
-            continue
-        label = " ".join(str(v) for k, v in row.items() if isinstance(v, (str, int)) and not isinstance(v, bool)
-                         and k != key and not isinstance(row[k], float))[:60]
-        heads.append({"label": label, "value": row[key], "unit": key})
-    return heads
+    """The benchmark's own headline numbers (schema key `headline`)."""
+    return list(result.get("headline") or [])
 
 
 def rows_table(rows: list[dict[str, Any]]) -> str:
@@ -194,8 +152,9 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> None:
         lines += ["## Stages", "", common.markdown_table(summary["stages"], [("stage", "stage"),
                   ("status", "status"), ("seconds", "s"), ("note", "note")]), ""]
     g = [dict(x, met={True: "yes", False: "NO", None: "-"}[x["met"]]) for x in goals(summary)]
-    lines += ["## Goals (H100)", "", common.markdown_table(g, [("goal", "goal"), ("measured", "measured"),
-              ("met", "met")]), "", "## Headline", ""]
+    lines += ["## Goals (benchmarks/README.md)", "", common.markdown_table(g, [("benchmark", "benchmark"),
+              ("goal", "goal"), ("measured", "measured"), ("met", "met")]) if g else "(none measured)", "",
+              "## Headline", ""]
     heads = []
     for name, rec in summary["benchmarks"].items():
         for h in headline_of(rec.get("result") or {}):
@@ -283,8 +242,13 @@ def collect(dirs: list[str]) -> dict[str, Any]:
             except (OSError, json.JSONDecodeError) as error:
                 benchmarks[path.stem] = {"status": "failed", "error": f"{path.name}: {error}"}
                 continue
-            if not isinstance(result, dict) or "benchmarks" in result:
-                continue  # not a single benchmark's result (e.g. an earlier results.json)
+            if isinstance(result, dict) and "benchmarks" in result:
+                continue  # a run_all results.json, not one benchmark's result
+            errors = common.validate_result(result)
+            if errors:
+                benchmarks[path.stem] = {"status": "failed", "error": f"{path.name}: not a schema-"
+                                         f"{common.SCHEMA} benchmark result: " + "; ".join(errors[:3])}
+                continue
             benchmarks[path.stem] = {"status": "ok", "result": result, "command": result.get("command"),
                                      "script": f"benchmarks/{result.get('benchmark', path.stem)}.py"}
     return benchmarks
@@ -302,67 +266,26 @@ def read_stages(path: str | None) -> list[dict[str, Any]]:
     return stages
 
 
-def _ok_rows(summary: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    rec = summary.get("benchmarks", {}).get(name) or {}
-    result = rec.get("result") or {}
-    rows = result.get("rows") or result.get("results") or []
-    return [r for r in rows if isinstance(r, dict) and r.get("status", "ok") == "ok"]
-
-
 def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's H100 goals, checked against what this run measured (None = not measured)."""
-    out = []
-    step = _ok_rows(summary, "step")
-    fast = [r for r in step if r.get("res") == 160 and r.get("variant") != "fp32_nchw"]
-    if fast:
-        batch = max(r["batch"] for r in fast)
-        best = max((r for r in fast if r["batch"] == batch), key=lambda r: r["images_per_s"])
-        out.append(dict(goal="step 160px bf16 CL >= 6,000 img/s", measured=f"{best['images_per_s']:,.0f} "
-                        f"({best['variant']}, b{batch})", met=best["images_per_s"] >= 6000))
-        if best.get("ratio") is not None:
-            out.append(dict(goal="step >= 4x fp32 NCHW eager", measured=f"{best['ratio']:.2f}x",
-                            met=best["ratio"] >= 4))
-    else:
-        out.append(dict(goal="step 160px bf16 CL >= 6,000 img/s", measured="not measured at 160 px", met=None))
-    loss = loss_speedup(_ok_rows(summary, "loss"))
-    out.append(dict(goal="fused loss >= 5x eager (B=256, C=100)",
-                    measured="not found" if loss is None else f"{loss:.2f}x",
-                    met=None if loss is None else loss >= 5))
-    e2e = [r for r in _ok_rows(summary, "e2e") if r.get("source") == "torch"]
-    if e2e:
-        r = e2e[0]
-        steady = r.get("wait_frac_steady", r["wait_frac"])
-        out.append(dict(goal="data waiting <= 5 % (torch backend)",
-                        measured=f"{steady:.1%} in-epoch, {r['wait_frac']:.1%} with {r.get('epoch_starts', '?')} "
-                                 f"epoch starts; {r.get('vs_synthetic', float('nan')):.2f}x synthetic",
-                        met=steady <= 0.05))
-    else:
-        out.append(dict(goal="data waiting <= 5 % (torch backend)", measured="not measured", met=None))
-    if not str(summary.get("machine", {}).get("device") or "").startswith("cuda"):
-        for g in out:  # the goals are H100 goals: a CPU figure is shown, never judged
-            g["measured"] += " (not a GPU run)"
-            g["met"] = None
-    return out
+    """Every benchmark's own goals (schema key `goals`), tagged with the benchmark's name."""
+    return [dict(g, benchmark=name) for name, rec in summary.get("benchmarks", {}).items()
+            for g in (rec.get("result") or {}).get("goals") or []]
 
 
-def loss_speedup(rows: list[dict[str, Any]]) -> float | None:
-    """Fused over eager at B=256, C=100 from loss_kernel.py's rows, whatever their key names."""
-    def get(row, *keys):
-        return next((row[k] for k in keys if k in row), None)
-
-    picked = [r for r in rows if get(r, "B", "batch", "b") == 256 and get(r, "C", "classes", "num_classes", "c") == 100]
-    on_gpu = [r for r in picked if "cuda" in str(get(r, "device") or "")] or picked
-    for r in on_gpu:
-        impl = str(get(r, "impl", "variant", "name", "method") or "")
-        if "fused" in impl:
-            ratio = get(r, "speedup_vs_eager", "speedup", "ratio", "vs_eager", "x_eager")
-            if isinstance(ratio, (int, float)):
-                return float(ratio)
-    for r in on_gpu:  # one row per shape with a named fused speedup column
-        ratio = get(r, "fused_speedup", "fused_vs_eager", "speedup_fused")
-        if isinstance(ratio, (int, float)):
-            return float(ratio)
-    return None
+def pivot(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Measured rows as a table: names down, cases across, "value (ratio x)" in the cells."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    cases = list(dict.fromkeys(r["case"] for r in ok))
+    table = []
+    for name in dict.fromkeys(r["name"] for r in ok):
+        cells = {"name": name}
+        for r in ok:
+            if r["name"] == name:
+                ratio = f" ({r['ratio']:.2f}x)" if r.get("ratio") is not None else ""
+                cells[r["case"]] = f"{r['value']:,.{0 if r['value'] >= 100 else 2}f}{ratio}"
+        table.append(cells)
+    unit = ok[0]["unit"] if ok else ""
+    return table, [("name", "name")] + [(c, c or unit) for c in cases]
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -373,46 +296,20 @@ def print_summary(summary: dict[str, Any]) -> None:
     if summary.get("stages"):
         common.print_table(summary["stages"], [("stage", "stage"), ("status", "status"), ("seconds", "s"),
                                                ("note", "note")], title="gpu_check stages")
-    step = _ok_rows(summary, "step")
-    if step:  # variants down, shapes across: img/s (x fp32)
-        shapes = sorted({(r["res"], r["batch"]) for r in step})
-        table = []
-        for variant in dict.fromkeys(r["variant"] for r in step):
-            row = {"variant": variant}
-            for r in step:
-                if r["variant"] == variant:
-                    ratio = f" ({r['ratio']:.2f}x)" if r.get("ratio") is not None else ""
-                    row[f"{r['res']}x{r['batch']}"] = f"{r['images_per_s']:,.0f}{ratio}"
-            table.append(row)
-        common.print_table(table, [("variant", "variant")] + [(f"{a}x{b}", f"{a}px b{b}") for a, b in shapes],
-                           title="step img/s (x fp32 NCHW eager)")
-    others = []
-    for name in ("loss", "loader", "e2e"):
-        for h in headline_of((summary.get("benchmarks", {}).get(name) or {}).get("result") or {}):
-            if name != "loss" or "cuda" in str(h.get("label")) or "cpu" in str(h.get("label")):
-                others.append(dict(benchmark=name, what=h.get("label"), value=h.get("value"), unit=h.get("unit")))
-    if others:
-        common.print_table(others[:14], [("benchmark", "benchmark"), ("what", "what"), ("value", "value"),
-                                         ("unit", "unit")], title="other figures")
+    for name, rec in summary.get("benchmarks", {}).items():
+        rows = (rec.get("result") or {}).get("rows") or []
+        table, columns = pivot(rows)
+        if table:
+            unit = next(r["unit"] for r in rows if r.get("status") == "ok")
+            common.print_table(table, columns, title=f"{name}: {unit} (x baseline)")
     rows = [dict(g, met={True: "yes", False: "NO", None: "-"}[g["met"]]) for g in goals(summary)]
-    common.print_table(rows, [("goal", "goal (H100)"), ("measured", "measured"), ("met", "met")],
-                       title="goals")
-
-
-def filter_flags_cli(argv: list[str]) -> int:
-    """`run_all.py --filter-flags SCRIPT -- ARGS...`: print the ARGS that SCRIPT's --help accepts."""
-    script, rest = argv[1], argv[2:]
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    help_text = supported_flags(Path(script))
-    print(" ".join(filter_flags(rest, help_text) if help_text else rest))
-    return 0
+    if rows:
+        common.print_table(rows, [("benchmark", "benchmark"), ("goal", "goal"), ("measured", "measured"),
+                                  ("met", "met")], title="goals (benchmarks/README.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--filter-flags"]:
-        return filter_flags_cli(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
