@@ -24,7 +24,7 @@ Stopping a relaunched run (`relaunch`). Process tree and sessions:
     that is expected.
   * torchrun SIGKILLs ranks that are still running `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds
     after forwarding (its default is 30). The launcher sets it to `grace_s` (300) unless the
-    environment already sets it; torch releases before 2.8 ignore it and use 30 s.
+    environment already sets it; torch releases without that setting always wait 30 s.
   * A second signal stops at once: SIGKILL to torchrun, every rank and their process groups
     (data loader workers included); nothing more is saved. The launcher still returns (so
     the caller's temporary launch folder is removed) with the code of the first signal.
