@@ -391,6 +391,23 @@ def test_start_batch_yields_the_tail(get_loader, backend):
     assert following.tolist() == epoch_indices(36, True, 0, 2, 0, 1, True)[:32].tolist()
 
 
+def test_jpeg_size_reads_the_frame_header():
+    """dali "global" takes each image's size from its header to draw the torch backend's box."""
+    import io
+
+    from PIL import Image
+
+    from fastkd.data.dali_loader import jpeg_size
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 91, 3), dtype=np.uint8))
+    for opts in ({}, {"progressive": True}, {"exif": Image.Exif(), "icc_profile": b"x" * 300}, {"quality": 5}):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", **opts)
+        assert jpeg_size(buffer.getvalue()) == (37, 91), opts
+    with pytest.raises(ValueError, match="JPEG"):
+        jpeg_size(b"\x89PNG....")
+
+
 def test_start_batch_edges(get_loader):
     loader = get_loader("train", "torch")
     loader.set_epoch(3, start_batch=len(loader))  # everything done: an empty pass
