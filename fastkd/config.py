@@ -25,10 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from fastkd.errors import FastKDError
-
-METHODS = ("ce", "kd", "uakd", "dml", "dual", "uadkd")
-TEACHER_METHODS = ("kd", "uakd", "dual", "uadkd")  # methods that distil from a teacher
-PEER_METHODS = ("dml", "dual", "uadkd")  # methods with a student-student term: two students
+from fastkd.losses import METHODS, PEER_METHODS, TEACHER_METHODS, LossConfig  # noqa: F401 (re-exported)
 
 
 @dataclass(kw_only=True)
@@ -50,18 +47,6 @@ class ModelConfig:
     teacher_weights: str | None = None  # fastkd checkpoint, state_dict file, or `imagenet`
     students: list[str] = field(default_factory=lambda: ["resnet18", "mobilenet_v2"])  # 1 or 2 archs
     sync_bn: bool = False  # SyncBatchNorm in the students across ranks (CUDA only)
-
-
-@dataclass(kw_only=True)
-class LossSection:
-    method: Literal["ce", "kd", "uakd", "dml", "dual", "uadkd"] = "uadkd"  # preset (alias --method)
-    temperature: float = 4.0  # softening temperature of the distillation terms
-    entropy_temperature: float = 1.0  # temperature of the teacher softmax inside w(x)
-    a_ce: float = 1.0  # weight of the cross-entropy term
-    a_kd: float = 1.0  # weight of the teacher -> student term
-    a_peer: float = 1.0  # weight of the student <-> student term
-    label_smoothing: float = 0.1  # label smoothing of the cross-entropy term
-    fused: bool = True  # fused loss op (CUDA kernel on GPU); false = plain PyTorch reference
 
 
 @dataclass(kw_only=True)
@@ -96,11 +81,13 @@ class RunConfig:
     seed: int = 0  # seed of weights init, data order and augmentation
     log_every: int = 50  # steps between metric reads (the only host syncs of the loop)
     eval_every: int = 1  # epochs between val passes (the last epoch is always evaluated)
-    resume: str | None = None  # `auto` (OUT/checkpoints/last.pt if present) or a checkpoint path
-    device: str = "auto"  # auto (cuda if available), cpu, cuda
+    resume: str | None = None  # `auto` (OUT/checkpoints/last.pt if present), a run dir or a checkpoint path
+    device: str = "auto"  # auto (cuda if available), cpu, cuda (rank r: cuda:r), cuda:N (rank r: cuda:N+r)
     deterministic: bool = False  # deterministic kernels, no cudnn autotuning (exact resume)
     stop_after: int | None = None  # end this invocation after that many epochs (split a run)
     live: bool = True  # rich live progress display on rank 0
+    summary: bool = True  # print the final results table on rank 0 (with or without run.live)
+    overwrite: bool = False  # a fresh run may replace the run already in run.out (alias --overwrite)
 
 
 @dataclass(kw_only=True)
@@ -112,7 +99,7 @@ class DistConfig:
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossSection = field(default_factory=LossSection)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -135,6 +122,7 @@ ALIASES: dict[str, str] = {
     "--out": "run.out",
     "--resume": "run.resume",
     "--gpus": "dist.gpus",
+    "--overwrite": "run.overwrite",
 }
 
 
@@ -376,6 +364,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             flags = [f"--{dotted}"] + ([inverse[dotted]] if dotted in inverse else [])
             tp = hints[f.name]
             kwargs: dict[str, Any] = {"nargs": "+"} if get_origin(tp) is list else {}
+            if tp is bool:  # `--overwrite` alone means true; `--run.live false` still works
+                kwargs = {"nargs": "?", "const": "true"}
             group.add_argument(
                 *flags,
                 dest=dotted,

@@ -51,6 +51,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,10 @@ METHODS: dict[str, tuple[bool, bool, bool]] = {
     "dual": (True, True, False),
     "uadkd": (True, True, True),
 }
+MethodName = Literal["ce", "kd", "uakd", "dml", "dual", "uadkd"]  # the keys of METHODS, for typed configs
+TEACHER_METHODS = tuple(m for m, (kd, _, _) in METHODS.items() if kd)  # need teacher logits
+PEER_METHODS = tuple(m for m, (_, peer, _) in METHODS.items() if peer)  # need two students
+assert set(get_args(MethodName)) == set(METHODS), "MethodName must list exactly the METHODS keys"
 IMPL_ENV = "FASTKD_LOSS_IMPL"  # "reference" forces the PyTorch reference; "fused" (or unset) = default
 
 
@@ -75,13 +80,14 @@ IMPL_ENV = "FASTKD_LOSS_IMPL"  # "reference" forces the PyTorch reference; "fuse
 class LossConfig:
     """Settings of the distillation loss; `method` picks the terms, the rest are their constants."""
 
-    method: str = "uadkd"  # which terms are on: ce kd uakd dml dual uadkd (see METHODS)
+    method: MethodName = "uadkd"  # which terms are on: ce kd uakd dml dual uadkd (alias --method)
     temperature: float = 4.0  # T of the KD and peer softmaxes; KL terms are scaled by T^2
     entropy_temperature: float = 1.0  # T_w of the teacher softmax whose entropy gives w
     a_ce: float = 1.0  # weight of the label-smoothed cross-entropy (every method)
     a_kd: float = 1.0  # weight of w * T^2 * KL(p_t || p_s) (methods with a KD term)
     a_peer: float = 1.0  # weight of T^2 * KL(p_peer || p_s) (methods with a peer term)
     label_smoothing: float = 0.1  # eps of the CE target (1 - eps) * onehot(y) + eps / C
+    fused: bool = True  # fused loss op (CUDA kernel on GPU); false = plain PyTorch reference
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -155,21 +161,21 @@ def _check_inputs(
 ) -> list[Tensor]:
     students = list(students)
     if len(students) not in (1, 2):
-        raise FastKDError(f"the loss takes one or two students' logits, got {len(students)}")
+        raise ValueError(f"the loss takes one or two students' logits, got {len(students)}")
     shape = students[0].shape
     if len(shape) != 2 or shape[1] < 2:
-        raise FastKDError(f"student logits must be [B, C] with C >= 2, got {tuple(shape)}")
+        raise ValueError(f"student logits must be [B, C] with C >= 2, got {tuple(shape)}")
     for x in students + ([teacher_logits] if teacher_logits is not None else []):
         if x.shape != shape:
-            raise FastKDError(f"logits shapes differ: {tuple(x.shape)} vs {tuple(shape)} (same classes?)")
+            raise ValueError(f"logits shapes differ: {tuple(x.shape)} vs {tuple(shape)} (same classes?)")
         if not x.is_floating_point():
-            raise FastKDError(f"logits must be floating point, got {x.dtype}")
+            raise TypeError(f"logits must be floating point, got {x.dtype}")
     if labels.shape != (shape[0],):
-        raise FastKDError(f"labels must be [B] = [{shape[0]}], got {tuple(labels.shape)}")
+        raise ValueError(f"labels must be [B] = [{shape[0]}], got {tuple(labels.shape)}")
     if cfg.uses_teacher and teacher_logits is None:
-        raise FastKDError(f"loss method {cfg.method!r} needs teacher logits")
+        raise ValueError(f"loss method {cfg.method!r} needs teacher logits")
     if cfg.uses_peer and len(students) != 2:
-        raise FastKDError(f"loss method {cfg.method!r} needs two students, got {len(students)}")
+        raise ValueError(f"loss method {cfg.method!r} needs two students, got {len(students)}")
     return students
 
 
@@ -242,9 +248,12 @@ def distillation_loss(
     students: Sequence[Tensor],
     labels: Tensor,
     cfg: LossConfig,
-    fused: bool = True,
+    fused: bool | None = None,
 ) -> dict[str, Tensor]:
-    """The loss of one or two students: {"loss", "ce", "kd", "peer", "w"} (see the module doc)."""
+    """The loss of one or two students: {"loss", "ce", "kd", "peer", "w"} (see the module doc).
+    `fused` (default cfg.fused) picks the op; malformed tensors (shapes, dtypes, a method's
+    missing teacher or peer) are programming errors and raise ValueError/TypeError."""
+    fused = cfg.fused if fused is None else fused
     students = _check_inputs(teacher_logits, students, labels, cfg)
     impl = os.environ.get(IMPL_ENV, "").strip().lower() or "fused"
     if impl not in ("fused", "reference"):

@@ -170,16 +170,22 @@ def test_config_errors_name_the_culprit():
         LossConfig(method="bogus")
 
 
-def test_call_errors():
+def test_call_errors_are_programming_errors_not_user_errors():
+    """Malformed loss inputs are bugs in the caller: ValueError/TypeError with a traceback,
+    never FastKDError (which the CLI prints as if a flag were wrong)."""
     t, a, b, y = make_inputs(4, 5, 1.0)
-    with pytest.raises(FastKDError, match="needs teacher logits"):
-        distillation_loss(None, [a, b], y, LossConfig.from_method("uadkd"))
-    with pytest.raises(FastKDError, match="needs two students"):
-        distillation_loss(t, [a], y, LossConfig.from_method("dml"))
-    with pytest.raises(FastKDError, match="shapes differ"):
-        distillation_loss(t[:, :4], [a, b], y, LossConfig.from_method("kd"))
-    with pytest.raises(FastKDError, match="C >= 2"):
-        distillation_loss(None, [a[:, :1]], y, LossConfig.from_method("ce"))
+    cases = [
+        (ValueError, "needs teacher logits", lambda: distillation_loss(None, [a, b], y, LossConfig.from_method("uadkd"))),
+        (ValueError, "needs two students", lambda: distillation_loss(t, [a], y, LossConfig.from_method("dml"))),
+        (ValueError, "shapes differ", lambda: distillation_loss(t[:, :4], [a, b], y, LossConfig.from_method("kd"))),
+        (ValueError, "C >= 2", lambda: distillation_loss(None, [a[:, :1]], y, LossConfig.from_method("ce"))),
+        (TypeError, "floating point", lambda: distillation_loss(None, [y[:, None].expand(4, 5)], y,
+                                                                 LossConfig.from_method("ce"))),
+    ]
+    for kind, text, call in cases:
+        with pytest.raises(kind, match=text) as error:
+            call()
+        assert not isinstance(error.value, FastKDError)
 
 
 # ---------------------------------------------------------------------------------------------
