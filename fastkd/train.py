@@ -1,39 +1,40 @@
-"""The trainer: one frozen teacher and one or two students in one channels-last AMP step.
+"""The trainer: epochs of the one training step (`fastkd.step`), evaluation, checkpoints, resume.
 
     trainer = Trainer(cfg)            # cfg: fastkd.config.TrainConfig
     summary = trainer.fit()           # epochs, evals, checkpoints, metrics.jsonl, report
     parts = trainer.step(images, labels)   # one optimizer step; dict of device tensors
+    res = trainer.evaluate()          # val metrics of every network, usable on its own
 
-The step: teacher in eval mode under inference_mode (its logits cloned out of inference mode for
-the loss), students in train mode (in DDP when there are several ranks), the loss of
-`fastkd.losses` (fused op by default), one SGD over both students. Nothing in the step reads a
-value back to the host: loss parts, accuracies and w add up in a device vector (`StepMeter`)
-that is all-reduced and read every `run.log_every` steps, where non-finite losses are caught.
+The schedule's position is (epochs done, steps of the current epoch done), so it does not depend
+on the number of ranks (`global_step`, the optimizer steps taken, is only the metrics' x axis): a run resumed at an epoch boundary under another world size or batch
+size continues the lr curve where it stopped (the peak lr follows the linear scaling rule and
+the change is logged); a mid-epoch checkpoint resumes only under the world size and batch size
+that made it (exact), anything else is refused with both named. Each step seeds the global
+generator from (seed, rank, epoch, step), so dropout masks after a resume are the ones the
+uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastkd import distributed
 from fastkd.checkpoint import build_last, plain_state_dict, rng_state, save_atomic, set_rng_state
-from fastkd.config import PEER_METHODS, TEACHER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config
+from fastkd.config import PEER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config
 from fastkd.errors import FastKDError
-from fastkd.models import build_model, count_params, load_teacher, network_names
+from fastkd.models import count_params, load_teacher, network_names
+from fastkd.runtime import base_index, resolve_device, seed_all, set_determinism, step_seed
 from fastkd.schedule import lr_at, resolution_at, scaled_lr
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+from fastkd.step import build_step, param_groups  # noqa: F401 (param_groups re-exported for callers)
 
 
 class NonFiniteLoss(FastKDError):
@@ -41,132 +42,33 @@ class NonFiniteLoss(FastKDError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C / SIGTERM: a checkpoint was saved; `path` says where (None on ranks > 0)."""
+    """Ctrl-C / SIGTERM: a checkpoint was saved; `path` says where (None on ranks > 0);
+    `exit_code` is 128 + the signal (130 SIGINT, 143 SIGTERM)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, signum: int = signal.SIGINT):
         super().__init__(f"interrupted; checkpoint {path}")
-        self.path = path
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FastKDError(f"run.device {name}: CUDA is not available here; use --run.device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return AMP_DTYPES[amp]
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only; BN parameters and biases (ndim <= 1) get none."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class Students(nn.Module):
-    """The students as one module (one DDP wrapper, one optimizer); forward -> [logits, ...]."""
-
-    def __init__(self, nets: list[nn.Module], compile_mode: str = "none"):
-        super().__init__()
-        self.nets = nn.ModuleList(nets)
-        self.set_compile(compile_mode)
-
-    def set_compile(self, mode: str) -> None:
-        # compiled wrappers kept outside the module tree: state_dict keys stay torchvision's
-        object.__setattr__(self, "_forwards", [compile_module(n, mode) for n in self.nets])
-
-    def forward(self, images: Tensor) -> list[Tensor]:
-        return [f(images) for f in self._forwards]
-
-
-def compile_module(module: nn.Module, mode: str):
-    if mode == "none":
-        return module
-    if mode == "inductor":
-        return torch.compile(module)
-    if mode == "cudagraphs":  # Triton-free: CUDA graphs of the captured FX graph
-        return torch.compile(module, backend="cudagraphs")
-    raise FastKDError(f"compile.mode {mode!r}: use none, inductor or cudagraphs")
-
-
-class StepMeter:
-    """Device-side sums over the steps since the last read: [samples, loss, w, ce[n], kd[n],
-    peer[n], correct[n], stop], each a batch mean times the batch size. `read` all-reduces (so
-    every rank sees every rank's samples and stop request) and syncs."""
-
-    def __init__(self, num_students: int, device: torch.device):
-        self.n = num_students
-        self.sums = torch.zeros(4 + 4 * num_students, dtype=torch.float64, device=device)
-
-    def add(self, parts: dict[str, Tensor], batch: int) -> None:
-        vec = torch.cat(
-            [
-                parts["loss"].detach().reshape(1).double() * batch,
-                parts["w"].detach().double().sum().reshape(1),
-                parts["ce"].detach().double().reshape(-1) * batch,
-                parts["kd"].detach().double().reshape(-1) * batch,
-                parts["peer"].detach().double().reshape(-1) * batch,
-                parts["correct"].double(),
-            ]
-        )
-        self.sums[0] += batch
-        self.sums[1:-1] += vec
-
-    def read(self, stop: bool = False) -> dict:
-        """Window means over all ranks, then reset; "stop" is True when any rank asked to stop.
-        The host sync of the loop."""
-        if stop:
-            self.sums[-1] = 1.0
-        values = distributed.all_reduce_sum(self.sums.clone()).tolist()
-        self.sums.zero_()
-        samples = max(values[0], 1.0)
-        n = self.n
-
-        def part(i):
-            return [v / samples for v in values[3 + i * n : 3 + (i + 1) * n]]
-
-        return {
-            "samples": int(values[0]),
-            "stop": values[-1] > 0,
-            "loss": values[1] / samples,
-            "w_mean": values[2] / samples,
-            "ce": part(0),
-            "kd": part(1),
-            "peer": part(2),
-            "train_top1": [100.0 * v for v in part(3)],
-        }
+        self.path, self.exit_code = path, 128 + int(signum)
 
 
 class Trainer:
-    """Builds loaders, networks, optimizer from `cfg`; `fit()` runs and reports; `step()` is
-    one iteration. `train_loader`/`val_loader` may be passed in (tests); `resume` is a loaded
-    last.pt dict."""
+    """Builds loaders, networks, the step from `cfg`; `fit()` runs and reports; `step()` is one
+    iteration. `train_loader`/`val_loader` may be passed in (tests); `resume` is a loaded last.pt
+    dict."""
 
     def __init__(self, cfg: TrainConfig, train_loader=None, val_loader=None, resume: dict | None = None):
         self.cfg = cfg
         check_runnable(cfg)
-        self.dist = distributed.init(resolve_device(cfg.run.device).type)
+        self.dist = distributed.init(resolve_device(cfg.run.device).type, base_index(cfg.run.device))
         self.device = resolve_device(cfg.run.device, self.dist.local_rank)
         self.is_main = self.dist.is_main
         self.run_dir = Path(cfg.run.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.amp_dtype = amp_dtype(cfg.precision.amp, self.device)
         if cfg.compile.mode == "cudagraphs" and self.device.type != "cuda":
             raise FastKDError("compile.mode cudagraphs needs CUDA; use none or inductor on CPU")
         if cfg.model.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise FastKDError("model.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel)")
-        _set_determinism(cfg.run.deterministic)
-        _seed_all(cfg.run.seed)
+        set_determinism(cfg.run.deterministic)
+        seed_all(cfg.run.seed)
 
         if train_loader is None:
             train_loader = self._build_loader("train", self._resolution(0))
@@ -175,52 +77,9 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.manifest = self.train_loader.manifest
         self.num_classes = int(self.train_loader.num_classes)
-
         self.names = network_names(cfg.model.students)
         self.archs = dict(zip(self.names, cfg.model.students))
-        self._build_networks()
-        self._build_optimizer()
-        self.meter = StepMeter(len(self.names), self.device)
 
-        self.epoch = 0  # next epoch to run
-        self.step_in_epoch = 0  # steps of `epoch` already done (Ctrl-C checkpoint)
-        self.global_step = 0
-        self.best_top1 = {name: -1.0 for name in self.names}
-        self.last_eval: dict | None = None
-        self.teacher_eval: dict | None = None
-        self._resume_rng = None
-        self._stop = False
-        self._train_time = 0.0
-        self._train_samples = 0
-        if resume is not None:
-            self._load(resume)
-
-    # ------------------------------------------------------------------ building blocks
-
-    def _build_networks(self) -> None:
-        """Students (one module, DDP over ranks, optional SyncBN, compiled forwards) and the
-        frozen teacher (outside DDP)."""
-        cfg, cl = self.cfg, self.cfg.precision.channels_last
-        nets = [build_model(a, self.num_classes, channels_last=cl).to(self.device) for a in cfg.model.students]
-        self.students = Students(nets)
-        if cfg.model.sync_bn and self.dist.enabled:
-            self.students = nn.SyncBatchNorm.convert_sync_batchnorm(self.students)
-        self.students.set_compile(cfg.compile.mode)
-        self.teacher = None
-        if cfg.loss.method in TEACHER_METHODS:
-            self.teacher = load_teacher(cfg.model.teacher_weights, cfg.model.teacher, self.manifest, cl)
-            self.teacher = compile_module(self.teacher.to(self.device), cfg.compile.mode)
-        self.ddp = self.students
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.students, device_ids=ids)
-        _seed_all(cfg.run.seed + self.dist.rank)  # dropout masks differ across ranks
-
-    def _build_optimizer(self) -> None:
-        """SGD over both students, the per-iteration schedule's constants, the fp16 scaler, the loss."""
-        from fastkd.losses import LossConfig
-
-        cfg = self.cfg
         self.steps_per_epoch = distributed.all_reduce_min(len(self.train_loader), self.device)
         if self.steps_per_epoch < 1:
             raise FastKDError(
@@ -230,18 +89,38 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, self.dist.world_size)
-        self.optimizer = torch.optim.SGD(
-            param_groups(self.students, cfg.optim.weight_decay),
-            lr=self.peak_lr,
-            momentum=cfg.optim.momentum,
-            nesterov=cfg.optim.nesterov,
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        lc = cfg.loss
-        self.loss_cfg = LossConfig.from_method(
-            lc.method, temperature=lc.temperature, entropy_temperature=lc.entropy_temperature,
-            a_ce=lc.a_ce, a_kd=lc.a_kd, a_peer=lc.a_peer, label_smoothing=lc.label_smoothing,
-        )  # fmt: skip
+        self._step = build_step(cfg, self.num_classes, self.device, teacher=self._load_teacher(),
+                                lr=self.peak_lr, ddp=self.dist.enabled)  # fmt: skip
+        seed_all(cfg.run.seed + self.dist.rank)
+
+        self.epoch = 0  # next epoch to run
+        self.step_in_epoch = 0  # steps of `epoch` already done (Ctrl-C checkpoint)
+        self.global_step = 0  # optimizer steps taken so far, every world size (the metrics' x axis)
+        self.samples_seen = 0  # images trained on, all ranks together
+        self.best_top1 = {name: -1.0 for name in self.names}
+        self.last_eval: dict | None = None
+        self.teacher_eval: dict | None = None
+        self.run_id = uuid.uuid4().hex[:12]
+        self.resume_notes: list[str] = []  # what a resume changed (world size, lr, schedule)
+        self._resume_rng = None
+        self._stop = False
+        self._stop_signum = signal.SIGINT  # the first stop signal this process got
+        self._train_time = 0.0
+        self._train_samples = 0
+        self.log = _NullLog()
+        if resume is not None:
+            self._load(resume)
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _load_teacher(self):
+        """The frozen teacher when the method distils from one, loaded without touching the run's
+        random state (students are initialised exactly as without a teacher)."""
+        if not self.cfg.loss.uses_teacher:
+            return None
+        m = self.cfg.model
+        with torch.random.fork_rng(devices=[]):
+            return load_teacher(m.teacher_weights, m.teacher, self.manifest, self.cfg.precision.channels_last)
 
     def _resolution(self, epoch: int) -> int:
         d = self.cfg.data
@@ -253,44 +132,33 @@ class Trainer:
         from fastkd.data import build_loader
 
         d = self.cfg.data
-        dtype = self.amp_dtype if (self.device.type == "cuda" and self.amp_dtype) else torch.float32
+        dtype = self._step_amp_dtype() if self.device.type == "cuda" else torch.float32
         return build_loader(
             d.dir, split, d.backend, d.batch_size, resolution, self.device, dtype,
             rank=self.dist.rank, world_size=self.dist.world_size, seed=self.cfg.run.seed,
             num_workers=d.num_workers,
         )  # fmt: skip
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    def _step_amp_dtype(self):
+        from fastkd.runtime import amp_dtype
 
-    def student_modules(self) -> dict[str, nn.Module]:
+        return amp_dtype(self.cfg.precision.amp, self.device) or torch.float32
+
+    # the step's parts, under the names the rest of fastkd (and tests) use
+    students = property(lambda self: self._step.students)
+    teacher = property(lambda self: self._step.teacher)
+    ddp = property(lambda self: self._step.model)
+    optimizer = property(lambda self: self._step.optimizer)
+    scaler = property(lambda self: self._step.scaler)
+    meter = property(lambda self: self._step.meter)
+    amp_dtype = property(lambda self: self._step.amp_dtype)
+
+    def student_modules(self) -> dict:
         return dict(zip(self.names, self.students.nets))
 
-    # ------------------------------------------------------------------ the step
-
-    def step(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """One optimizer step on one batch; returns the loss parts plus `correct` [n_students]
-        (all device tensors, nothing read back)."""
-        from fastkd.losses import distillation_loss
-
-        teacher_logits = None
-        with self._autocast():
-            if self.teacher is not None:
-                with torch.inference_mode():
-                    t = self.teacher(images)
-                teacher_logits = t.float().clone()  # a normal tensor, usable outside inference mode
-            logits = self.ddp(images)
-        logits = [s.float() for s in logits]
-        parts = distillation_loss(teacher_logits, logits, labels, self.loss_cfg, fused=self.cfg.loss.fused)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(parts["loss"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        with torch.no_grad():
-            parts["correct"] = torch.stack([(s.argmax(dim=1) == labels).sum() for s in logits])
-        return parts
+    def step(self, images: Tensor, labels: Tensor, seed: int | None = None) -> dict[str, Tensor]:
+        """One optimizer step on one batch (`fastkd.step.TrainStep`); device tensors only."""
+        return self._step(images, labels, seed=seed)
 
     # ------------------------------------------------------------------ the loop
 
@@ -311,6 +179,11 @@ class Trainer:
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
         with self.log, live, _stop_signals(self):
+            for note in self.resume_notes:
+                live.print(f"resume: {note}")
+            if self.resume_notes:
+                self.log.write({"kind": "resume", "epoch": self.epoch, "step": self.global_step,
+                                "world_size": self.dist.world_size, "notes": self.resume_notes})  # fmt: skip
             while self.epoch < end_epoch:
                 epoch = self.epoch
                 done = self._train_epoch(epoch, live)
@@ -318,7 +191,7 @@ class Trainer:
                     self.step_in_epoch = done
                     path = self.save_last()
                     live.print(f"interrupted at epoch {epoch + 1} step {done}: saved {path}")
-                    raise Interrupted(path)
+                    raise Interrupted(path, self._stop_signum)
                 self.epoch, self.step_in_epoch = epoch + 1, 0
                 res = None
                 if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == end_epoch:
@@ -326,7 +199,7 @@ class Trainer:
                 self.save_last()
                 live.end_epoch(res)
                 if distributed.any_rank(self._stop, self.device) and self.epoch < end_epoch:
-                    raise Interrupted(self.ckpt_dir / "last.pt" if self.is_main else None)
+                    raise Interrupted(self.ckpt_dir / "last.pt" if self.is_main else None, self._stop_signum)
         summary = self.summary(time.perf_counter() - start)
         if self.is_main:
             from rich.console import Console
@@ -334,32 +207,34 @@ class Trainer:
             from fastkd.report import summary_table, write_report
 
             write_report(self.run_dir, summary)
-            if cfg.run.live:
+            if cfg.run.summary:  # printed with or without the live display
                 Console().print(summary_table(summary))
         distributed.barrier()
         return summary
 
     def _train_epoch(self, epoch: int, live) -> int:
-        """Steps of one epoch (skipping those a Ctrl-C checkpoint already did); returns the
+        """Steps of one epoch, from step_in_epoch (a Ctrl-C checkpoint's position) on; returns the
         number of steps done, < steps_per_epoch when a stop was requested."""
         cfg = self.cfg
-        self.train_loader.set_epoch(epoch)
+        start = self.step_in_epoch
+        first = _start_pass(self.train_loader, epoch, start)  # batch index the loader yields first
         self.train_loader.set_resolution(self._resolution(epoch))
         self.students.train()
         live.start_epoch(epoch, self.steps_per_epoch)
-        skip, self.step_in_epoch = self.step_in_epoch, 0
-        window_start = time.perf_counter()
-        done = skip
+        self.step_in_epoch = 0
+        done = start
         lr = self.optimizer.param_groups[0]["lr"]
-        for i, (images, labels) in enumerate(self.train_loader):
+        window_start = time.perf_counter()
+        for i, (images, labels) in enumerate(self.train_loader, start=first):
             if i >= self.steps_per_epoch:
                 break
-            if i < skip:
+            if i < start:  # a loader that cannot start mid-pass: skip what the checkpoint did
+                window_start = time.perf_counter()
                 continue
-            lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr, cfg.schedule.shape)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            parts = self.step(images, labels)
+            position = epoch * self.steps_per_epoch + i  # of the schedule, under this world size
+            lr = lr_at(position, self.total_steps, self.warmup_steps, self.peak_lr, cfg.schedule.shape)
+            self._step.set_lr(lr)
+            parts = self.step(images, labels, seed=step_seed(cfg.run.seed, self.dist.rank, epoch, i))
             self.meter.add(parts, labels.shape[0])
             self.global_step += 1
             done = i + 1
@@ -385,9 +260,11 @@ class Trainer:
             )
         self._train_time += seconds
         self._train_samples += window["samples"]
+        self.samples_seen += window["samples"]
         ips = window["samples"] / seconds if seconds > 0 else 0.0
         record = {"kind": "step", "epoch": epoch, "step": self.global_step, "lr": lr, "images_per_s": ips,
-                  "world_size": self.dist.world_size, "samples": window["samples"], "loss": window["loss"]}  # fmt: skip
+                  "world_size": self.dist.world_size, "samples": window["samples"],
+                  "samples_seen": self.samples_seen, "loss": window["loss"]}  # fmt: skip
         record["ce"] = dict(zip(self.names, window["ce"]))
         if self.teacher is not None:
             record["kd"] = dict(zip(self.names, window["kd"]))
@@ -399,11 +276,13 @@ class Trainer:
         live.update(done, {"loss": window["loss"], "lr": lr}, ips)
         return window["stop"]
 
-    def evaluate(self, epoch: int) -> dict:
-        """Val metrics of the students (and, once per invocation, the teacher); logged. The
-        global RNG is left as it was, so evaluating never changes what training does next."""
+    def evaluate(self, epoch: int | None = None) -> dict:
+        """Val metrics of the students (and, once per invocation, the teacher); logged to
+        metrics.jsonl inside fit(). The global RNG is left as it was, so evaluating never changes
+        what training does next. `epoch` (0-based) labels the record; default: the last one done."""
         from fastkd.evaluate import evaluate
 
+        epoch = self.epoch - 1 if epoch is None else epoch
         state = rng_state()
         teacher = self.teacher if self.teacher_eval is None else None
         res = evaluate(self.student_modules(), self.val_loader, teacher=teacher,
@@ -433,6 +312,7 @@ class Trainer:
             epoch=self.epoch,
             step_in_epoch=self.step_in_epoch,
             global_step=self.global_step,
+            samples_seen=self.samples_seen,
             archs=self.archs,
             models={name: net.state_dict() for name, net in self.student_modules().items()},
             optimizer=self.optimizer.state_dict(),
@@ -441,8 +321,11 @@ class Trainer:
             rng=rngs,
             loader={"seed": self.cfg.run.seed, "epoch": self.epoch},
             world_size=self.dist.world_size,
+            batch_size=self.cfg.data.batch_size,
+            steps_per_epoch=self.steps_per_epoch,
             num_classes=self.num_classes,
             classes=self.manifest["classes"],
+            run_id=self.run_id,
             teacher={"arch": self.cfg.model.teacher, "weights": self.cfg.model.teacher_weights}
             if self.teacher is not None
             else None,
@@ -453,19 +336,23 @@ class Trainer:
         return path
 
     def _load(self, ckpt: dict) -> None:
-        if ckpt["archs"] != self.archs:
-            raise FastKDError(f"resume: checkpoint networks {ckpt['archs']} differ from model.students {self.archs}")
-        if ckpt["num_classes"] != self.num_classes:
-            raise FastKDError(f"resume: checkpoint has {ckpt['num_classes']} classes, the data {self.num_classes}")
+        from fastkd.resume import check_resume, resume_notes, resume_samples
+
+        check_resume(ckpt, self)
         for name, net in self.student_modules().items():
             net.load_state_dict(ckpt["models"][name])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch = ckpt["epoch"]
-        self.step_in_epoch = ckpt["step_in_epoch"]
-        self.global_step = ckpt["global_step"]
+        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        self.global_step, self.samples_seen = ckpt["global_step"], resume_samples(ckpt)
+        notes = resume_notes(ckpt, self)
+        self.resume_notes.extend(notes)
         self.best_top1 = dict(ckpt["best_top1"])
-        self._resume_rng = ckpt["rng"]  # applied when fit starts, after everything is built
+        self.run_id = ckpt.get("run_id", self.run_id)
+        # the RNG states of the ranks that wrote it; under another world size each rank restarts
+        # from its own seed (the steps' dropout seeds do not depend on it)
+        same_world = ckpt.get("world_size", 1) == self.dist.world_size
+        self._resume_rng = ckpt["rng"] if same_world else None
 
     # ------------------------------------------------------------------ report
 
@@ -488,25 +375,34 @@ class Trainer:
             "images_per_s": self._train_samples / self._train_time if self._train_time else None,
             "wall_time_s": wall_time,
             "epochs": self.epoch,
+            "total_epochs": self.cfg.schedule.epochs,
+            "finished": self.epoch >= self.cfg.schedule.epochs,
+            "run_id": self.run_id,
             "world_size": self.dist.world_size,
             "device": str(self.device),
             "config": config_to_dict(self.cfg),
         }
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+class _NullLog:
+    """The metrics log outside fit(): records go nowhere (Trainer.evaluate() on its own)."""
+
+    def write(self, record) -> None:
+        pass
 
 
-def _set_determinism(on: bool) -> None:
-    """Process-wide switches, set both ways so a later run in the same process is not affected."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    torch.backends.cudnn.benchmark = not on
-    torch.backends.cudnn.deterministic = on
+def _start_pass(loader, epoch: int, start: int) -> int:
+    """Make the loader's next pass epoch `epoch`, beginning at batch `start` when the loader can
+    (fastkd loaders: `set_epoch(epoch, start_batch=k)` reads nothing before batch k); returns the
+    index of the first batch it will yield (0 for a loader that can only start at the top)."""
+    if start:
+        try:
+            loader.set_epoch(epoch, start_batch=start)
+            return start
+        except TypeError:  # a user's loader with a plain set_epoch(epoch)
+            pass
+    loader.set_epoch(epoch)
+    return 0
 
 
 @contextlib.contextmanager
@@ -520,6 +416,8 @@ def _stop_signals(trainer: Trainer):
     def request_stop(signum, frame):
         if trainer._stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not trainer._stop:
+            trainer._stop_signum = signum
         trainer._stop = True
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -528,3 +426,4 @@ def _stop_signals(trainer: Trainer):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+

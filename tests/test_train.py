@@ -180,11 +180,17 @@ def test_gpus_relaunches_through_torchrun(tmp_path, monkeypatch):
     calls = []
 
     class FakePopen:
-        def __init__(self, cmd):
+        pid = 0
+
+        def __init__(self, cmd, **kwargs):
             calls.append(cmd)
             calls.append(yaml.safe_load(open(cmd[cmd.index("--config") + 1])))
+            calls.append(os.environ.get("FASTKD_RUN_LOCK_HELD"))
 
-        def wait(self):
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
             return 0
 
     monkeypatch.delenv("RANK", raising=False)
@@ -193,10 +199,11 @@ def test_gpus_relaunches_through_torchrun(tmp_path, monkeypatch):
     rc = cli.main(["train", "--data", "D", "--gpus", "2", "--optim.lr", "0.3", "--method", "ce",
                    "--students", "resnet18", "--out", str(tmp_path / "run")])
     assert rc == 0
-    cmd, config = calls
+    cmd, config, lock_held = calls
+    assert lock_held == str(tmp_path / "run")  # the launcher holds the run dir's lock for its ranks
     assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
     assert cmd[7:10] == ["fastkd.cli", "train", "--config"]
-    assert config["optim"]["lr"] == 0.3 and config["dist"]["gpus"] == 2 and config["data"]["dir"] == "D"
+    assert config["optim"]["lr"] == 0.3 and config["dist"]["gpus"] == 2 and config["data"]["dir"] == os.path.abspath("D")
 
 
 @pytest.mark.gpu
@@ -230,7 +237,8 @@ def test_resume_takes_checkpoint_config_then_flags(tmp_path):
     old = tiny_config(tmp_path / "run", **{"loss.method": "uadkd", "model.teacher_weights": "T.pt",
                                            "run.stop_after": 1, "optim.lr": 0.4})
     path = tmp_path / "run/checkpoints/last.pt"
-    save_atomic(build_last(config=config_to_dict(old), optimizer={}, models={}, archs={}), path)
+    save_atomic(build_last(config=config_to_dict(old), optimizer={}, models={}, archs={}, epoch=1, step_in_epoch=0,
+                           global_step=8, scaler={}, best_top1={}, rng=[], num_classes=4), path)
 
     def resolve(argv):
         parser = argparse.ArgumentParser()
@@ -265,3 +273,121 @@ def test_compile_modes_checked(tmp_path):
     trainer = make_trainer(tmp_path, **{"compile.mode": "inductor", "model.students": ["resnet18"]})
     assert type(trainer.students._forwards[0]).__name__ == "OptimizedModule"  # compiled lazily, not run here
     assert list(trainer.students.state_dict())[0] == "nets.0.conv1.weight"  # torchvision keys kept
+
+
+# ---------------------------------------------------------------- resume under change, seeding
+
+
+def _ctrl_c_at(trainer, epoch, batch):
+    def hook(b):
+        if trainer.train_loader.epoch == epoch and b == batch:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer.train_loader.hook = hook
+
+
+def test_mid_epoch_resume_exact_with_dropout_and_starts_at_offset(tmp_path):
+    """MobileNetV2 has dropout: a Ctrl-C mid-epoch then resume equals the uninterrupted run in
+    every tensor, and the resumed pass starts at the checkpoint's batch (nothing built before it)."""
+    common = {"schedule.epochs": 2, "run.deterministic": True, "model.students": ["mobilenet_v2"]}
+    make_trainer(tmp_path / "a", **common).fit()
+    interrupted = make_trainer(tmp_path / "b", **common)
+    _ctrl_c_at(interrupted, 1, 3)
+    with pytest.raises(Interrupted) as stop:
+        interrupted.fit()
+    ckpt = load_last(stop.value.path)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 4)
+    resumed = make_trainer(tmp_path / "b", resume=ckpt, **common)
+    resumed.fit()
+    assert resumed.train_loader.made == 8 - 4  # epoch 2 from batch 4 on: 4 batches, none thrown away
+    a, b = load_last(tmp_path / "a/run/checkpoints/last.pt"), load_last(tmp_path / "b/run/checkpoints/last.pt")
+    for key, value in a["models"]["mobilenet_v2"].items():
+        assert torch.equal(value, b["models"]["mobilenet_v2"][key]), key
+
+
+def test_dropout_masks_are_a_function_of_the_step(tmp_path):
+    """Whatever used the global generator before a step, the step's dropout masks are the same."""
+    def loss_after(noise):
+        trainer = make_trainer(tmp_path / str(noise), **{"model.students": ["mobilenet_v2"]})
+        images, labels = next(iter(trainer.train_loader))
+        torch.randn(noise)  # another consumer of the global generator
+        return trainer.step(images, labels, seed=123)["loss"]
+
+    assert torch.equal(loss_after(1), loss_after(1000))
+
+
+def test_mid_epoch_checkpoint_refused_under_other_world_size(tmp_path):
+    from fastkd.errors import FastKDError
+
+    common = {"schedule.epochs": 2, "model.students": ["resnet18"]}
+    interrupted = make_trainer(tmp_path, **common)
+    _ctrl_c_at(interrupted, 0, 2)
+    with pytest.raises(Interrupted) as stop:
+        interrupted.fit()
+    ckpt = load_last(stop.value.path)
+    ckpt["world_size"] = 2  # as if 2 ranks had made it
+    with pytest.raises(FastKDError, match=r"world size 2 x batch size 32.*world size 1 x batch size 32"):
+        make_trainer(tmp_path, resume=ckpt, **common)
+
+
+def test_epoch_boundary_resume_under_other_batch_keeps_schedule_position(tmp_path):
+    """Batch 32 -> 16 at the end of epoch 1 of 2: the schedule continues at half the run (the
+    step count is recomputed, not kept), the peak lr is rescaled, and the change is logged."""
+    common = {"schedule.epochs": 2, "model.students": ["resnet18"], "schedule.warmup_epochs": 0.0}
+    make_trainer(tmp_path, **common, **{"run.stop_after": 1}).fit()
+    ckpt = load_last(tmp_path / "run/checkpoints/last.pt")
+    assert ckpt["global_step"] == 8 and ckpt["batch_size"] == 32
+    resumed = make_trainer(tmp_path, resume=ckpt, loader_kwargs={"batch_size": 16},
+                           **common, **{"data.batch_size": 16})  # fmt: skip
+    assert resumed.steps_per_epoch == 16 and resumed.total_steps == 32
+    assert resumed.global_step == 8  # optimizer steps taken: the metrics' x axis keeps counting
+    assert resumed.peak_lr == pytest.approx(0.4 * 16 / 256)
+    resumed.fit()
+    steps = [r for r in records(tmp_path / "run", "step") if r["epoch"] == 1]
+    # cosine from half-way: the first step of epoch 2 runs at lr_at(16 of 32) = peak/2, then decays
+    # (a record's lr is its window's last step: schedule position 16 + steps done in epoch 2 - 1)
+    from fastkd.schedule import lr_at
+
+    assert [r["step"] for r in steps] == [11, 14, 17, 20, 23, 24]
+    for r in steps:
+        assert r["lr"] == pytest.approx(lr_at(16 + (r["step"] - 8) - 1, 32, 0, resumed.peak_lr))
+    assert steps[0]["lr"] > 0.4 * resumed.peak_lr
+    notes = records(tmp_path / "run", "resume")[0]["notes"]
+    assert "batch size 32 -> 16" in notes[0] and "peak lr" in notes[0]
+
+
+def test_extending_epochs_on_resume_is_announced(tmp_path):
+    common = {"model.students": ["resnet18"]}
+    make_trainer(tmp_path, **common, **{"schedule.epochs": 2}).fit()
+    ckpt = load_last(tmp_path / "run/checkpoints/last.pt")
+    resumed = make_trainer(tmp_path, resume=ckpt, **common, **{"schedule.epochs": 3})
+    assert any("schedule.epochs 2 -> 3" in n and "instead of" in n for n in resumed.resume_notes)
+
+
+def test_evaluate_on_its_own(tmp_path):
+    trainer = make_trainer(tmp_path, **{"model.students": ["resnet18"]})
+    res = trainer.evaluate()
+    assert 0.0 <= res["resnet18"]["top1"] <= 100.0 and res["resnet18"]["n"] == 128
+
+
+def test_resume_onto_other_classes_refused(tmp_path):
+    from fastkd.errors import FastKDError
+
+    common = {"model.students": ["resnet18"], "schedule.epochs": 1}
+    make_trainer(tmp_path, **common).fit()
+    ckpt = load_last(tmp_path / "run/checkpoints/last.pt")
+    ckpt["classes"][2] = dict(ckpt["classes"][2], wnid="n99999999")
+    with pytest.raises(FastKDError, match=r"label 2: checkpoint n99999999, data synth2"):
+        make_trainer(tmp_path, resume=ckpt, **{"model.students": ["resnet18"], "schedule.epochs": 2})
+
+
+def test_cuda_n_gives_each_rank_its_own_gpu(monkeypatch):
+    from fastkd import runtime
+    from fastkd.errors import FastKDError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert [runtime.resolve_device("cuda:2", r).index for r in range(3)] == [2, 3, 4]
+    assert [runtime.resolve_device("cuda", r).index for r in range(2)] == [0, 1]
+    with pytest.raises(FastKDError, match=r"local rank 2 would use cuda:8.*8 GPU"):
+        runtime.resolve_device("cuda:6", 2)

@@ -35,8 +35,9 @@ class SyntheticLoader:
                                      for i in range(num_classes)]}
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
-        self.resolution, self.epoch = resolution, 0
+        self.resolution, self.epoch, self.start_batch = resolution, 0, 0
         self.resolutions = []  # set_resolution calls, for tests
+        self.made = 0  # batches built (a pass started at batch k builds none before it)
         self.hook = None  # callable(batch_index) run before each batch is yielded
 
     def _indices(self):
@@ -52,8 +53,8 @@ class SyntheticLoader:
         k = len(self._indices())
         return k // self.batch_size if self.train else -(-k // self.batch_size)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
 
     def set_resolution(self, resolution):
         self.resolution = resolution
@@ -61,7 +62,9 @@ class SyntheticLoader:
 
     def __iter__(self):
         idx = self._indices()
-        for b in range(len(self)):
+        start, self.start_batch = self.start_batch, 0
+        for b in range(start, len(self)):
+            self.made += 1
             if self.hook is not None:
                 self.hook(b)
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]

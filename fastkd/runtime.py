@@ -1,0 +1,105 @@
+"""Process-wide run-time choices of a training run: device, precision, compilation, seeding.
+
+    device = resolve_device("cuda:2", local_rank=1)   # -> cuda:3 (each rank its own GPU)
+    dtype = amp_dtype("auto", device)                 # bf16 on CUDA, None (fp32) on CPU
+    net = compile_module(net, "cudagraphs")           # Triton-free torch.compile
+    seed_all(0); set_determinism(True)
+    torch.manual_seed(step_seed(seed, rank, epoch, step))   # the step's dropout masks
+
+Kept apart from the trainer so the benchmarks and `fastkd eval` make the same choices.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastkd.distributed import local_device_index
+from fastkd.errors import FastKDError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+COMPILE_MODES = ("none", "inductor", "cudagraphs")
+
+
+def resolve_device(name: str, local_rank: int = 0, flag: str = "--run.device") -> torch.device:
+    """The device of the rank with LOCAL_RANK `local_rank`.
+
+    auto -> cuda when available, else cpu. `cuda` -> cuda:<local_rank>. `cuda:N` -> cuda:<N +
+    local_rank>: N is the first GPU of this node's ranks, so 8 ranks with cuda:0 use GPUs 0..7
+    and 2 ranks with cuda:2 use GPUs 2 and 3 (never every rank on one GPU). `flag` is how the
+    user spelled the setting, for the error messages.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FastKDError(f"{flag} {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise FastKDError(f"{flag} {name!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise FastKDError(f"{flag} {name}: CUDA is not available here; use {flag} cpu")
+    index = local_device_index(local_rank, device.index)
+    count = torch.cuda.device_count()
+    if index >= count:
+        first = device.index or 0
+        raise FastKDError(
+            f"{flag} {name}: local rank {local_rank} would use cuda:{index}, but this node has {count} "
+            f"GPU(s) (cuda:0..cuda:{count - 1}); with cuda:{first} at most {count - first} ranks fit"
+        )
+    return torch.device("cuda", index)
+
+
+def base_index(name: str) -> int | None:
+    """N of a `cuda:N` device setting (the first GPU of this node's ranks), else None."""
+    return torch.device(name).index if name.startswith("cuda:") else None
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision.amp` on `device` (None: no autocast, fp32)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return AMP_DTYPES[amp]
+
+
+def compile_module(module: nn.Module, mode: str):
+    """`module` itself (none), or its torch.compile wrapper (inductor; cudagraphs: CUDA graphs of
+    the captured FX graph, no Triton)."""
+    if mode == "none":
+        return module
+    if mode == "inductor":
+        return torch.compile(module)
+    if mode == "cudagraphs":
+        return torch.compile(module, backend="cudagraphs")
+    raise FastKDError(f"compile.mode {mode!r}: use {', '.join(COMPILE_MODES)}")
+
+
+def seed_all(seed: int) -> None:
+    """Python, NumPy and torch (CPU and every CUDA device) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, rank: int, epoch: int, step_in_epoch: int) -> int:
+    """Seed of the global torch generator for one training step (dropout masks, stochastic
+    depth): a pure function of the run seed, the rank and the step's position, so a run resumed
+    mid-epoch draws exactly the masks the uninterrupted run would have drawn, whatever else
+    (loader threads, evaluation, compilation) used the generator in between."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), int(epoch), int(step_in_epoch)])
+    return int(state.generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def set_determinism(on: bool) -> None:
+    """Process-wide switches, set both ways so a later run in the same process is not affected."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.benchmark = not on
+    torch.backends.cudnn.deterministic = on

@@ -1,0 +1,198 @@
+"""The one training step: frozen teacher, one or two students, the loss, one optimizer update.
+
+    step = build_step(cfg, num_classes=100, device=torch.device("cuda"))   # TrainConfig -> step
+    step.set_lr(0.1)
+    parts = step(images, labels, seed=step_seed(...))   # dict of device tensors, no host sync
+    step.meter.add(parts, images.shape[0])              # device-side sums for the log window
+
+What one call does, in order (the trainer, the benchmarks and the GPU check all run exactly this):
+teacher forward in eval mode under inference_mode (its logits cloned out of inference mode,
+fp32), students forward in train mode under autocast (in DDP when there are several ranks),
+student logits cast to fp32, `fastkd.losses.distillation_loss` (the fused op unless
+loss.fused is false), zero_grad, backward through the GradScaler (fp16 only), one SGD update
+over both students (weight decay on conv/linear weights only), and the per-student correct
+counts. Nothing is read back to the host: the loss parts, accuracies and w stay on the device
+until `StepMeter.read`, the loop's one sync every run.log_every steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from fastkd import distributed
+from fastkd.config import TrainConfig
+from fastkd.losses import LossConfig, distillation_loss
+from fastkd.models import build_model
+from fastkd.runtime import amp_dtype as resolve_amp_dtype
+from fastkd.runtime import compile_module
+
+
+class Students(nn.Module):
+    """The students as one module (one DDP wrapper, one optimizer); forward -> [logits, ...],
+    each [B, C]."""
+
+    def __init__(self, nets: list[nn.Module], compile_mode: str = "none"):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        self.set_compile(compile_mode)
+
+    def set_compile(self, mode: str) -> None:
+        # compiled wrappers kept outside the module tree: state_dict keys stay torchvision's
+        object.__setattr__(self, "_forwards", [compile_module(n, mode) for n in self.nets])
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return [f(images) for f in self._forwards]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only; BN parameters and biases (ndim <= 1) get none."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(students: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD over every student parameter, with the weight-decay groups of `param_groups`."""
+    o = cfg.optim
+    return torch.optim.SGD(param_groups(students, o.weight_decay), lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+
+
+class StepMeter:
+    """Device-side sums over the steps since the last read: [samples, loss, w, ce[n], kd[n],
+    peer[n], correct[n], stop], each a batch mean times the batch size. `read` all-reduces (so
+    every rank sees every rank's samples and stop request) and syncs."""
+
+    def __init__(self, num_students: int, device: torch.device):
+        self.n = num_students
+        self.sums = torch.zeros(4 + 4 * num_students, dtype=torch.float64, device=device)
+
+    def add(self, parts: dict[str, Tensor], batch: int) -> None:
+        vec = torch.cat(
+            [
+                parts["loss"].detach().reshape(1).double() * batch,
+                parts["w"].detach().double().sum().reshape(1),
+                parts["ce"].detach().double().reshape(-1) * batch,
+                parts["kd"].detach().double().reshape(-1) * batch,
+                parts["peer"].detach().double().reshape(-1) * batch,
+                parts["correct"].double(),
+            ]
+        )
+        self.sums[0] += batch
+        self.sums[1:-1] += vec
+
+    def read(self, stop: bool = False) -> dict:
+        """Window means over all ranks, then reset; "stop" is True when any rank asked to stop.
+        The host sync of the loop."""
+        if stop:
+            self.sums[-1] = 1.0
+        values = distributed.all_reduce_sum(self.sums.clone()).tolist()
+        self.sums.zero_()
+        samples = max(values[0], 1.0)
+        n = self.n
+
+        def part(i):
+            return [v / samples for v in values[3 + i * n : 3 + (i + 1) * n]]
+
+        return {
+            "samples": int(values[0]),
+            "stop": values[-1] > 0,
+            "loss": values[1] / samples,
+            "w_mean": values[2] / samples,
+            "ce": part(0),
+            "kd": part(1),
+            "peer": part(2),
+            "train_top1": [100.0 * v for v in part(3)],
+        }
+
+
+class TrainStep:
+    """One optimizer step of the students (see the module docstring). `students` is the plain
+    `Students` module (its state_dict is what checkpoints hold); `model` is what runs forward
+    (the same module, or its DDP wrapper)."""
+
+    def __init__(self, students: Students, teacher: nn.Module | None, loss: LossConfig,
+                 optimizer: torch.optim.Optimizer, device: torch.device, amp_dtype: torch.dtype | None,
+                 model: nn.Module | None = None):  # fmt: skip
+        self.students, self.teacher, self.loss = students, teacher, loss
+        self.model = students if model is None else model
+        self.optimizer, self.device, self.amp_dtype = optimizer, device, amp_dtype
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.meter = StepMeter(len(students.nets), device)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def seed(self, seed: int) -> None:
+        """Seed this process's generators for this device only (dropout masks of the step):
+        the CPU generator and, on CUDA, the current device's, never every GPU's."""
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
+    def __call__(self, images: Tensor, labels: Tensor, seed: int | None = None) -> dict[str, Tensor]:
+        """images [B, 3, r, r] (normalised, channels_last), labels [B] int64, both on the device;
+        returns the loss parts (`loss` scalar, `ce`/`kd`/`peer` [n_students], `w` [B]) plus
+        `correct` [n_students], all device tensors. `seed`: the step's generator seed."""
+        if seed is not None:
+            self.seed(seed)
+        teacher_logits = None
+        with self.autocast():
+            if self.teacher is not None:
+                with torch.inference_mode():
+                    t = self.teacher(images)  # [B, C]
+                teacher_logits = t.float().clone()  # a normal tensor, usable outside inference mode
+            logits = self.model(images)  # [[B, C]] per student
+        logits = [s.float() for s in logits]
+        parts = distillation_loss(teacher_logits, logits, labels, self.loss, fused=self.loss.fused)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            parts["correct"] = torch.stack([(s.argmax(dim=1) == labels).sum() for s in logits])
+        return parts
+
+
+def build_students(cfg: TrainConfig, num_classes: int, device: torch.device, distributed_run: bool) -> Students:
+    """Randomly initialised students on `device` (channels_last per config), SyncBN when asked
+    and several ranks run, forwards compiled per compile.mode."""
+    cl = cfg.precision.channels_last
+    nets = [build_model(a, num_classes, channels_last=cl).to(device) for a in cfg.model.students]
+    students = Students(nets)
+    if cfg.model.sync_bn and distributed_run:
+        students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
+    students.set_compile(cfg.compile.mode)
+    return students
+
+
+def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teacher: nn.Module | None = None,
+               lr: float | None = None, ddp: bool = False) -> TrainStep:  # fmt: skip
+    """The trainer's step from a config, without data: students from model.students, the given
+    frozen `teacher` (moved to `device`, compiled per compile.mode; a randomly initialised
+    model.teacher when the method needs one and none is given: what the benchmarks time),
+    optimizer, scaler and loss as `fastkd train` builds them. ddp=True wraps the students in
+    DistributedDataParallel (a process group must exist)."""
+    students = build_students(cfg, num_classes, device, ddp)
+    if cfg.loss.uses_teacher:
+        if teacher is None:
+            teacher = build_model(cfg.model.teacher, num_classes, channels_last=cfg.precision.channels_last)
+            teacher.eval().requires_grad_(False)
+        teacher = compile_module(teacher.to(device), cfg.compile.mode)
+    else:
+        teacher = None
+    model = students
+    if ddp:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(students, device_ids=ids)
+    optimizer = build_optimizer(students, cfg, lr if lr is not None else cfg.optim.lr)
+    return TrainStep(students, teacher, cfg.loss, optimizer, device,
+                     resolve_amp_dtype(cfg.precision.amp, device), model=model)  # fmt: skip
