@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from fastkd.errors import FastKDError
+from fastkd.runtime import resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,21 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--num-workers", type=int, default=None)
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device auto/cpu/cuda/cuda:N; FastKDError naming `--device` when CUDA is asked for and absent."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FastKDError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastKDError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise FastKDError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
-    return device
 
 
 def load_networks(path: Path, arch: str | None, manifest: dict) -> tuple[dict, dict]:
@@ -88,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
     from fastkd.checkpoint import resolve_weights_path
     from fastkd.data import build_loader
     from fastkd.evaluate import evaluate
-    from fastkd.preprocess.manifest import load_manifest
+    from fastkd.packformat import load_manifest
 
-    device = resolve_device(args.device)  # before any loading: a wrong flag fails fast
+    device = resolve_device(args.device, flag="--device")  # before any loading: a wrong flag fails fast
     path = resolve_weights_path(args.checkpoint, args.arch)
     manifest = load_manifest(args.data)
     nets, config = load_networks(path, args.arch, manifest)

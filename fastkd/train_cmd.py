@@ -22,26 +22,34 @@ A teacher is the same trainer with method `ce` and one network:
 Config: dataclass defaults, then `--config FILE.yaml`, then any `--section.key VALUE` below (short
 aliases: --data --backend --batch-size --method --students --teacher --teacher-weights --epochs
 --compile --out --resume --gpus). `--resume auto` continues OUT/checkpoints/last.pt when it
-exists; `--resume PATH` continues that checkpoint with its config (flags given now override).
-Ctrl-C (or SIGTERM) finishes the current step, saves last.pt and exits (status 130).
+exists; `--resume PATH` (a run directory or its checkpoints/last.pt) continues that run, in the
+directory that holds it, with its config (flags given now override). A finished run is left
+untouched (exit 0). A fresh run into a directory that already holds a run is refused unless
+--overwrite; one training at a time holds a run directory (a lock; a dead holder's is taken over).
+On resume, metrics.jsonl records past the checkpoint (after a kill -9) are dropped.
+Ctrl-C finishes the current step, saves last.pt and exits with status 130 (SIGTERM: 143).
 On CPU, `--gpus N --run.device cpu` runs N gloo ranks (tests). The run directory OUT holds
 config.yaml, metrics.jsonl, checkpoints/{last,best-<net>}.pt, report.json, report.md, plots/.
 """
-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 from fastkd import distributed
 from fastkd.checkpoint import load_last
-from fastkd.config import add_config_arguments, overrides_from_args, resolve_config, save_config
+from fastkd.config import TrainConfig, add_config_arguments, overrides_from_args, resolve_config, save_config
 from fastkd.errors import FastKDError
+from fastkd.run_dir import RunLock, classify, prepare_fresh
+from fastkd.metrics import truncate_metrics
 
 # keys a resumed run never inherits from the checkpoint's config
-_NOT_INHERITED = {"run": ("resume", "stop_after")}
+_NOT_INHERITED = {"run": ("resume", "stop_after", "overwrite")}
+# set by the process that holds the run dir's lock for the ranks it launches
+LOCK_ENV = "FASTKD_RUN_LOCK_HELD"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,41 +73,113 @@ def resume_path(resume: str | None, out: str) -> Path | None:
     return path
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory holding `checkpoint` (RUN/checkpoints/last.pt -> RUN; a checkpoint
+    elsewhere: its folder)."""
+    folder = checkpoint.resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def _absolute_paths(cfg: TrainConfig) -> None:
+    """Paths in the config made absolute, so the saved config resumes from any directory."""
+    cfg.run.out = os.path.abspath(cfg.run.out)
+    if cfg.data.dir:
+        cfg.data.dir = os.path.abspath(cfg.data.dir)
+    weights = cfg.model.teacher_weights
+    if weights and weights != "imagenet" and os.path.exists(weights):
+        cfg.model.teacher_weights = os.path.abspath(weights)
+
+
 def resolve(args: argparse.Namespace):
-    """(config, loaded checkpoint or None): a resumed run starts from the checkpoint's config."""
+    """(config, loaded checkpoint or None): a resumed run starts from the checkpoint's config and
+    continues in the directory that holds the checkpoint."""
     overrides = overrides_from_args(args)
     first = resolve_config(args.config, overrides, check=False)
     path = resume_path(first.run.resume, first.run.out)
     if path is None:
-        return resolve_config(args.config, overrides), None
+        cfg = resolve_config(args.config, overrides)
+        _absolute_paths(cfg)
+        return cfg, None
     ckpt = load_last(path)
     base = {s: dict(v) for s, v in ckpt["config"].items()}
     for section, keys in _NOT_INHERITED.items():
         for key in keys:
             base[section].pop(key, None)
+    home = run_dir_of(path)
+    if first.run.resume != "auto" and "run.out" in overrides and Path(overrides["run.out"]).resolve() != home:
+        raise FastKDError(
+            f"--resume {first.run.resume} continues the run in {home}; --out {overrides['run.out']} names "
+            "another directory: drop --out (or copy the run there and resume that copy)"
+        )
+    base["run"]["out"] = str(home)  # the run that holds PATH, wherever it was first written
     cfg = resolve_config(args.config, overrides, base=base)
+    _absolute_paths(cfg)
     return cfg, ckpt
 
 
-def run(args: argparse.Namespace) -> int:
-    from fastkd.train import Interrupted, Trainer
+def _finished(cfg: TrainConfig, ckpt: dict | None) -> bool:
+    return ckpt is not None and ckpt["epoch"] >= cfg.schedule.epochs and ckpt["step_in_epoch"] == 0
 
+
+def _lock_held_for_us(cfg: TrainConfig) -> bool:
+    """A launcher (fastkd train --gpus N) holds the lock for the ranks it started; under an
+    outside torchrun rank 0 takes it."""
+    return os.environ.get(LOCK_ENV) == cfg.run.out or (distributed.under_torchrun() and os.environ.get("RANK") != "0")
+
+
+def prepare_run_dir(cfg: TrainConfig, ckpt: dict | None) -> None:
+    """Fresh run: refuse a dir holding a run (unless --overwrite). Resume: drop metrics records
+    past the checkpoint (written after it by a run that was then killed)."""
+    out = Path(cfg.run.out)
+    if ckpt is None:
+        prepare_fresh(out, cfg.run.overwrite)
+    else:
+        truncate_metrics(out / "metrics.jsonl", ckpt["global_step"], ckpt["epoch"])
+
+
+def run(args: argparse.Namespace) -> int:
     cfg, ckpt = resolve(args)
-    if cfg.dist.gpus > 1 and not distributed.under_torchrun():
-        with tempfile.TemporaryDirectory(prefix="fastkd-launch-") as tmp:
-            path = Path(tmp) / "config.yaml"  # every rank reads the config resolved here
-            save_config(cfg, path)
-            print(f"fastkd train: launching {cfg.dist.gpus} ranks (torch.distributed.run)", file=sys.stderr)
-            return distributed.relaunch(cfg.dist.gpus, ["train", "--config", str(path)])
+    if _finished(cfg, ckpt):
+        state = "finished" if classify(cfg.run.out) == "finished" else "at its last epoch"
+        print(f"fastkd train: the run in {cfg.run.out} is {state} ({ckpt['epoch']} of {cfg.schedule.epochs} "
+              "epochs); nothing to do. Raise --epochs to train on, or use --overwrite/another --out for a new "
+              "run", file=sys.stderr)  # fmt: skip
+        return 0
     if cfg.run.resume == "auto" and ckpt is None:
         print(f"fastkd train: no checkpoint in {cfg.run.out}/checkpoints, starting fresh", file=sys.stderr)
+    if _lock_held_for_us(cfg):
+        return _train(cfg, ckpt)
+    with RunLock(cfg.run.out):
+        prepare_run_dir(cfg, ckpt)
+        if cfg.dist.gpus > 1 and not distributed.under_torchrun():
+            return _launch(cfg)
+        return _train(cfg, ckpt)
+
+
+def _launch(cfg: TrainConfig) -> int:
+    """`--gpus N` outside torchrun: the ranks read the config resolved here, under our lock."""
+    with tempfile.TemporaryDirectory(prefix="fastkd-launch-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        save_config(cfg, path)
+        print(f"fastkd train: launching {cfg.dist.gpus} ranks (torch.distributed.run)", file=sys.stderr)
+        os.environ[LOCK_ENV] = cfg.run.out
+        try:
+            return distributed.relaunch(cfg.dist.gpus, ["train", "--config", str(path)])
+        finally:
+            os.environ.pop(LOCK_ENV, None)
+
+
+def _train(cfg: TrainConfig, ckpt: dict | None) -> int:
+    from fastkd.train import Interrupted, Trainer
+
+    trainer = None
     try:
         trainer = Trainer(cfg, resume=ckpt)
         trainer.fit()
     except Interrupted as stop:
         if stop.path is not None:
             print(f"fastkd train: stopped; resume with --resume {stop.path}", file=sys.stderr)
-        return 130
+        return stop.exit_code
     finally:
         distributed.shutdown()
     if trainer.is_main:

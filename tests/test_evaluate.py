@@ -198,7 +198,7 @@ def test_eval_cuda_hint_names_its_own_flag(tmp_path, monkeypatch):
 
 def _packed_classes(monkeypatch, wnids):
     """`fastkd eval` reads this class list as the pack's manifest (no pack written)."""
-    import fastkd.preprocess.manifest as manifest_module
+    import fastkd.packformat as manifest_module
 
     classes = [{"label": i, "wnid": w, "name": w, "imagenet_index": None} for i, w in enumerate(wnids)]
     monkeypatch.setattr(manifest_module, "load_manifest", lambda root: {"classes": classes})

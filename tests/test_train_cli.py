@@ -199,3 +199,89 @@ def test_ctrl_c_under_gpus_2_saves_agreed_checkpoint(packed, tmp_path):
     ckpt = load_last(out / "checkpoints/last.pt")
     assert ckpt["epoch"] == 0 and ckpt["step_in_epoch"] > 0 and len(ckpt["rng"]) == 2
     assert ckpt["step_in_epoch"] % 4 == 0  # a log read, where the ranks agreed
+
+
+# ---------------------------------------------------------------- one run per run dir, resume anywhere
+
+SMALL = ["--method", "ce", "--students", "resnet18", "--optim.lr", "0.2"]
+
+
+def test_finished_run_left_untouched_and_second_run_refused(packed, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(packed), *COMMON, *SMALL, "--epochs", "1", "--out", str(out)]
+    assert cli.main(args) == 0
+    report, metrics = (out / "report.json").read_bytes(), (out / "metrics.jsonl").read_bytes()
+    last = (out / "checkpoints/last.pt").read_bytes()
+    capsys.readouterr()
+    assert cli.main(args + ["--resume", "auto"]) == 0  # finished: nothing to do, nothing rewritten
+    assert "finished" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == report and (out / "metrics.jsonl").read_bytes() == metrics
+    assert (out / "checkpoints/last.pt").read_bytes() == last
+    assert json.loads(report)["networks"]["resnet18"]["top1"] is not None
+    assert cli.main(args) == 2  # a fresh run into a dir that holds one
+    err = capsys.readouterr().err
+    assert str(out) in err and "--resume auto" in err and "--overwrite" in err and "--out" in err
+    assert (out / "metrics.jsonl").read_bytes() == metrics  # nothing appended
+
+
+def test_resume_path_continues_the_copied_run_from_anywhere(packed, tmp_path, monkeypatch):
+    """A run started with relative paths, copied elsewhere, resumed by path from another
+    directory: the copy is continued (not the original), and the relative data path still works."""
+    import shutil
+
+    monkeypatch.chdir(packed.parent)
+    args = ["train", "--data", packed.name, *COMMON, *SMALL, "--epochs", "2", "--run.stop_after", "1",
+            "--out", "orig"]  # fmt: skip
+    assert cli.main(args) == 0
+    original = packed.parent / "orig"
+    before = (original / "checkpoints/last.pt").read_bytes()
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--resume", str(copy / "checkpoints/last.pt")]) == 0
+    assert load_last(copy / "checkpoints/last.pt")["epoch"] == 2
+    assert (original / "checkpoints/last.pt").read_bytes() == before  # the original is untouched
+    assert not (tmp_path / "orig").exists()
+
+
+def test_kill_9_duplicates_dropped_on_resume(packed, tmp_path):
+    """Records a killed run wrote after its last checkpoint are dropped when it resumes: no step
+    appears twice in metrics.jsonl."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(packed), *COMMON, *SMALL, "--epochs", "2", "--out", str(out)]
+    assert cli.main(args + ["--run.stop_after", "1"]) == 0
+    ckpt_step = load_last(out / "checkpoints/last.pt")["global_step"]
+    with open(out / "metrics.jsonl", "a") as f:  # what the killed second epoch had logged
+        f.write(json.dumps({"kind": "step", "epoch": 1, "step": ckpt_step + 11, "lr": 0.1, "loss": 9.0}) + "\n")
+        f.write('{"kind": "step", "epoch": 1, "st')  # cut off by the kill
+    assert cli.main(args + ["--resume", "auto"]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["kind"], r["epoch"], r["step"]) for r in lines if r["kind"] == "step"]
+    assert len(keys) == len(set(keys)) and all(r.get("loss") != 9.0 for r in lines)
+
+
+def test_one_rank_to_two_ranks_continues_the_lr_curve(packed, tmp_path):
+    """Epoch 1 of 2 on one rank, epoch 2 on two gloo ranks (`--gpus 2 --resume auto`): the
+    schedule continues at half the run with the peak lr doubled (linear scaling), never 0."""
+    from fastkd.schedule import lr_at
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(packed), *COMMON, *SMALL, "--epochs", "2", "--out", str(out),
+            "--schedule.warmup_epochs", "0"]  # fmt: skip
+    assert cli.main(args + ["--run.stop_after", "1"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "fastkd.cli", *args, "--gpus", "2", "--resume", "auto"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 1 -> 2" in proc.stderr
+    spe1, spe2 = 1437 // 64, 1437 // 2 // 64  # 22 steps per epoch on one rank, 11 on two
+    peak2 = 0.2 * 64 * 2 / 256
+    second = [r for r in records(out, "step") if r["epoch"] == 1]
+    assert second and all(r["world_size"] == 2 for r in second)
+    for r in second:
+        done_in_epoch = r["step"] - spe1
+        assert r["lr"] == pytest.approx(lr_at(spe2 + done_in_epoch - 1, 2 * spe2, 0, peak2)), r
+    assert second[0]["lr"] > 0.3 * peak2  # cosine half-way is peak / 2, not 0
+    assert records(out, "resume")[0]["world_size"] == 2
+    ckpt = load_last(out / "checkpoints/last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["world_size"] == 2 and ckpt["samples_seen"] == spe1 * 64 + spe2 * 128
