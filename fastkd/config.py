@@ -43,9 +43,11 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    teacher: str = "resnet50"  # torchvision architecture of the teacher (alias --teacher)
-    teacher_weights: str | None = None  # fastkd checkpoint, state_dict file, or `imagenet`
+    teacher: str = "resnet50"  # architecture of the teacher (alias --teacher)
+    teacher_weights: str | None = None  # fastkd checkpoint or run dir, weights file, or `imagenet`
+    teacher_cache: str | None = None  # `fastkd teacher-cache` dir: cached logits, no teacher forward (alias --teacher-cache)
     students: list[str] = field(default_factory=lambda: ["resnet18", "mobilenet_v2"])  # 1 or 2 archs
+    student_weights: list[str] = field(default_factory=list)  # initial weights, NET=PATH per student (alias --student-weights)
     sync_bn: bool = False  # SyncBatchNorm in the students across ranks (CUDA only)
 
 
@@ -88,6 +90,7 @@ class RunConfig:
     live: bool = True  # rich live progress display on rank 0
     summary: bool = True  # print the final results table on rank 0 (with or without run.live)
     overwrite: bool = False  # a fresh run may replace the run already in run.out (alias --overwrite)
+    log: list[str] = field(default_factory=lambda: ["tensorboard"])  # loggers beside metrics.jsonl: tensorboard, wandb, none (alias --log)
 
 
 @dataclass(kw_only=True)
@@ -123,6 +126,9 @@ ALIASES: dict[str, str] = {
     "--resume": "run.resume",
     "--gpus": "dist.gpus",
     "--overwrite": "run.overwrite",
+    "--teacher-cache": "model.teacher_cache",
+    "--student-weights": "model.student_weights",
+    "--log": "run.log",
 }
 
 

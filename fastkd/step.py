@@ -138,15 +138,18 @@ class TrainStep:
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
 
-    def __call__(self, images: Tensor, labels: Tensor, seed: int | None = None) -> dict[str, Tensor]:
+    def __call__(self, images: Tensor, labels: Tensor, seed: int | None = None,
+                 teacher_logits: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
         """images [B, 3, r, r] (normalised, channels_last), labels [B] int64, both on the device;
         returns the loss parts (`loss` scalar, `ce`/`kd`/`peer` [n_students], `w` [B]) plus
-        `correct` [n_students], all device tensors. `seed`: the step's generator seed."""
+        `correct` [n_students], all device tensors. `seed`: the step's generator seed.
+        `teacher_logits` [B, C]: given (a teacher cache), the teacher does not run."""
         if seed is not None:
             self.seed(seed)
-        teacher_logits = None
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits.float()
         with self.autocast():
-            if self.teacher is not None:
+            if self.teacher is not None and teacher_logits is None:
                 with torch.inference_mode():
                     t = self.teacher(images)  # [B, C]
                 teacher_logits = t.float().clone()  # a normal tensor, usable outside inference mode

@@ -395,13 +395,10 @@ def _start_pass(loader, epoch: int, start: int) -> int:
     """Make the loader's next pass epoch `epoch`, beginning at batch `start` when the loader can
     (fastkd loaders: `set_epoch(epoch, start_batch=k)` reads nothing before batch k); returns the
     index of the first batch it will yield (0 for a loader that can only start at the top)."""
-    if start:
-        try:
-            loader.set_epoch(epoch, start_batch=start)
-            return start
-        except TypeError:  # a user's loader with a plain set_epoch(epoch)
-            pass
-    loader.set_epoch(epoch)
+    if start and getattr(loader, "supports_start_batch", False):
+        loader.set_epoch(epoch, start_batch=start)
+        return start
+    loader.set_epoch(epoch)  # a user's loader, or a mode that cannot seek: the caller skips
     return 0
 
 

@@ -3,7 +3,7 @@
 // No torch headers here or in dual_kd_loss.cu, so that the kernel compiles with nvcc alone
 // (tests/test_losses.py builds it for sm_80 and sm_90). The torch binding is
 // dual_kd_binding.cpp; the maths is written out in dual_kd_loss.cu and in
-// fastkd/kernels/op.py (the CPU twin), and defined in docs: ../shared/DESIGN.md "The loss".
+// fastkd/kernels/op.py (the CPU twin), and specified in docs/LOSS.md.
 #pragma once
 
 #include <cstdint>

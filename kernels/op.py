@@ -9,7 +9,7 @@ peer term), labels int64 [B]; all logits of one dtype. Outputs, in fp32 (fp64 fo
 loss [B] = L_A + L_B per sample, parts [n_students, B, 3] = weighted (ce, kd, peer) per student
 and sample, w [B]; and grads [n_students, B, C] in the logits' dtype, grads[i, b] = d loss[b] /
 d s_i[b, :] (the peer target held constant), or [0, B, C] when need_grad is false. The maths
-is in ../shared/DESIGN.md "The loss" and in dual_kd_loss.cu's header.
+is in docs/LOSS.md and in dual_kd_loss.cu's header.
 
 Implementations: CUDA tensors run the fused kernel (dual_kd_loss.cu, built on first use by
 fastkd.kernels.build); every other device, and CUDA float64, runs `dual_kd_loss_torch`, the same

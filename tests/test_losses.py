@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest tests/test_losses.py        # CPU: values, grads, compile, nvcc
     (on a GPU machine the `gpu` tests also run the CUDA kernel against the same derivation)
 
-`expected_loss` below re-derives the loss from DESIGN.md in NumPy float64; it shares no code
+`expected_loss` below re-derives the loss from docs/LOSS.md in NumPy float64; it shares no code
 with fastkd.losses or fastkd.kernels.
 """
 
@@ -26,7 +26,7 @@ from fastkd.losses import LossConfig, distillation_loss, reference_loss
 REPO = Path(__file__).resolve().parents[1]
 CU_SOURCE = REPO / "kernels" / "dual_kd_loss.cu"
 
-# Written out again from DESIGN.md, not imported: method -> (KD term, peer term, weighting).
+# Written out again from docs/LOSS.md, not imported: method -> (KD term, peer term, weighting).
 TERMS = {
     "ce": (False, False, False),
     "kd": (True, False, False),

@@ -36,6 +36,7 @@ class SyntheticLoader:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.resolution, self.epoch, self.start_batch = resolution, 0, 0
+        self.supports_start_batch = True
         self.resolutions = []  # set_resolution calls, for tests
         self.made = 0  # batches built (a pass started at batch k builds none before it)
         self.hook = None  # callable(batch_index) run before each batch is yielded
