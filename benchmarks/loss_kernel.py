@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         headline = [common.head(f"fused loss vs eager, {r['device']} B={r['B']} C={r['C']}", r["ratio"], "x")
                     for r in rows if r["name"] == "fused" and (r["B"], r["C"]) == (256, 100)]
         headline += [common.head(f"fused loss vs eager, device time (CUDA graph), B={r['B']} C={r['C']}",
-                                 r["ratio"], "x") for r in rows if r["name"] == "fused-graph" and (r["B"], r["C"]) == (256, 100)]
+                                 r["ratio"], "x")
+                     for r in rows if r["name"] == "fused-graph" and (r["B"], r["C"]) == (256, 100)]
         common.write_result(args.json, "loss_kernel", rows, machine=info, headline=headline, notes=notes,
                             goals=loss_goals(rows, info),
                             params={"method": "uadkd", "dtype": args.dtype, "shapes": shapes, "devices": devices,

@@ -225,7 +225,7 @@ def run(args) -> dict[str, Any]:
             for name in variants:
                 cfg = configs[name]
                 extras = dict(label=VARIANTS[name]["label"], res=res, batch=batch,
-                              config={k: v for k, v in VARIANTS[name]["config"].items()} | {"compile.mode": cfg.compile.mode},
+                              config=dict(VARIANTS[name]["config"], **{"compile.mode": cfg.compile.mode}),
                               loss_impl=loss_impl(cfg, device))
                 compiled = cfg.compile.mode != "none"
 

@@ -177,7 +177,8 @@ def test_loss_kernel_json_follows_schema(tmp_path):
     result = json.loads(out.read_text())
     assert common.validate_result(result) == []
     rows = {(r["name"], r["case"]): r for r in result["rows"]}
-    assert set(rows) == {(impl, f"cpu B={b} C={c}") for impl in ("eager", "fused") for b, c in ((256, 100), (1024, 1000))}
+    shapes = ((256, 100), (1024, 1000))
+    assert set(rows) == {(impl, f"cpu B={b} C={c}") for impl in ("eager", "fused") for b, c in shapes}
     eager, fused = rows[("eager", "cpu B=256 C=100")], rows[("fused", "cpu B=256 C=100")]
     assert eager["unit"] == "ms" and eager["ratio"] == pytest.approx(1.0)
     assert fused["ratio"] == pytest.approx(eager["value"] / fused["value"])  # a time: base / value
@@ -234,8 +235,9 @@ def test_run_all_collect_writes_json_markdown_chart(tmp_path):
         common.row("bf16_cl_fused", case="160px b256", unit="img/s", value=5000.0, baseline="fp32_nchw")])
     goal = common.goal("step >= 6,000 img/s", "5,000 img/s", False, common.machine_info("cpu"))
     (jsons / "step.json").write_text(json.dumps(_fake_result("step_throughput", step_rows, goals=[goal])))
-    loss_rows = common.fill_ratios([common.row("eager", case="cuda B=256 C=100", unit="ms", value=1.0, baseline="eager"),
-                                    common.row("fused", case="cuda B=256 C=100", unit="ms", value=0.1, baseline="eager")])
+    case = "cuda B=256 C=100"
+    loss_rows = common.fill_ratios([common.row("eager", case=case, unit="ms", value=1.0, baseline="eager"),
+                                    common.row("fused", case=case, unit="ms", value=0.1, baseline="eager")])
     (jsons / "loss.json").write_text(json.dumps(_fake_result("loss_kernel", loss_rows)))
     old = {"meta": {}, "results": [{"device": "cuda", "B": 256, "C": 100, "impl": "fused", "speedup": 10.0}]}
     (jsons / "old.json").write_text(json.dumps(old))  # another schema: reported, never guessed at
