@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -180,7 +181,7 @@ class Trainer:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
         with self.log, live, _stop_signals(self):
             for note in self.resume_notes:
-                live.print(f"resume: {note}")
+                _say(live, self.is_main, f"resume: {note}")
             if self.resume_notes:
                 self.log.write({"kind": "resume", "epoch": self.epoch, "step": self.global_step,
                                 "world_size": self.dist.world_size, "notes": self.resume_notes})  # fmt: skip
@@ -190,7 +191,7 @@ class Trainer:
                 if done < self.steps_per_epoch:  # stop requested inside the epoch (ranks agree)
                     self.step_in_epoch = done
                     path = self.save_last()
-                    live.print(f"interrupted at epoch {epoch + 1} step {done}: saved {path}")
+                    _say(live, self.is_main, f"interrupted at epoch {epoch + 1} step {done}: saved {path}")
                     raise Interrupted(path, self._stop_signum)
                 self.epoch, self.step_in_epoch = epoch + 1, 0
                 res = None
@@ -382,6 +383,14 @@ class Trainer:
             "device": str(self.device),
             "config": config_to_dict(self.cfg),
         }
+
+
+def _say(live, is_main: bool, message: str) -> None:
+    """A message for the user on rank 0: above the live bar, or on stderr without one."""
+    if live.enabled:
+        live.print(message)
+    elif is_main:
+        print(f"fastkd train: {message}", file=sys.stderr, flush=True)
 
 
 class _NullLog:

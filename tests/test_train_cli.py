@@ -267,7 +267,7 @@ def test_one_rank_to_two_ranks_continues_the_lr_curve(packed, tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "--data", str(packed), *COMMON, *SMALL, "--epochs", "2", "--out", str(out),
-            "--schedule.warmup_epochs", "0"]  # fmt: skip
+            "--schedule.warmup_epochs", "0", "--run.log_every", "2"]  # fmt: skip
     assert cli.main(args + ["--run.stop_after", "1"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "fastkd.cli", *args, "--gpus", "2", "--resume", "auto"],
