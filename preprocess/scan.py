@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import os
 from dataclasses import dataclass, field
@@ -74,13 +75,16 @@ def _listdir(folder: Path) -> list[os.DirEntry]:
         raise FastKDError(f"{folder}: cannot read folder ({error.strerror or error})") from None
 
 
-def check_source(src: Path) -> None:
-    """SRC must be a readable folder holding train/ and val/ folders."""
+def check_source(src: Path, layout: bool = True) -> None:
+    """SRC must be a readable folder holding train/ and val/ folders (only the folder with
+    layout=False: `--labels` names the files)."""
     if not src.exists():
         raise FastKDError(f"source folder {src} does not exist")
     if not src.is_dir():
         raise FastKDError(f"source {src} is not a folder")
     _listdir(src)
+    if not layout:
+        return
     missing = [s for s in SPLITS if not (src / s).is_dir()]
     if missing:
         raise FastKDError(f"source folder {src} has no {' or '.join(s + '/' for s in missing)} folder "
@@ -91,19 +95,35 @@ def class_folders(split_dir: Path) -> list[str]:
     return [e.name for e in _listdir(split_dir) if e.is_dir() and not e.name.startswith(".")]
 
 
-def _read_wnid_file(path: Path) -> list[str]:
+def read_class_file(path: Path, whole_line: bool = False) -> list[str]:
+    """--classes FILE: one class per line, in file order; `#` starts a comment. A WNID file keeps
+    each line's first word (inline comments allowed); with whole_line (class names of --labels,
+    which may hold spaces) the whole stripped line is the name and only lines starting with `#`
+    are comments."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise FastKDError(f"--classes {path}: cannot read ({error.strerror or error})") from None
-    wnids = []
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        why = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise FastKDError(f"--classes {path}: cannot read ({why or error})") from None
+    names = []
     for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            wnids.append(line.split()[0])
-    if not wnids:
-        raise FastKDError(f"--classes {path}: no WNIDs in file")
-    return wnids
+        line = line.strip() if whole_line else line.split("#", 1)[0].strip()
+        if line and not line.startswith("#"):
+            names.append(line if whole_line else line.split()[0])
+    if not names:
+        raise FastKDError(f"--classes {path}: no {'class names' if whole_line else 'WNIDs'} in file")
+    return names
+
+
+def class_infos(names: list[str]) -> list[ClassInfo]:
+    """Classes in label order; ImageNet WNIDs get their synset name and head row, others none."""
+    synsets = imagenet1k_synsets()
+    classes = []
+    for label, name in enumerate(names):
+        synset = synsets.get(name)
+        classes.append(ClassInfo(label, name, synset.name if synset else name,
+                                 synset.imagenet_index if synset else None))
+    return classes
 
 
 def select_classes(src: Path, spec: str) -> list[ClassInfo]:
@@ -116,20 +136,14 @@ def select_classes(src: Path, spec: str) -> list[ClassInfo]:
     elif spec == "imagenet100":
         wnids = list(imagenet100_wnids())
     else:
-        wnids = _read_wnid_file(Path(spec))
+        wnids = read_class_file(Path(spec))
     wnids = sorted(set(wnids))
     missing = [w for w in wnids if w not in set(available)]
     if missing:
         shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
         raise FastKDError(f"--classes {spec}: {len(missing)} requested class(es) missing from "
                           f"{src / 'train'}: {shown}")
-    synsets = imagenet1k_synsets()
-    classes = []
-    for label, wnid in enumerate(wnids):
-        synset = synsets.get(wnid)
-        classes.append(ClassInfo(label, wnid, synset.name if synset else wnid,
-                                 synset.imagenet_index if synset else None))
-    return classes
+    return class_infos(wnids)
 
 
 def _files_of(folder: Path, src: Path, label: int, split: ScannedSplit) -> list[Item]:
@@ -143,28 +157,43 @@ def _files_of(folder: Path, src: Path, label: int, split: ScannedSplit) -> list[
     return items
 
 
-def read_val_labels(csv_path: Path) -> dict[str, tuple[str, int]]:
-    """Kaggle's LOC_val_solution.csv: `ImageId,PredictionString` where the string starts with
-    the WNID ("n01751748 86 55 412 303 n01751748 ..."). UTF-8, with or without a byte-order mark.
-    Returns ImageId -> (WNID, line number)."""
+def read_csv_rows(csv_path: Path, flag: str) -> tuple[list[tuple[int, list[str]]], str]:
+    """A user's CSV -> ([(line number, cells)], sha256 of the file's bytes); blank lines are rows
+    without cells. UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"); anything else
+    is a FastKDError naming `flag`, the file and the byte offset of the first bad byte."""
     try:
         data = Path(csv_path).read_bytes()
     except OSError as error:
-        raise FastKDError(f"--val-labels {csv_path}: cannot read ({error.strerror or error})") from None
+        raise FastKDError(f"{flag} {csv_path}: cannot read ({error.strerror or error})") from None
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         text = data[start:].decode("utf-8")
     except UnicodeDecodeError as error:
         offset = start + error.start
         line = data.count(b"\n", 0, offset) + 1
-        raise FastKDError(f"--val-labels {csv_path}: not UTF-8 text: byte 0x{data[offset]:02x} at byte offset "
+        raise FastKDError(f"{flag} {csv_path}: not UTF-8 text: byte 0x{data[offset]:02x} at byte offset "
                           f"{offset} (line {line}) is {error.reason}; save the file as UTF-8") from None
-    rows = list(csv.reader(io.StringIO(text, newline="")))
-    if not rows or [c.strip() for c in rows[0][:2]] != ["ImageId", "PredictionString"]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, end = [], 0
+    try:
+        for row in reader:  # a quoted cell may span lines: a row starts after the previous one ends
+            rows.append((end + 1, row))
+            end = reader.line_num
+    except csv.Error as error:
+        raise FastKDError(f"{flag} {csv_path}: line {reader.line_num}: not valid CSV ({error})") from None
+    return rows, hashlib.sha256(data).hexdigest()
+
+
+def read_val_labels(csv_path: Path) -> dict[str, tuple[str, int]]:
+    """Kaggle's LOC_val_solution.csv: `ImageId,PredictionString` where the string starts with
+    the WNID ("n01751748 86 55 412 303 n01751748 ..."). UTF-8, with or without a byte-order mark.
+    Returns ImageId -> (WNID, line number)."""
+    rows, _ = read_csv_rows(csv_path, "--val-labels")
+    if not rows or [c.strip() for c in rows[0][1][:2]] != ["ImageId", "PredictionString"]:
         raise FastKDError(f"--val-labels {csv_path}: expected a header 'ImageId,PredictionString' "
                           "(Kaggle's LOC_val_solution.csv)")
     labels = {}
-    for n, row in enumerate(rows[1:], start=2):
+    for n, row in rows[1:]:
         if not row:
             continue
         if len(row) < 2 or not row[1].split():
