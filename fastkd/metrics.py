@@ -19,6 +19,11 @@ MetricsLog where missing):
   `epoch` finished, before the checkpoint of that epoch is saved.
 - any other "kind" is kept by the reader as is.
 
+Sinks: `MetricsLog(path, enabled, sinks=[...])` hands every record it writes, after the line is
+flushed, to each sink's `write(record)` (the same dict, "time" included); metrics.jsonl stays the
+record of truth and the sinks (TensorBoard, W&B: fastkd.loggers) only mirror it. A sink that raises
+is reported once on stderr and dropped for the rest of the run, so a logger never stops training.
+
 A resumed run appends to the same file. Its checkpoint stands at (epochs done E, global step G);
 records past that point (written before a kill -9 and about to be written again) are removed with
 `truncate_metrics(path, G, E)` before appending. `read_metrics` also keeps only the latest of
@@ -30,10 +35,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from fastkd.atomic import atomic_write_bytes
 
@@ -64,24 +70,39 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+class Sink(Protocol):
+    """Where MetricsLog mirrors its records (fastkd.loggers): `write` gets every record as written
+    to metrics.jsonl (kinds it does not draw, "resume" or unknown, it ignores), `close` flushes."""
+
+    name: str
+
+    def write(self, record: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MetricsLog:
     """Append-only JSON-lines log, flushed after every record; a no-op where `enabled` is False.
 
     enabled=None means "rank 0" (or no torch.distributed). The file is opened in append mode, so
     a resumed run continues the same log; a last line cut off by a kill (no newline) is ended
-    first, so the next record does not get glued onto it.
+    first, so the next record does not get glued onto it. `sinks` get every record after it is
+    in the file (see the module docstring); where the log is disabled they are closed unused.
     """
 
-    def __init__(self, path: str | os.PathLike, enabled: bool | None = None):
+    def __init__(self, path: str | os.PathLike, enabled: bool | None = None, sinks: Iterable[Sink] = ()):
         self.path = Path(path)
         self.enabled = is_rank0() if enabled is None else bool(enabled)
         self._file: IO[str] | None = None
+        self.sinks: list[Sink] = list(sinks)
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             cut_off = _ends_without_newline(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
             if cut_off:
                 self._file.write("\n")
+        else:
+            self._close_sinks()
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._file is None:
@@ -90,17 +111,46 @@ class MetricsLog:
         record.setdefault("time", time.time())
         self._file.write(json.dumps(record, default=to_jsonable) + "\n")
         self._file.flush()
+        for sink in list(self.sinks):
+            try:
+                sink.write(record)
+            except Exception as e:  # a logger must never stop training: report once, drop it
+                self.sinks.remove(sink)
+                _sink_failed(sink, "write", e)
+                _close_quietly(sink)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._close_sinks()
+
+    def _close_sinks(self) -> None:
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as e:
+                _sink_failed(sink, "close", e)
 
     def __enter__(self) -> MetricsLog:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _sink_failed(sink: Sink, action: str, error: Exception) -> None:
+    name = getattr(sink, "name", type(sink).__name__)
+    print(f"fastkd: the {name} logger failed in {action} ({type(error).__name__}: {error}); it is off for "
+          f"the rest of this run; metrics.jsonl keeps every record", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _close_quietly(sink: Sink) -> None:
+    try:
+        sink.close()
+    except Exception:  # already reported as failed once
+        pass
 
 
 def _ends_without_newline(path: Path) -> bool:
