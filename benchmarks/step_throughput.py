@@ -65,7 +65,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 from fastkd.config import TrainConfig, resolve_config  # noqa: E402
-from fastkd.runtime import amp_dtype  # noqa: E402
+from fastkd.runtime import input_dtype as runtime_input_dtype  # noqa: E402
 from fastkd.step import TrainStep, build_step  # noqa: E402
 
 # Config keys of each variant; "compile.mode": "auto" is resolved by compile_mode().
@@ -132,10 +132,8 @@ def loss_impl(cfg: TrainConfig, device: str) -> str:
 
 
 def input_dtype(cfg: TrainConfig, device: str) -> torch.dtype:
-    """The dtype the trainer's loader hands the step: the autocast dtype on CUDA, fp32 on CPU."""
-    if not device.startswith("cuda"):
-        return torch.float32
-    return amp_dtype(cfg.precision.amp, torch.device(device)) or torch.float32
+    """The dtype the trainer's loader hands the step (fastkd.runtime.input_dtype)."""
+    return runtime_input_dtype(cfg.precision.amp, torch.device(device))
 
 
 def timed_step(step: TrainStep, x: torch.Tensor, y: torch.Tensor):

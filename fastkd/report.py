@@ -190,3 +190,37 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any], records
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=to_jsonable) + "\n")
     atomic_write_text(run_dir / "report.md", _markdown(report, plots))
     return report
+
+
+def run_summary(trainer, wall_time: float) -> dict:
+    """The summary of a `fastkd.train.Trainer` after fit (input of write_report/summary_table):
+    per network its architecture, parameter count, last and best accuracy; the teacher's; the
+    training rate; whether the run completed its epochs."""
+    from fastkd.config import config_to_dict
+    from fastkd.models import count_params
+
+    cfg, res = trainer.cfg, trainer.last_eval or {}
+    networks = {}
+    for name, net in trainer.student_modules().items():
+        r = res.get(name, {})
+        networks[name] = {"arch": trainer.archs[name], "params": count_params(net), "top1": r.get("top1"),
+                          "top5": r.get("top5"), "ece": r.get("ece"), "best_top1": trainer.best_top1[name]}  # fmt: skip
+    teacher = None
+    if trainer.teacher is not None:
+        t = (trainer.teacher_eval or {}).get("teacher", {})
+        teacher = {"arch": cfg.model.teacher, "params": count_params(trainer.teacher),
+                   "top1": t.get("top1"), "top5": t.get("top5"), "ece": t.get("ece")}  # fmt: skip
+    return {
+        "method": cfg.loss.method,
+        "networks": networks,
+        "teacher": teacher,
+        "images_per_s": trainer._train_samples / trainer._train_time if trainer._train_time else None,
+        "wall_time_s": wall_time,
+        "epochs": trainer.epoch,
+        "total_epochs": cfg.schedule.epochs,
+        "finished": trainer.epoch >= cfg.schedule.epochs,
+        "run_id": trainer.run_id,
+        "world_size": trainer.dist.world_size,
+        "device": str(trainer.device),
+        "config": config_to_dict(cfg),
+    }

@@ -11,8 +11,11 @@ Kept apart from the trainer so the benchmarks and `fastkd eval` make the same ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -68,6 +71,14 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
+def input_dtype(amp: str, device: torch.device) -> torch.dtype:
+    """dtype of the images a loader hands the step: the autocast dtype on CUDA (half the bytes
+    to move and normalise), float32 on CPU (CPU autocast casts per operator)."""
+    if device.type != "cuda":
+        return torch.float32
+    return amp_dtype(amp, device) or torch.float32
+
+
 def compile_module(module: nn.Module, mode: str):
     """`module` itself (none), or its torch.compile wrapper (inductor; cudagraphs: CUDA graphs of
     the captured FX graph, no Triton)."""
@@ -103,3 +114,18 @@ def set_determinism(on: bool) -> None:
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.benchmark = not on
     torch.backends.cudnn.deterministic = on
+
+
+@contextlib.contextmanager
+def stop_signals(on_signal):
+    """SIGINT and SIGTERM call `on_signal(signum)` inside the block instead of ending the process
+    (main thread only; elsewhere nothing changes); the previous handlers come back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: on_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -16,11 +16,9 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -32,8 +30,8 @@ from fastkd import distributed
 from fastkd.checkpoint import build_last, plain_state_dict, rng_state, save_atomic, set_rng_state
 from fastkd.config import PEER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config
 from fastkd.errors import FastKDError
-from fastkd.models import count_params, load_teacher, network_names
-from fastkd.runtime import base_index, resolve_device, seed_all, set_determinism, step_seed
+from fastkd.models import load_teacher, network_names
+from fastkd.runtime import base_index, input_dtype, resolve_device, seed_all, set_determinism, step_seed, stop_signals
 from fastkd.schedule import lr_at, resolution_at, scaled_lr
 from fastkd.step import build_step, param_groups  # noqa: F401 (param_groups re-exported for callers)
 
@@ -133,17 +131,12 @@ class Trainer:
         from fastkd.data import build_loader
 
         d = self.cfg.data
-        dtype = self._step_amp_dtype() if self.device.type == "cuda" else torch.float32
+        dtype = input_dtype(self.cfg.precision.amp, self.device)
         return build_loader(
             d.dir, split, d.backend, d.batch_size, resolution, self.device, dtype,
             rank=self.dist.rank, world_size=self.dist.world_size, seed=self.cfg.run.seed,
             num_workers=d.num_workers,
         )  # fmt: skip
-
-    def _step_amp_dtype(self):
-        from fastkd.runtime import amp_dtype
-
-        return amp_dtype(self.cfg.precision.amp, self.device) or torch.float32
 
     # the step's parts, under the names the rest of fastkd (and tests) use
     students = property(lambda self: self._step.students)
@@ -179,7 +172,7 @@ class Trainer:
         live = LiveDisplay(enabled=self.is_main and cfg.run.live, total_epochs=cfg.schedule.epochs)
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
-        with self.log, live, _stop_signals(self):
+        with self.log, live, stop_signals(self._request_stop):
             for note in self.resume_notes:
                 _say(live, self.is_main, f"resume: {note}")
             if self.resume_notes:
@@ -355,34 +348,22 @@ class Trainer:
         same_world = ckpt.get("world_size", 1) == self.dist.world_size
         self._resume_rng = ckpt["rng"] if same_world else None
 
+    def _request_stop(self, signum: int) -> None:
+        """SIGINT/SIGTERM: stop after the current step (checkpoint, clean exit); a second SIGINT
+        interrupts at once."""
+        if self._stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self._stop:
+            self._stop_signum = signum
+        self._stop = True
+
     # ------------------------------------------------------------------ report
 
     def summary(self, wall_time: float) -> dict:
-        res = self.last_eval or {}
-        networks = {}
-        for name, net in self.student_modules().items():
-            r = res.get(name, {})
-            networks[name] = {"arch": self.archs[name], "params": count_params(net), "top1": r.get("top1"),
-                              "top5": r.get("top5"), "ece": r.get("ece"), "best_top1": self.best_top1[name]}  # fmt: skip
-        teacher = None
-        if self.teacher is not None:
-            t = (self.teacher_eval or {}).get("teacher", {})
-            teacher = {"arch": self.cfg.model.teacher, "params": count_params(self.teacher),
-                       "top1": t.get("top1"), "top5": t.get("top5"), "ece": t.get("ece")}  # fmt: skip
-        return {
-            "method": self.cfg.loss.method,
-            "networks": networks,
-            "teacher": teacher,
-            "images_per_s": self._train_samples / self._train_time if self._train_time else None,
-            "wall_time_s": wall_time,
-            "epochs": self.epoch,
-            "total_epochs": self.cfg.schedule.epochs,
-            "finished": self.epoch >= self.cfg.schedule.epochs,
-            "run_id": self.run_id,
-            "world_size": self.dist.world_size,
-            "device": str(self.device),
-            "config": config_to_dict(self.cfg),
-        }
+        """What report.json holds (fastkd.report.run_summary)."""
+        from fastkd.report import run_summary
+
+        return run_summary(self, wall_time)
 
 
 def _say(live, is_main: bool, message: str) -> None:
@@ -409,27 +390,3 @@ def _start_pass(loader, epoch: int, start: int) -> int:
         return start
     loader.set_epoch(epoch)  # a user's loader, or a mode that cannot seek: the caller skips
     return 0
-
-
-@contextlib.contextmanager
-def _stop_signals(trainer: Trainer):
-    """SIGINT/SIGTERM ask the loop to stop after the current step (checkpoint, clean exit); a
-    second SIGINT interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def request_stop(signum, frame):
-        if trainer._stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not trainer._stop:
-            trainer._stop_signum = signum
-        trainer._stop = True
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-

@@ -391,3 +391,12 @@ def test_cuda_n_gives_each_rank_its_own_gpu(monkeypatch):
     assert [runtime.resolve_device("cuda", r).index for r in range(2)] == [0, 1]
     with pytest.raises(FastKDError, match=r"local rank 2 would use cuda:8.*8 GPU"):
         runtime.resolve_device("cuda:6", 2)
+
+
+def test_final_table_printed_without_live_display(tmp_path, capsys):
+    """--run.live false hides the progress bars, not the results; --run.summary false hides the table."""
+    make_trainer(tmp_path / "a", **{"model.students": ["resnet18"], "schedule.epochs": 1}).fit()
+    out = capsys.readouterr().out
+    assert "val accuracy" in out and "resnet18" in out
+    make_trainer(tmp_path / "b", **{"model.students": ["resnet18"], "schedule.epochs": 1, "run.summary": False}).fit()
+    assert "val accuracy" not in capsys.readouterr().out
