@@ -1,6 +1,10 @@
 """Pack an ImageNet-style folder into FFCV and DALI formats: the library behind `fastkd pack`.
 
     result = pack("imagenet/", "packed/", classes="imagenet100", max_side=400, quality=90)
+    result = pack("photos/", "packed/", labels="labels.csv", val_fraction=0.1)   # any layout + CSV
+
+With `labels`, SRC is any folder and the CSV names its images and their classes (`labels.py`
+has the rule); otherwise SRC is the ImageNet layout (`scan.py`).
 
 scan (classes, files in pack order) -> a process pool decodes/encodes each image once
 (`encode.encode_file`) -> the main process writes the same JPEG bytes, in order, to the
@@ -38,6 +42,7 @@ from fastkd.packformat import FORMAT, FORMAT_VERSION, FORMATS, MANIFEST_NAME, PA
 from fastkd.preprocess import encode as _encode
 from fastkd.preprocess.safety import (TMP_MARK, check_no_overlap, check_replaceable, disk_full_message,
                                       is_disk_full, remove_stale_temporaries, tree_bytes)
+from fastkd.preprocess.labels import scan_labels
 from fastkd.preprocess.scan import SPLITS, ScannedSplit, check_source, scan_split, select_classes
 from fastkd.preprocess.writers import BetonWriter, ShardWriter
 
@@ -134,8 +139,11 @@ def pack(
     src,
     out,
     *,
-    classes: str = "imagenet100",
+    classes: str | None = None,
     val_labels=None,
+    labels=None,
+    val_fraction: float | None = None,
+    seed: int = 0,
     max_side: int = 400,
     quality: int = 90,
     formats=FORMATS,
@@ -152,20 +160,36 @@ def pack(
     progress = progress or Progress()
     src, out = Path(src).absolute(), Path(out).absolute()
     val_labels = Path(val_labels).absolute() if val_labels else None
+    labels = Path(labels).absolute() if labels else None
+    if labels and val_labels:
+        raise FastKDError(f"--val-labels {val_labels} is for the ImageNet layout's flat val/ folder; with "
+                          f"--labels {labels}, mark val rows with a third column split=val, or pass --val-fraction")
+    if val_fraction is not None and not labels:
+        raise FastKDError(f"--val-fraction {val_fraction} needs --labels (the ImageNet layout has its own val/)")
 
-    check_source(src)
+    check_source(src, layout=labels is None)
     check_no_overlap(src, out)
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise FastKDError(f"{out} already exists; pass --overwrite to replace it")
         check_replaceable(out)
-    chosen = select_classes(src, classes)
-    scanned: dict[str, ScannedSplit] = {s: scan_split(src, s, chosen, val_labels) for s in SPLITS}
-    for s in SPLITS:
-        if scanned[s].dropped:
-            progress.note(f"{s}: dropped {len(scanned[s].dropped):,} of "
-                          f"{len(scanned[s].dropped) + len(scanned[s].items):,} image(s) whose --val-labels "
-                          f"class is not among the chosen classes (listed under 'dropped' in {MANIFEST_NAME})")
+    labels_sha256 = None
+    if labels:
+        classes = classes or "all"
+        scan = scan_labels(src, labels, classes, val_fraction, seed)
+        chosen, scanned, dropped, labels_sha256 = scan.classes, scan.splits, scan.dropped, scan.sha256
+        for line in scan.notes:
+            progress.note(line)
+    else:
+        classes = classes or "imagenet100"
+        chosen = select_classes(src, classes)
+        scanned: dict[str, ScannedSplit] = {s: scan_split(src, s, chosen, val_labels) for s in SPLITS}
+        dropped = [row for s in SPLITS for row in scanned[s].dropped]
+        for s in SPLITS:
+            if scanned[s].dropped:
+                progress.note(f"{s}: dropped {len(scanned[s].dropped):,} of "
+                              f"{len(scanned[s].dropped) + len(scanned[s].items):,} image(s) whose --val-labels "
+                              f"class is not among the chosen classes (listed under 'dropped' in {MANIFEST_NAME})")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stale = remove_stale_temporaries(out.parent)
@@ -231,7 +255,8 @@ def pack(
 
         for s in SPLITS:
             if stats[s].count == 0:
-                raise FastKDError(f"{src / s}: no readable images among {len(scanned[s].items)} file(s) "
+                where = f"--labels {labels}: split {s}" if labels else str(src / s)
+                raise FastKDError(f"{where}: no readable images among {len(scanned[s].items)} file(s) "
                                   f"of the chosen classes (all skipped)")
         files = []
         for s in SPLITS:
@@ -252,13 +277,17 @@ def pack(
             "source": str(src),
             "params": {"max_side": max_side, "quality": quality, "classes": classes,
                        "formats": list(formats), "shard_size": shard_size,
-                       "val_labels": str(val_labels) if val_labels else None},
+                       "val_labels": str(val_labels) if val_labels else None,
+                       # the label source: the CSV (its sha256 pins the labels) or the folder layout
+                       "layout": "labels" if labels else "imagenet",
+                       "labels": str(labels) if labels else None, "labels_sha256": labels_sha256,
+                       "val_fraction": val_fraction, "seed": seed if val_fraction else None},
             "classes": [c.to_json() for c in chosen],
             "splits": {s: {"count": stats[s].count, "skipped": stats[s].skipped, "shards": stats[s].shards}
                        for s in SPLITS},
             "files": files,
             "skipped": skipped,
-            "dropped": [row for s in SPLITS for row in scanned[s].dropped],
+            "dropped": dropped,
         }
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out, overwrite)

@@ -1,13 +1,28 @@
-"""Pack an ImageNet-style folder into FFCV and DALI formats, the same JPEG bytes in both.
+"""Pack an ImageNet-style folder, or any folder plus a labels CSV, into FFCV and DALI formats.
 
     fastkd pack ~/imagenet packed/in100                       # ImageNet-100, both formats
     fastkd pack ~/imagenet packed/in1k --classes all --workers 16
     fastkd pack ~/ILSVRC packed/in100 --val-labels LOC_val_solution.csv   # flat val folder
     fastkd pack demo/ packed/demo --classes all --max-side 64
+    fastkd pack ~/photos packed/photos --labels labels.csv --val-fraction 0.1   # your own data
 
 SRC holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or a flat val/ folder labelled by Kaggle's
-LOC_val_solution.csv). Each image is decoded once (by content; no EXIF rotation), converted to
-RGB, shrunk so its longer side is at most --max-side, and encoded once as a baseline JPEG.
+LOC_val_solution.csv), or, with --labels FILE.csv, images in any layout named by the CSV:
+  - one row per image: path,label[,split]. A first row naming the columns path and label (any
+    case) is a header and columns are found by name (split optional, others ignored); otherwise
+    the columns are path,label[,split] in that order. UTF-8 (a byte-order mark is fine).
+  - path: relative to SRC with / separators; absolute paths, paths leaving SRC (..), empty paths
+    and a file named twice are errors. Every row must name an existing file: missing files are
+    always an error (one message with the count and the first rows), never skipped.
+  - label: a class name (any text). Classes are all labels sorted by name (numerically when all
+    are whole numbers), or the names of --classes FILE (one per line) labelled in file order,
+    rows of other classes dropped (listed in manifest.json). The manifest records the CSV's path
+    and sha256; a class's wnid is its name (imagenet_index only for ImageNet WNIDs).
+  - split: train, val or empty. Rows without a split are train rows; --val-fraction F moves a
+    seeded (--seed), per-class fraction F of them to val. Both splits need images.
+
+Each image is decoded once (by content; no EXIF rotation), converted to RGB, shrunk so its
+longer side is at most --max-side, and encoded once as a baseline JPEG.
 Output: OUT/ffcv/{train,val}.beton, OUT/dali/{train,val}/shard-NNNNNN.tar + .idx, and
 OUT/manifest.json (written last: its presence means the pack is complete). Unreadable inputs
 are skipped and listed (path + reason); --strict makes them fatal. SRC and OUT must not overlap;
@@ -23,12 +38,19 @@ from fastkd.preprocess.pack import Progress, default_workers, pack
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="ImageNet-style folder with train/ and val/")
+    parser.add_argument("src", metavar="SRC", help="ImageNet-style folder with train/ and val/, or with "
+                                                   "--labels the folder the CSV's paths are relative to")
     parser.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--classes", default="imagenet100",
-                        help="imagenet100 (CMC list, default) | all | a file of WNIDs, one per line")
+    parser.add_argument("--classes", default=None,
+                        help="imagenet100 (CMC list, default) | all | a file of WNIDs, one per line; with "
+                             "--labels: all (default) | a file of class names, labelled in file order")
     parser.add_argument("--val-labels", metavar="CSV", default=None,
                         help="Kaggle LOC_val_solution.csv, for a flat ILSVRC-2012 val/ folder")
+    parser.add_argument("--labels", metavar="CSV", default=None,
+                        help="path,label[,split] rows naming SRC's images (see above)")
+    parser.add_argument("--val-fraction", metavar="F", type=float, default=None,
+                        help="with --labels: per class, move this fraction of the rows without a split to val")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction draw (default 0)")
     parser.add_argument("--max-side", type=int, default=400,
                         help="shrink so the longer side is at most this many px; 0 keeps the size (default 400)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
@@ -116,6 +138,7 @@ def run(args) -> int:
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     try:
         result = pack(args.src, args.out, classes=args.classes, val_labels=args.val_labels,
+                      labels=args.labels, val_fraction=args.val_fraction, seed=args.seed,
                       max_side=args.max_side, quality=args.quality, formats=formats, workers=args.workers,
                       shard_size=args.shard_size, strict=args.strict, overwrite=args.overwrite,
                       progress=progress)
