@@ -37,7 +37,7 @@ TRASH_PREFIX = ".old-"  # RUN/.old-<pid>: a replaced run on its way out (see pre
 # matters: the markers of a finished run (report.json) and of a resumable run (checkpoints/) go
 # first, so a crash halfway leaves at worst an unfinished, checkpoint-less run, which a fresh
 # run refuses again rather than mixing with it.
-RUN_FILES = ("report.json", "checkpoints", "report.md", "plots", "tensorboard", "tb", "metrics.jsonl",
+RUN_FILES = ("report.json", "checkpoints", "report.md", "plots", "tensorboard", "tb", "wandb", "metrics.jsonl",
              "config.yaml")
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints/last.pt")
 

@@ -30,6 +30,7 @@ from fastkd import distributed
 from fastkd.checkpoint import build_last, plain_state_dict, rng_state, save_atomic, set_rng_state
 from fastkd.config import PEER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config
 from fastkd.errors import FastKDError
+from fastkd.loggers import build_loggers
 from fastkd.models import load_teacher, network_names
 from fastkd.runtime import base_index, input_dtype, resolve_device, seed_all, set_determinism, step_seed, stop_signals
 from fastkd.schedule import lr_at, resolution_at, scaled_lr
@@ -102,6 +103,7 @@ class Trainer:
         self.run_id = uuid.uuid4().hex[:12]
         self.resume_notes: list[str] = []  # what a resume changed (world size, lr, schedule)
         self._resume_rng = None
+        self._resumed = False
         self._stop = False
         self._stop_signum = signal.SIGINT  # the first stop signal this process got
         self._train_time = 0.0
@@ -168,14 +170,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         end_epoch = min(cfg.schedule.epochs, cfg.run.stop_after or cfg.schedule.epochs)
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
+        sinks = build_loggers(cfg.run.log, self.run_dir, config_to_dict(cfg), self.is_main)  # TensorBoard, W&B
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main, sinks=sinks)
         live = LiveDisplay(enabled=self.is_main and cfg.run.live, total_epochs=cfg.schedule.epochs)
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
         with self.log, live, stop_signals(self._request_stop):
             for note in self.resume_notes:
                 _say(live, self.is_main, f"resume: {note}")
-            if self.resume_notes:
+            if self._resumed:  # where a resume starts: loggers drop what they had logged past it
                 self.log.write({"kind": "resume", "epoch": self.epoch, "step": self.global_step,
                                 "world_size": self.dist.world_size, "notes": self.resume_notes})  # fmt: skip
             while self.epoch < end_epoch:
@@ -341,6 +344,7 @@ class Trainer:
         self.global_step, self.samples_seen = ckpt["global_step"], resume_samples(ckpt)
         notes = resume_notes(ckpt, self)
         self.resume_notes.extend(notes)
+        self._resumed = True
         self.best_top1 = dict(ckpt["best_top1"])
         self.run_id = ckpt.get("run_id", self.run_id)
         # the RNG states of the ranks that wrote it; under another world size each rank restarts

@@ -88,6 +88,11 @@ def test_fit_learns_and_writes_run_dir(tmp_path):
     assert [r["epoch"] for r in records(run, "eval")] == [0, 1, 2]
     for f in ("config.yaml", "report.json", "report.md", "checkpoints/last.pt"):
         assert (run / f).exists(), f
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()  # the default logger mirrors the records
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in steps]
     for name, arch in (("resnet18", "resnet18"), ("mobilenet_v2", "mobilenet_v2")):
         net = torchvision.models.get_model(arch, num_classes=4)
         net.load_state_dict(torch.load(run / f"checkpoints/best-{name}.pt", weights_only=True))
