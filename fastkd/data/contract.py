@@ -19,6 +19,11 @@ batch the running pass started at, or between passes the one the next pass start
 after that starts at 0 again. Backends that cannot start mid-pass say so with
 `supports_start_batch = False` and refuse k > 0 (FastKDError) in `set_epoch`.
 Resolution: `set_resolution(r)` applies from the next pass, without rebuilding the loader.
+Given crops (a teacher cache's views, fastkd.teacher_cache): `set_crop_fn(fn)` makes train passes
+crop `fn(epoch, index, height, width) -> ((top, left, h, w), flip)` (box in the decoded image's
+pixels) instead of sampling a RandomResizedCrop; resize and normalisation are unchanged.
+Backends that can (torch, folder) say `supports_crop_fn = True`; the others refuse with a
+FastKDError naming themselves (ffcv and dali crop inside their compiled pipelines).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class Loader:
     # a backend that cannot begin a pass at batch k > 0 without reading batches 0..k-1 says False
     supports_start_batch = True
     why_no_start_batch = ""  # and why (in the FastKDError of set_epoch)
+    # a backend that can crop given boxes (set_crop_fn) instead of sampling them says True
+    supports_crop_fn = False
 
     def __init__(self, spec: LoaderSpec, manifest: dict):
         self.spec = spec
@@ -77,6 +84,25 @@ class Loader:
                               f"{self.why_no_start_batch}")
         self.epoch = int(epoch)
         self._next_start = start
+
+    def set_crop_fn(self, crop_fn) -> None:
+        """Train passes from the next one crop `crop_fn(epoch, index, height, width) -> (box,
+        flip)` (box = (top, left, h, w) in the decoded image, flip: horizontal) for pack index
+        `index` of an image of `height` x `width` pixels, instead of sampling a crop. `crop_fn`
+        must pickle (DataLoader workers call it). Refused (FastKDError) by backends that cannot
+        crop a given box; a programming error (ValueError) on a split that does not augment."""
+        if not self.supports_crop_fn:
+            raise FastKDError(
+                f"the {self.backend} loader cannot crop given boxes (a teacher cache's views: "
+                f"--teacher-cache): its crops are sampled inside its own pipeline; use --backend torch "
+                f"(or folder) with a teacher cache, or train with the live teacher")
+        if not self.spec.train:
+            raise ValueError(f"set_crop_fn: split {self.spec.split!r} is not augmented (train only)")
+        self._use_crop_fn(crop_fn)
+
+    def _use_crop_fn(self, crop_fn) -> None:
+        """The backend's part of set_crop_fn (only called when supports_crop_fn)."""
+        raise NotImplementedError
 
     def set_resolution(self, resolution: int) -> None:
         if int(resolution) < 8:

@@ -11,6 +11,11 @@ transforms draw from torch's global RNG, which is seeded per sample from (seed, 
 right before its transform (in the worker, inside `torch.random.fork_rng`). So a pass started at
 batch k (`set_epoch(e, start_batch=k)`) yields the same batches, pixels included, as the tail of
 the full pass, and the files of batches 0..k-1 are never opened.
+Given crops (`set_crop_fn(fn)`, a teacher cache's views): train images are cropped at
+`fn(epoch, index, height, width)` with torchvision's resized_crop (antialiased, the same resize
+as RandomResizedCrop) and flipped as it says. The source image may be larger than its packed copy
+(`fastkd pack --max-side`); a box given in the packed image's pixels is then scaled by crop_fn
+(fastkd.teacher_cache does), so the same part of the picture is seen.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from fastkd.data.contract import Loader, LoaderSpec, PassSampler
 from fastkd.data.spec import FLIP_PROB, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO
@@ -49,14 +55,22 @@ class ManifestImageFolder(datasets.ImageFolder):
 class _Indexed(torch.utils.data.Dataset):
     """Item (epoch, i) -> (uint8 [3,r,r], label, i); train transforms seeded from (seed, epoch, i)."""
 
-    def __init__(self, folder: ManifestImageFolder, seed: int, train: bool):
-        self.folder, self.seed, self.train = folder, seed, train
+    def __init__(self, folder: ManifestImageFolder, seed: int, train: bool, crop_fn=None):
+        self.folder, self.seed, self.train, self.crop_fn = folder, seed, train, crop_fn
 
     def __len__(self):
         return len(self.folder)
 
     def __getitem__(self, item):
         epoch, i = item
+        if self.train and self.crop_fn is not None:  # a given box: no randomness
+            path, label = self.folder.samples[i]
+            image = self.folder.loader(path)
+            (top, left, h, w), flip = self.crop_fn(epoch, i, image.height, image.width)
+            r = self.folder.transform.resolution
+            image = TF.resized_crop(image, top, left, h, w, [r, r], antialias=True)
+            image = TF.hflip(image) if flip else image
+            return TF.pil_to_tensor(image), label, i
         if not self.train:  # no randomness in the val transform
             image, label = self.folder[i]
             return image, label, i
@@ -68,6 +82,7 @@ class _Indexed(torch.utils.data.Dataset):
 
 class FolderLoader(Loader):
     backend = "folder"
+    supports_crop_fn = True
 
     def __init__(self, spec: LoaderSpec, manifest: dict, source: str | None = None):
         super().__init__(spec, manifest)
@@ -83,11 +98,20 @@ class FolderLoader(Loader):
             raise FastKDError(f"folder backend: {root} has {len(self.folder)} usable images of the manifest's "
                               f"classes, the manifest says {self.num_samples}: the source changed since packing")
         self._sampler = PassSampler()
+        self.crop_fn = None
+        self._make_loader()
+
+    def _make_loader(self) -> None:
+        s = self.spec
         # its own generator for the workers' base seed, so a pass does not draw from torch's global RNG
         self._loader = torch.utils.data.DataLoader(
-            _Indexed(self.folder, spec.seed, spec.train), batch_sampler=self._sampler,
-            num_workers=spec.num_workers, generator=torch.Generator().manual_seed(spec.seed),
-            pin_memory=spec.device.type == "cuda")
+            _Indexed(self.folder, s.seed, s.train, self.crop_fn), batch_sampler=self._sampler,
+            num_workers=s.num_workers, generator=torch.Generator().manual_seed(s.seed),
+            pin_memory=s.device.type == "cuda")
+
+    def _use_crop_fn(self, crop_fn) -> None:
+        self.crop_fn = crop_fn
+        self._make_loader()  # workers copy the dataset when they start
 
     def _pass(self, epoch: int, start: int):
         s = self.spec

@@ -23,6 +23,11 @@ seed gives the same order, crops and flips on any number of workers, CPU or GPU 
 then agree up to the decoder: nvJPEG vs libjpeg-turbo differ by a few levels), and a pass started
 at batch k (`set_epoch(e, start_batch=k)`) yields the same batches, pixels included, as the tail
 of the full pass, reading nothing before batch k.
+
+Given crops (`set_crop_fn(fn)`, or `crop_fn=` at construction; a teacher cache's views, see
+fastkd.teacher_cache): train crops are `fn(epoch, index, height, width) -> (box, flip)` instead
+of sampled ones; decoding, resizing and normalisation are unchanged, so an image shows exactly
+the pixels the cache's teacher saw for that view (up to the decoder, as above).
 """
 
 from __future__ import annotations
@@ -38,17 +43,20 @@ from fastkd.data.packed import ShardStore
 from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
 
 
-def _boxes(shapes, indices, seed: int, epoch: int, train: bool):
+def _boxes(shapes, indices, seed: int, epoch: int, train: bool, crop_fn=None):
+    if train and crop_fn is not None:
+        return [crop_fn(epoch, int(i), h, w) for (h, w), i in zip(shapes, indices)]
     if train:
         return [train_params(seed, epoch, i, h, w) for (h, w), i in zip(shapes, indices)]
     return [(center_crop_box(h, w), False) for h, w in shapes]
 
 
 def augment(images: list, indices, seed: int, epoch: int, train: bool, resolution: int,
-            batched: bool) -> torch.Tensor:
+            batched: bool, crop_fn=None) -> torch.Tensor:
     """Decoded uint8 [3,H,W] images (one device) -> uint8 [B,3,r,r] channels_last: each sample's
-    crop and flip from (seed, epoch, pack index), resized batched or image by image."""
-    params = _boxes([im.shape[1:] for im in images], indices, seed, epoch, train)
+    crop and flip from (seed, epoch, pack index), or from crop_fn(epoch, index, H, W) when given
+    (train only), resized batched or image by image."""
+    params = _boxes([im.shape[1:] for im in images], indices, seed, epoch, train, crop_fn)
     if batched:
         return crop_resize_batch(images, [b for b, _ in params], [f for _, f in params], resolution)
     return torch.cat([crop_resize(im, box, resolution, flip) for im, (box, flip) in zip(images, params)])
@@ -58,9 +66,10 @@ class _BatchReader(torch.utils.data.Dataset):
     """Item (epoch, resolution, indices) -> (uint8 [B,3,r,r] channels_last, or (JPEG bytes of the
     batch in one tensor, their sizes) when decoding happens on the GPU, labels, indices)."""
 
-    def __init__(self, store: ShardStore, seed: int, train: bool, decode: bool, batched: bool = False):
+    def __init__(self, store: ShardStore, seed: int, train: bool, decode: bool, batched: bool = False,
+                 crop_fn=None):
         self.store, self.seed, self.train, self.decode = store, seed, train, decode
-        self.batched = batched
+        self.batched, self.crop_fn = batched, crop_fn
 
     def __getitem__(self, item):
         epoch, resolution, indices = item
@@ -71,7 +80,7 @@ class _BatchReader(torch.utils.data.Dataset):
             return (buffer, [len(c) for c in chunks]), labels, indices
         data = [self.store.jpeg(i) for i in indices]
         images = decode_jpeg(data, mode=ImageReadMode.RGB)
-        out = augment(images, indices, self.seed, epoch, self.train, resolution, self.batched)
+        out = augment(images, indices, self.seed, epoch, self.train, resolution, self.batched, self.crop_fn)
         return out, labels, indices  # uint8 [B,3,r,r] channels_last
 
 
@@ -81,21 +90,36 @@ def _identity(batch):
 
 class TorchLoader(Loader):
     backend = "torch"
+    supports_crop_fn = True
 
     def __init__(self, spec: LoaderSpec, manifest: dict, shards: list, prefetch_factor: int = 2,
-                 batched_resize: bool | None = None):
+                 batched_resize: bool | None = None, crop_fn=None):
         super().__init__(spec, manifest)
         self.store = ShardStore(shards, self.num_samples)
         self._gpu = spec.device.type == "cuda"
         self.batched_resize = self._gpu if batched_resize is None else bool(batched_resize)
-        workers = 0 if spec.num_workers <= 1 and not self._gpu else spec.num_workers
+        self._workers = 0 if spec.num_workers <= 1 and not self._gpu else spec.num_workers
+        self._prefetch = prefetch_factor
         self._sampler = PassSampler()
-        self._reader = _BatchReader(self.store, spec.seed, spec.train, decode=not self._gpu,
-                                    batched=self.batched_resize)
+        self.crop_fn = None
+        self._make_loader()
+        if crop_fn is not None:
+            self.set_crop_fn(crop_fn)
+
+    def _make_loader(self) -> None:
+        """The reader and its DataLoader (persistent workers copy the reader when they start, so
+        a new crop_fn means a new DataLoader)."""
+        s, workers = self.spec, self._workers
+        self._reader = _BatchReader(self.store, s.seed, s.train, decode=not self._gpu,
+                                    batched=self.batched_resize, crop_fn=self.crop_fn)
         self._loader = torch.utils.data.DataLoader(
             self._reader, batch_size=None, sampler=self._sampler, num_workers=workers,
-            persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers else None,
+            persistent_workers=workers > 0, prefetch_factor=self._prefetch if workers else None,
             collate_fn=_identity)
+
+    def _use_crop_fn(self, crop_fn) -> None:
+        self.crop_fn = crop_fn
+        self._make_loader()
 
     def _pass(self, epoch: int, start: int):
         # batches before `start` are never handed to the workers: not read, not decoded
@@ -128,7 +152,8 @@ class TorchLoader(Loader):
                     for (buffer, sizes), labels, indices in raw:
                         data = list(torch.split(buffer, sizes))
                         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-                        batch = augment(images, indices, s.seed, epoch, s.train, r, self.batched_resize)
+                        batch = augment(images, indices, s.seed, epoch, s.train, r, self.batched_resize,
+                                        self.crop_fn)
                         out = self.normalize(batch)
                         labels = labels.to(device, non_blocking=True)
                         done = torch.cuda.Event()

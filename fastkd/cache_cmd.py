@@ -1,0 +1,408 @@
+r"""Run the teacher once over K augmented views of every train image: a teacher cache for training.
+
+    fastkd teacher-cache --data data/imagenet100-packed --teacher resnet50 \
+        --teacher-weights runs/imagenet100-teacher --views 8 --resolution 160 --out cache/r50-k8
+    fastkd train ... --backend torch --teacher-cache cache/r50-k8     # no teacher forward per step
+
+Per image i and view k < K: the crop box and flip the torch loader draws for epoch k with --seed
+(transforms.train_params: training's RandomResizedCrop + flip), the image decoded once (CPU
+workers; nvJPEG on CUDA), its K crops resized to --resolution and normalised like the loaders, the
+teacher in eval mode (autocast per --amp: auto = bf16 on CUDA like training, fp32 on CPU), its
+logits stored in fp16 and w = confidence_weight(fp32 logits, --entropy-temperature). Format and
+what it changes in training: fastkd/teacher_cache.py.
+
+Disk: K x (2 C + 21) + 8 bytes per image with C <= 1000 classes (fp16 logits, int32 box, flip,
+fp32 w; above 1000 classes the top --topk logits + index + the rest's mass). ImageNet-100 (126,689
+images, C = 100) with K = 8: 1.8 KB per image, 224 MB. ImageNet-1k (1,281,167) with K = 8: 16 KB
+per image, 21 GB.
+
+Resumable: images are taken in chunks of --chunk-size; a chunk's rows go into the memory-mapped
+arrays, are flushed, and only then is its marker OUT/.build/chunk-NNNNNN written (atomically).
+Run the same command again after a crash or Ctrl-C and it skips the marked chunks; other settings
+on an unfinished OUT are refused (or --overwrite starts over). manifest.json, with every array's
+sha256, is written last: until then `--teacher-cache OUT` refuses the folder as incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from fastkd.atomic import atomic_write_bytes
+from fastkd.data.packed import ShardStore, open_packed, shard_paths
+from fastkd.data.spec import IMAGENET_MEAN, IMAGENET_STD, parse_device
+from fastkd.data.transforms import crop_resize, crop_resize_batch, normalize_uint8_cpu, train_params
+from fastkd.errors import FastKDError
+from fastkd.losses import confidence_weight
+from fastkd.packformat import sha256_file
+from fastkd.teacher_cache import (BUILD_DIR, FORMAT, FULL_MAX_CLASSES, MANIFEST, TOPK, VERSION,
+                                  array_specs, identity_of, pack_fingerprint, storage_for)
+
+STATE = "state.json"
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="PACKED", help="packed directory (fastkd pack)")
+    parser.add_argument("--teacher", default="resnet50", help="teacher architecture (torchvision name)")
+    parser.add_argument("--teacher-weights", required=True, metavar="W",
+                        help="fastkd checkpoint or run folder, state_dict file, or `imagenet`")
+    parser.add_argument("--views", type=int, default=8, metavar="K", help="augmented views per image")
+    parser.add_argument("--out", required=True, metavar="DIR", help="cache folder")
+    parser.add_argument("--resolution", type=int, default=160, help="side of the views (px): the run's resolution")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the views' crops and flips")
+    parser.add_argument("--batch-size", type=int, default=256, help="views per teacher forward")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                        help="teacher autocast (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--entropy-temperature", type=float, default=1.0, help="T_w of the stored w")
+    parser.add_argument("--chunk-size", type=int, default=2048, help="images per resumable chunk")
+    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: all cores)")
+    parser.add_argument("--topk", type=int, default=TOPK, help=f"logits kept per view above {FULL_MAX_CLASSES} classes")
+    parser.add_argument("--overwrite", action="store_true", help="replace a cache (or unfinished build) in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    manifest = build_cache(args.data, args.teacher, args.teacher_weights, args.views, args.out,
+                           resolution=args.resolution, seed=args.seed, batch_size=args.batch_size,
+                           device=args.device, amp=args.amp, entropy_temperature=args.entropy_temperature,
+                           chunk_size=args.chunk_size, num_workers=args.workers, topk=args.topk,
+                           overwrite=args.overwrite, progress=not args.quiet, console=console)
+    n, per = manifest["pack"]["count"], manifest["bytes_per_image"]
+    print(f"fastkd teacher-cache: {args.out}: {n:,} images x {manifest['views']} views x "
+          f"{manifest['num_classes']} classes ({manifest['storage']['kind']}), {_size(per)} per image, "
+          f"{_size(per * n)} in all; identity {manifest['identity']}")
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+# ----------------------------------------------------------------------------- writing the arrays
+
+
+def compress_logits(logits: torch.Tensor, storage: dict) -> dict[str, np.ndarray]:
+    """fp32 logits [..., C] -> the stored arrays of those rows (see the module docstring)."""
+    logits = logits.float()
+    if storage["kind"] == "full":
+        return {"logits": logits.half().cpu().numpy()}
+    k, c = storage["k"], logits.shape[-1]
+    values, index = logits.topk(k, dim=-1)
+    lse = logits.logsumexp(dim=-1)
+    top_mass = (values - lse.unsqueeze(-1)).exp().sum(-1)
+    rest_mass = (1.0 - top_mass).clamp(min=1e-30)
+    rest = lse + torch.log(rest_mass / (c - k))
+    return {"logits": values.half().cpu().numpy(), "topk_index": index.int().cpu().numpy(),
+            "rest": rest.half().cpu().numpy()}
+
+
+class CacheWriter:
+    """The arrays of a cache being built, memory-mapped for writing (a resumed build reopens
+    them in place), then `finish` hashes them and writes manifest.json."""
+
+    def __init__(self, root: str | Path, n: int, views: int, num_classes: int, storage: dict, resume: bool):
+        self.root, self.storage, self.num_classes = Path(root), storage, num_classes
+        self.specs = array_specs(n, views, num_classes, storage)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.arrays = {}
+        for name, (shape, dtype) in self.specs.items():
+            path = self.root / f"{name}.npy"
+            if resume and path.is_file():
+                arr = np.load(path, mmap_mode="r+")
+                if arr.shape != shape or arr.dtype != np.dtype(dtype):
+                    raise RuntimeError(f"{path}: {arr.shape} {arr.dtype}, expected {shape} {dtype}")
+            else:
+                arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            self.arrays[name] = arr
+
+    def write(self, start: int, logits: torch.Tensor, boxes, flips, w, sizes) -> None:
+        """Rows start..start+b: logits fp32 [b,K,C], boxes [b,K,4], flips [b,K], w [b,K], sizes [b,2]."""
+        end = start + logits.shape[0]
+        rows = compress_logits(logits, self.storage)
+        rows.update(boxes=np.asarray(boxes, np.int32), flips=np.asarray(flips, bool),
+                    w=np.asarray(w, np.float32), sizes=np.asarray(sizes, np.int32))
+        for name, value in rows.items():
+            self.arrays[name][start:end] = value
+
+    def flush(self) -> None:
+        for arr in self.arrays.values():
+            arr.flush()
+
+    def finish(self, info: dict) -> dict:
+        """Flush, hash, write manifest.json (atomically, last); returns the manifest."""
+        self.flush()
+        arrays, total = {}, 0
+        for name, (shape, dtype) in self.specs.items():
+            path = self.root / f"{name}.npy"
+            size = path.stat().st_size
+            total += int(np.prod(shape)) * np.dtype(dtype).itemsize
+            arrays[name] = {"file": path.name, "shape": list(shape), "dtype": dtype, "size": size,
+                            "sha256": sha256_file(path)}
+        n = self.specs["sizes"][0][0]
+        manifest = {"format": FORMAT, "version": VERSION, **info, "num_classes": self.num_classes,
+                    "storage": self.storage, "arrays": arrays, "bytes_per_image": total / max(n, 1)}
+        manifest["identity"] = identity_of(manifest)
+        atomic_write_bytes(self.root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        return manifest
+
+
+# ----------------------------------------------------------------------------- plan and folder
+
+
+def _weights_identity(weights: str, arch: str) -> dict:
+    """{arch, weights, sha256} of the teacher: the file's sha256 (torchvision's cached file for
+    `imagenet`; None where it is not on disk)."""
+    from fastkd.checkpoint import resolve_weights_path
+
+    if weights == "imagenet":
+        digest = None
+        try:
+            from torchvision.models import get_model_weights
+
+            path = Path(torch.hub.get_dir()) / "checkpoints" / Path(get_model_weights(arch).DEFAULT.url).name
+            digest = sha256_file(path) if path.is_file() else None
+        except Exception:  # noqa: BLE001 - no weights enum for this arch: load_teacher says so
+            pass
+        return {"arch": arch, "weights": "imagenet", "sha256": digest}
+    path = resolve_weights_path(weights, arch)
+    if not path.is_file():
+        raise FastKDError(f"--teacher-weights {weights}: no file at {path}")
+    return {"arch": arch, "weights": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def _plan_diff(old: dict, new: dict, skip: tuple = ()) -> list[str]:
+    """`key old -> new` for each setting of `new` that `old` (a build state or a manifest) differs in."""
+    keys = [k for k in new if k not in ("created", "pack", *skip)] + ["pack.manifest_sha256"]
+    diffs = []
+    for key in keys:
+        a = old.get("pack", {}).get("manifest_sha256") if key.startswith("pack.") else old.get(key)
+        b = new["pack"]["manifest_sha256"] if key.startswith("pack.") else new[key]
+        if a != b:
+            diffs.append(f"{key} {str(a)[:60]} -> {str(b)[:60]}")
+    return diffs
+
+
+def _clear(out: Path) -> None:
+    """Remove what a cache or a build of one wrote in `out` (nothing else)."""
+    shutil.rmtree(out / BUILD_DIR, ignore_errors=True)
+    for name in ("logits", "topk_index", "rest", "boxes", "flips", "w", "sizes"):
+        (out / f"{name}.npy").unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+def _prepare(out: Path, plan: dict, overwrite: bool) -> str:
+    """'done' (an identical finished cache), 'resume' or 'fresh'; refuses what it must not touch."""
+    state_path = out / BUILD_DIR / STATE
+    if (out / MANIFEST).is_file():
+        old = json.loads((out / MANIFEST).read_text())
+        diffs = _plan_diff(old, plan, skip=("chunk_size",))
+        if not diffs and not overwrite:
+            return "done"
+        if not overwrite:
+            raise FastKDError(f"--out {out} holds a teacher cache made with other settings ({'; '.join(diffs)}); "
+                              "pass --overwrite to replace it, or choose another --out")
+        _clear(out)
+    elif state_path.is_file():
+        diffs = _plan_diff(json.loads(state_path.read_text()), plan)
+        if not diffs:
+            return "resume"
+        if not overwrite:
+            raise FastKDError(f"--out {out} holds an unfinished build with other settings ({'; '.join(diffs)}); "
+                              "run that build's command again to finish it, or pass --overwrite to start over")
+        _clear(out)
+    elif out.exists() and any(out.iterdir()):
+        raise FastKDError(f"--out {out} is not empty and holds no teacher cache: choose an empty or new folder")
+    (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(state_path, json.dumps(plan, indent=1).encode())
+    return "fresh"
+
+
+# ----------------------------------------------------------------------------- reading views
+
+
+class _Views(torch.utils.data.Dataset):
+    """Item: pack indices [b] -> (uint8 [b*K,3,r,r] views, or (JPEG bytes, sizes) to decode on the
+    GPU, boxes int32 [b,K,4] (None then), flips [b,K], sizes [b,2], indices)."""
+
+    def __init__(self, store: ShardStore, seed: int, views: int, resolution: int, decode: bool):
+        self.store, self.seed, self.views, self.resolution, self.decode = store, seed, views, resolution, decode
+
+    def __getitem__(self, indices):
+        if not self.decode:
+            chunks = [self.store.jpeg_bytes(i) for i in indices]
+            buffer = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+            return (buffer, [len(c) for c in chunks]), indices
+        images = decode_jpeg([self.store.jpeg(i) for i in indices], mode=ImageReadMode.RGB)
+        params = view_params(images, indices, self.seed, self.views)
+        crops = [crop_resize(im, box, self.resolution, flip) for im, p in zip(images, params) for box, flip in p]
+        return (torch.cat(crops), params, [tuple(im.shape[1:]) for im in images]), indices
+
+
+def _identity(item):
+    return item
+
+
+def view_params(images: list, indices, seed: int, views: int) -> list[list]:
+    """Per image, its K (box, flip): view k is the torch loader's crop of epoch k."""
+    return [[train_params(seed, k, int(i), im.shape[1], im.shape[2]) for k in range(views)]
+            for im, i in zip(images, indices)]
+
+
+def _decode_on_device(item, device, seed: int, views: int, resolution: int):
+    (buffer, sizes), indices = item
+    images = decode_jpeg(list(torch.split(buffer, sizes)), mode=ImageReadMode.RGB, device=device)
+    params = view_params(images, indices, seed, views)
+    boxes = [b for p in params for b, _ in p]
+    flips = [f for p in params for _, f in p]
+    crops = crop_resize_batch(images, boxes, flips, resolution)
+    return (crops, params, [tuple(im.shape[1:]) for im in images]), indices
+
+
+def _normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [B,3,r,r] -> normalised `dtype` channels_last, as Loader.normalize does."""
+    if images.device.type == "cpu":
+        return normalize_uint8_cpu(images, dtype)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    out = images.to(dtype=torch.float32, memory_format=torch.channels_last)
+    return out.sub_(mean).div_(std).to(dtype)
+
+
+class _Bar:
+    """Rich progress bar over images: done/total, rate, elapsed, ETA (disabled: no output)."""
+
+    def __init__(self, total: int, done: int, enabled: bool, console=None):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                            TimeRemainingColumn(), console=console, disable=not enabled)
+        self.task = self.bar.add_task("cache", total=total, completed=done, rate="- img/s")
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+        speed = self.bar.tasks[0].speed
+        self.bar.update(self.task, rate=f"{speed:,.0f} img/s" if speed else "- img/s")
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution: int = 160, seed: int = 0,
+                batch_size: int = 256, device: str = "auto", amp: str = "auto", entropy_temperature: float = 1.0,
+                chunk_size: int = 2048, num_workers: int | None = None, full_max_classes: int = FULL_MAX_CLASSES,
+                topk: int = TOPK, overwrite: bool = False, progress: bool = True, console=None,
+                on_chunk: Callable[[int], None] | None = None) -> dict:
+    """Build (or finish) the cache of `teacher` on pack `data` in `out`; returns its manifest.
+    `on_chunk(c)` is called after chunk c is on disk (tests stop a build there)."""
+    from fastkd.models import load_teacher
+
+    for flag, value, low in (("--views", views, 1), ("--resolution", resolution, 8), ("--batch-size", batch_size, 1),
+                             ("--chunk-size", chunk_size, 1), ("--topk", topk, 1)):
+        if int(value) < low:
+            raise FastKDError(f"{flag} must be >= {low}, got {value}")
+    if not entropy_temperature > 0:
+        raise FastKDError(f"--entropy-temperature must be > 0, got {entropy_temperature}")
+    dev = parse_device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    amp = ("bf16" if dev.type == "cuda" else "fp32") if amp == "auto" else amp
+    pack = open_packed(data, "train", "dali")
+    n, classes = int(pack["splits"]["train"]["count"]), [c["wnid"] for c in pack["classes"]]
+    storage = storage_for(len(classes), full_max_classes, topk)
+    plan = {"teacher": _weights_identity(weights, teacher),
+            "pack": {"dir": str(Path(data).resolve()), "manifest_sha256": pack_fingerprint(data), "count": n},
+            "classes": classes, "views": int(views), "seed": int(seed), "resolution": int(resolution), "amp": amp,
+            "entropy_temperature": float(entropy_temperature), "storage": storage, "chunk_size": int(chunk_size)}
+    out = Path(out)
+    mode = _prepare(out, plan, overwrite)
+    if mode == "done":
+        return json.loads((out / MANIFEST).read_text())
+    specs = array_specs(n, views, len(classes), storage)
+    marks = out / BUILD_DIR
+    if any(not (out / f"{name}.npy").is_file() for name in specs):  # arrays gone: no marker can be trusted
+        for mark in marks.glob("chunk-*"):
+            mark.unlink()
+    writer = CacheWriter(out, n, views, len(classes), storage, resume=mode == "resume")
+    done = {int(p.name.split("-")[1]) for p in marks.glob("chunk-*")}
+    chunks = [(c, c * chunk_size, min(n, (c + 1) * chunk_size)) for c in range(-(-n // chunk_size)) if c not in done]
+
+    net = load_teacher(weights, teacher, pack, channels_last=True).to(dev)
+    in_dtype = _AMP[amp] or torch.float32
+    store = ShardStore(shard_paths(data, pack, "train"), n)
+    gpu = dev.type == "cuda"
+    per_batch = max(1, batch_size // views)  # images per teacher forward
+    batches = [(c, np.arange(s, min(e, s + per_batch))) for c, a, e in chunks for s in range(a, e, per_batch)]
+    workers = (len(os.sched_getaffinity(0)) if num_workers is None else int(num_workers))
+    loader = torch.utils.data.DataLoader(_Views(store, seed, views, resolution, decode=not gpu),
+                                         batch_size=None, sampler=[b for _, b in batches], num_workers=workers,
+                                         collate_fn=_identity)
+    chunk_end = {c: e for c, _, e in chunks}
+    done_images = n - sum(e - a for _, a, e in chunks)
+    with _Bar(n, done_images, progress, console) as bar:
+        for (c, _), item in zip(batches, loader):
+            if gpu:
+                item = _decode_on_device(item, dev, seed, views, resolution)
+            (crops, params, sizes), indices = item
+            x = _normalize(crops.to(dev), in_dtype)
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=_AMP[amp], enabled=_AMP[amp] is not None):
+                logits = net(x).float()  # [b*K, C]
+            w = confidence_weight(logits, entropy_temperature)
+            _check_finite(logits, indices, plan)
+            b = len(indices)
+            boxes = [[box for box, _ in p] for p in params]
+            flips = [[flip for _, flip in p] for p in params]
+            writer.write(int(indices[0]), logits.view(b, views, -1), boxes, flips,
+                         w.view(b, views).cpu().numpy(), sizes)
+            bar.advance(b)
+            if int(indices[-1]) + 1 == chunk_end[c]:
+                writer.flush()  # the rows on disk before the marker that says so
+                atomic_write_bytes(marks / f"chunk-{c:06d}", f"{chunk_end[c]}\n".encode())
+                if on_chunk is not None:
+                    on_chunk(c)
+    info = {k: v for k, v in plan.items() if k not in ("chunk_size", "storage")}
+    info["created"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    manifest = writer.finish(info)
+    shutil.rmtree(marks, ignore_errors=True)
+    return manifest
+
+
+def _check_finite(logits: torch.Tensor, indices, plan: dict) -> None:
+    """Logits that fp16 cannot hold (non-finite, or beyond +-65504) are a broken teacher."""
+    if not bool(torch.isfinite(logits).all()) or float(logits.abs().max()) > 65504:
+        raise FastKDError(f"teacher {plan['teacher']['arch']} ({plan['teacher']['weights']}) gives non-finite or "
+                          f"out-of-fp16-range logits on images {int(indices[0])}..{int(indices[-1])}: check the weights")
+
+
+if __name__ == "__main__":  # python -m fastkd.cache_cmd ...
+    parser = argparse.ArgumentParser(prog="fastkd teacher-cache", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    try:
+        sys.exit(run(parser.parse_args()))
+    except FastKDError as error:
+        print(f"fastkd teacher-cache: error: {error}", file=sys.stderr)
+        sys.exit(2)
