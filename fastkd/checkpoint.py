@@ -2,7 +2,9 @@
 
 Files are written to a temporary name, fsynced, then renamed (fastkd.atomic), so a crash never
 leaves half a file. Everything is read with `torch.load(weights_only=True)`: tensors and plain
-data only, never pickled code.
+data only, never pickled code. The one object type allowed besides is argparse.Namespace (timm
+train checkpoints keep their command line under "args"); `.safetensors` files are read with
+safetensors. Weights files of other tools (wrappers, prefixes) are fastkd.weights' job.
 
 `last.pt` (full state, for `--resume`; keys marked * are required, the others are checked
 when present):
@@ -15,7 +17,7 @@ when present):
      "samples_seen": 7168,     # int, global samples trained (world-size-independent schedule)
      "world_size": 2,          # int >= 1, ranks that wrote this state
      "batch_size": 64,         # int >= 1, per-rank batch size
-     "archs"*: {"resnet18": "resnet18", ...},     # network name -> torchvision arch
+     "archs"*: {"resnet18": "resnet18", ...},     # network name -> architecture (fastkd.models names)
      "models"*: {name: state_dict},               # same names as archs
      "optimizer"*: ..., "scaler"*: ..., "best_top1"*: {name: float},
      "rng"*: [per-rank RNG states], "loader": {"seed": 0, "epoch": 2},
@@ -24,20 +26,23 @@ when present):
      "teacher": {"arch": ..., "weights": ...} or None,
      "config"*: {...resolved config...}}
 
-`best-<net>.pt`: the plain torchvision state_dict of that network (contiguous, CPU), so
-`torchvision.models.get_model(arch, num_classes=K).load_state_dict(torch.load(path))` works.
-Its classes are those of `last.pt` in the same folder.
+`best-<net>.pt`: the plain state_dict of that network (contiguous, CPU), so
+`fastkd.models.build_model(arch, K).load_state_dict(torch.load(path))` works (for a torchvision
+arch, `torchvision.models.get_model(arch, num_classes=K)` too). Its classes are those of
+`last.pt` in the same folder.
 
 A run folder stands for a weights file by one rule, `resolve_weights_path`: RUN/checkpoints/
-best-<arch>.pt when an architecture is asked for and that file exists, else RUN/checkpoints/last.pt.
+best-<net>.pt when a network name is asked for and that file exists, else RUN/checkpoints/last.pt.
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import random
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +52,7 @@ from torch import nn
 import fastkd
 from fastkd.atomic import atomic_write
 from fastkd.errors import FastKDError
+from fastkd.weights import strip_prefixes, unwrap_state_dict
 
 CHECKPOINT_FORMAT = "fastkd-checkpoint"
 FORMAT_VERSION = 1
@@ -79,6 +85,8 @@ _OPTIONAL: dict[str, tuple[type, ...]] = {
 # torch.save's legacy (non-zip) format starts with the pickled magic number 0x1950a86a20f9469cfc6c
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _ZIP_MAGIC = b"PK\x03\x04"
+# objects a weights file may hold besides tensors and plain data: timm's pickled argparse args
+SAFE_GLOBALS = [argparse.Namespace]
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -133,8 +141,9 @@ def build_last(**fields) -> dict:
 
 def resolve_weights_path(path: str | Path, arch: str | None = None) -> Path:
     """The weights file a user's path stands for: a file as it is; a run folder (or its
-    checkpoints/ folder) as checkpoints/best-<arch>.pt when `arch` is given and that file
-    exists, else checkpoints/last.pt. The one rule for `--teacher-weights` and `fastkd eval`."""
+    checkpoints/ folder) as checkpoints/best-<arch>.pt when `arch` (a network name: the
+    architecture, without a zoo prefix) is given and that file exists, else checkpoints/last.pt.
+    The one rule for `--teacher-weights`, `--student-weights` and `fastkd eval`."""
     path = Path(path)
     if not path.is_dir():
         return path
@@ -148,10 +157,11 @@ def resolve_weights_path(path: str | Path, arch: str | None = None) -> Path:
 
 
 def load_file(path: str | Path) -> dict:
-    """torch.load of a fastkd checkpoint or a state_dict (tensors and plain data only).
+    """The dict in a fastkd checkpoint, a state_dict file (torch.load, tensors and plain data
+    only, plus argparse.Namespace) or a `.safetensors` file.
 
-    FastKDError naming the file when it is missing, a folder, empty, not a PyTorch file,
-    damaged, holds pickled Python objects, or is not a dict."""
+    FastKDError naming the file when it is missing, a folder, empty, not a PyTorch or
+    safetensors file, damaged, holds pickled Python objects, or is not a dict."""
     path = Path(path)
     if path.is_dir():
         raise FastKDError(f"checkpoint {path} is a folder, not a weights file")
@@ -160,14 +170,34 @@ def load_file(path: str | Path) -> dict:
     size = path.stat().st_size
     if size == 0:
         raise FastKDError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or download?")
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        return _load_safetensors(path, size)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a bad file; its text may advise unsafe loading
         raise FastKDError(_unreadable(path, size, error)) from None
     if not isinstance(obj, dict):
         raise FastKDError(f"checkpoint {path}: expected a dict (state_dict or fastkd checkpoint), got "
                           f"{type(obj).__name__}")
     return obj
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) then `{"`."""
+    with path.open("rb") as f:
+        head = f.read(10)
+    return len(head) == 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _load_safetensors(path: Path, size: int) -> dict:
+    from safetensors import SafetensorError  # optional: only .safetensors files need it
+    from safetensors.torch import load_file as load_safetensors
+
+    try:
+        return load_safetensors(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise FastKDError(f"{path} ({size} bytes) is a damaged safetensors file ({error})") from None
 
 
 def _unreadable(path: Path, size: int, error: Exception) -> str:
@@ -189,38 +219,30 @@ def _unreadable(path: Path, size: int, error: Exception) -> str:
     return f"{path} ({size} bytes) is a damaged PyTorch checkpoint ({type(error).__name__})"
 
 
-def _strip_prefixes(state: dict) -> dict:
-    """Keys without DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
-
-
 def is_checkpoint(obj: dict) -> bool:
     """A fastkd checkpoint (last.pt) rather than a plain state_dict."""
     return obj.get("format") == CHECKPOINT_FORMAT
 
 
-def state_from_file(obj: dict, path: str | Path, arch: str) -> dict:
-    """The state_dict of network `arch` in a loaded file: a fastkd checkpoint holding that
-    architecture (exactly one network of it) or a plain state_dict."""
+def state_from_file(obj: dict, path: str | Path, arch: str, network: str | None = None,
+                    same_arch: Callable[[str], bool] | None = None) -> dict:
+    """The state_dict of network `arch` in a loaded file: from a fastkd checkpoint, network
+    `network` when it holds that name with the same architecture, else its one network of
+    architecture `arch` (`same_arch(stored_arch)` decides, default: equal strings); from any
+    other file, the state_dict fastkd.weights.unwrap_state_dict finds (wrappers, prefixes)."""
     if is_checkpoint(obj):
         archs = obj.get("archs")
         if not isinstance(archs, dict) or not isinstance(obj.get("models"), dict):
             raise FastKDError(f"checkpoint {path} has no 'archs'/'models': not a complete fastkd checkpoint")
-        matches = [name for name, a in archs.items() if a == arch]
+        same = same_arch or (lambda a: a == arch)
+        if network in archs and network in obj["models"] and same(archs[network]):
+            return strip_prefixes(obj["models"][network])
+        matches = [name for name, a in archs.items() if same(a)]
         if len(matches) != 1:
             held = ", ".join(f"{n} ({a})" for n, a in archs.items()) or "no networks"
             raise FastKDError(f"checkpoint {path} holds {held}: need exactly one {arch} network")
-        return _strip_prefixes(obj["models"][matches[0]])
-    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FastKDError(f"checkpoint {path} is neither a fastkd checkpoint nor a state_dict (keys: "
-                          f"{', '.join(map(str, list(obj)[:5]))})")
-    return _strip_prefixes(obj)
+        return strip_prefixes(obj["models"][matches[0]])
+    return unwrap_state_dict(obj, path)[0]
 
 
 def network_state(obj: dict, path: str | Path, name: str) -> dict:
@@ -228,7 +250,7 @@ def network_state(obj: dict, path: str | Path, name: str) -> dict:
     models = obj.get("models")
     if not isinstance(models, dict) or name not in models:
         raise FastKDError(f"checkpoint {path} has no network {name!r} (it holds {sorted(models or {})})")
-    return _strip_prefixes(models[name])
+    return strip_prefixes(models[name])
 
 
 def validate_last(obj: dict, path: str | Path) -> dict:
