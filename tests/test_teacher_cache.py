@@ -305,3 +305,32 @@ def test_command_reports_size_per_image(data, built, capsys):
     assert cache_cmd.run(args) == 0  # the finished cache: nothing to do
     per = K * (2 * N_CLASSES + 16 + 1 + 4) + 8
     assert f"18 images x {K} views x {N_CLASSES} classes (full), {per} B per image" in capsys.readouterr().out
+
+
+def test_step_benchmark_writes_a_schema_result(tmp_path, capsys):
+    """benchmarks/teacher_cache_step.py: both modes measured in one run, the ratio against the live
+    teacher, the JSON valid under benchmarks/common.py's schema."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location("teacher_cache_step", folder / "teacher_cache_step.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        import common
+
+        out = tmp_path / "r.json"
+        assert bench.main(["--res", "16", "--batch", "2", "--teacher", "resnet18", "--students", "resnet18",
+                           "--method", "kd", "--num-classes", "10", "--views", "2", "--steps", "1",
+                           "--windows", "1", "--warmup", "0", "--json", str(out)]) == 0
+        result = common.read_result(out)
+    finally:
+        sys.path.remove(str(folder))
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"live_teacher", "teacher_cache", "cache_read"}
+    assert rows["teacher_cache"]["baseline"] == "live_teacher" and rows["teacher_cache"]["ratio"] > 0
+    assert rows["teacher_cache"]["ratio"] == pytest.approx(rows["teacher_cache"]["value"] / rows["live_teacher"]["value"])
+    assert "teacher_cache / live_teacher:" in capsys.readouterr().out
