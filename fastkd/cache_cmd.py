@@ -272,7 +272,7 @@ def _decode_on_device(item, device, seed: int, views: int, resolution: int):
     params = view_params(images, indices, seed, views)
     boxes = [b for p in params for b, _ in p]
     flips = [f for p in params for _, f in p]
-    crops = crop_resize_batch(images, boxes, flips, resolution)
+    crops = crop_resize_batch([im for im in images for _ in range(views)], boxes, flips, resolution)  # [b*K,...]
     return (crops, params, [tuple(im.shape[1:]) for im in images]), indices
 
 
@@ -318,9 +318,12 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
                 batch_size: int = 256, device: str = "auto", amp: str = "auto", entropy_temperature: float = 1.0,
                 chunk_size: int = 2048, num_workers: int | None = None, full_max_classes: int = FULL_MAX_CLASSES,
                 topk: int = TOPK, overwrite: bool = False, progress: bool = True, console=None,
-                on_chunk: Callable[[int], None] | None = None) -> dict:
+                on_chunk: Callable[[int], None] | None = None, batched: bool | None = None) -> dict:
     """Build (or finish) the cache of `teacher` on pack `data` in `out`; returns its manifest.
-    `on_chunk(c)` is called after chunk c is on disk (tests stop a build there)."""
+    `on_chunk(c)` is called after chunk c is on disk (tests stop a build there). `batched`:
+    workers only read bytes, the main process decodes on the device and crops with
+    crop_resize_batch, as the torch loader does on CUDA (default: on CUDA; else workers decode
+    and crop image by image, the torch loader's CPU path)."""
     from fastkd.models import load_teacher
 
     for flag, value, low in (("--views", views, 1), ("--resolution", resolution, 8), ("--batch-size", batch_size, 1),
@@ -354,18 +357,18 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
     net = load_teacher(weights, teacher, pack, channels_last=True).to(dev)
     in_dtype = _AMP[amp] or torch.float32
     store = ShardStore(shard_paths(data, pack, "train"), n)
-    gpu = dev.type == "cuda"
+    batched = dev.type == "cuda" if batched is None else bool(batched)
     per_batch = max(1, batch_size // views)  # images per teacher forward
     batches = [(c, np.arange(s, min(e, s + per_batch))) for c, a, e in chunks for s in range(a, e, per_batch)]
     workers = (len(os.sched_getaffinity(0)) if num_workers is None else int(num_workers))
-    loader = torch.utils.data.DataLoader(_Views(store, seed, views, resolution, decode=not gpu),
+    loader = torch.utils.data.DataLoader(_Views(store, seed, views, resolution, decode=not batched),
                                          batch_size=None, sampler=[b for _, b in batches], num_workers=workers,
                                          collate_fn=_identity)
     chunk_end = {c: e for c, _, e in chunks}
     done_images = n - sum(e - a for _, a, e in chunks)
     with _Bar(n, done_images, progress, console) as bar:
         for (c, _), item in zip(batches, loader):
-            if gpu:
+            if batched:
                 item = _decode_on_device(item, dev, seed, views, resolution)
             (crops, params, sizes), indices = item
             x = _normalize(crops.to(dev), in_dtype)
