@@ -1,13 +1,19 @@
 """The one typed training config: nested dataclasses, YAML file, then `--section.key value` flags.
 
     cfg = resolve_config("fastkd/configs/imagenet100_uadkd.yaml", {"optim.lr": "0.3"})
-    cfg.optim.lr                    # 0.3
+    cfg.optim.lr                    # 0.3 (absolute; the file's optim.lr_per_256 is dropped)
     save_config(cfg, run_dir / "config.yaml")
 
 Order of layers: dataclass defaults -> (when resuming) the checkpoint's config -> the YAML file
 -> command-line overrides. Every layer is checked against the dataclasses: an unknown key or a
 value of the wrong type raises FastKDError naming `section.key`. Each field's trailing comment
 is its `--help` text, so keep it to one line.
+
+The peak learning rate is `optim.lr` (absolute) or `optim.lr_per_256` (x global batch / 256;
+both null: 0.5 per 256, `fastkd.schedule.peak_lr`). One layer (a file, the command line) may set
+only one of them; a layer that sets one drops the other's value from the layers below, so
+`--lr 0.1` over a file with lr_per_256 just works. Before lr_per_256 existed, `optim.lr` meant
+per 256 images: see `upgrade_legacy_config` for how old checkpoints and run configs are read.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ import yaml
 
 from fastkd.errors import FastKDError
 from fastkd.losses import METHODS, PEER_METHODS, TEACHER_METHODS, LossConfig  # noqa: F401 (re-exported)
+from fastkd.recipe import AugmentConfig, EmaConfig, OptimConfig, lr_pair_layer, recipe_problems, upgrade_legacy_config
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     dir: str | None = None  # packed directory written by `fastkd pack` (alias --data)
     backend: Literal["ffcv", "dali", "torch", "folder"] = "ffcv"  # loader (alias --backend)
-    batch_size: int = 256  # images per step per rank; lr scales with batch_size x ranks / 256
+    batch_size: int = 256  # images per step per rank; optim.lr_per_256 scales with batch_size x ranks / 256
     num_workers: int | None = None  # loader workers; null = the backend's default
     resolution: int = 160  # train resolution (px) when progressive resizing is off
     val_resolution: int = 224  # val resolution (px)
@@ -52,18 +59,11 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class OptimConfig:
-    lr: float = 0.5  # peak SGD learning rate per 256 images
-    momentum: float = 0.9  # SGD momentum
-    nesterov: bool = True  # Nesterov momentum
-    weight_decay: float = 5.0e-5  # L2 on conv/linear weights only (not BN, not biases)
-
-
-@dataclass(kw_only=True)
 class ScheduleConfig:
     epochs: int = 16  # training epochs (alias --epochs)
     warmup_epochs: float = 1.0  # linear warm-up from 0 to the peak lr, per iteration
-    shape: Literal["cosine", "linear"] = "cosine"  # decay to zero after warm-up
+    shape: Literal["cosine", "linear"] = "cosine"  # decay to schedule.min_lr after warm-up
+    min_lr: float = 0.0  # lr at the end of the decay (absolute, not scaled by the batch)
 
 
 @dataclass(kw_only=True)
@@ -103,8 +103,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -129,6 +131,8 @@ ALIASES: dict[str, str] = {
     "--teacher-cache": "model.teacher_cache",
     "--student-weights": "model.student_weights",
     "--log": "run.log",
+    "--lr": "optim.lr",
+    "--optimizer": "optim.name",
 }
 
 
@@ -218,6 +222,8 @@ def _merge(base: dict, update: dict, source: str) -> dict:
                     f"{source}: unknown config key {section}.{key} (known: {', '.join(hints)})"
                 )
             merged[section][key] = _check(value, hints[key], f"{section}.{key}")
+        if section == "optim":
+            lr_pair_layer(values, merged["optim"], source)
     return merged
 
 
@@ -291,14 +297,23 @@ def resolve_config(
     overrides: dict[str, Any] | None = None,
     base: dict | None = None,
     check: bool = True,
+    notes: list[str] | None = None,
 ) -> TrainConfig:
     """defaults -> base (e.g. a checkpoint's config) -> YAML file -> overrides, type-checked;
-    check=False skips the checks across keys (to read run.resume before the base is known)."""
+    check=False skips the checks across keys (to read run.resume before the base is known).
+    Old configs are upgraded (`upgrade_legacy_config`); what that changed is appended to `notes`."""
     merged = config_to_dict(TrainConfig())
+    found = []
     if base:
+        base, note = upgrade_legacy_config(base, saved=True)
+        found.append(note and f"checkpoint config: {note}")
         merged = _merge(merged, base, "checkpoint config")
     if path is not None:
-        merged = _merge(merged, load_yaml(path), f"config file {path}")
+        data, note = upgrade_legacy_config(load_yaml(path), saved=False)
+        found.append(note and f"config file {path}: {note}")
+        merged = _merge(merged, data, f"config file {path}")
+    if notes is not None:
+        notes.extend(n for n in found if n)
     if overrides:
         merged = _merge(merged, parse_overrides(overrides), "command line")
     return config_from_dict(merged, check=check)
@@ -334,10 +349,11 @@ def validate(cfg: TrainConfig) -> None:
     )
     need(cfg.loss.temperature > 0 and cfg.loss.entropy_temperature > 0, "loss temperatures must be > 0")
     need(0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
-    need(cfg.optim.lr > 0, "optim.lr must be > 0")
-    need(not cfg.optim.nesterov or cfg.optim.momentum > 0, "optim.nesterov needs optim.momentum > 0")
     need(s.epochs >= 1, f"schedule.epochs must be >= 1, got {s.epochs}")
     need(0 <= s.warmup_epochs <= s.epochs, "schedule.warmup_epochs must be in [0, schedule.epochs]")
+    need(s.min_lr >= 0, f"schedule.min_lr must be >= 0, got {s.min_lr}")
+    for problem in recipe_problems(cfg):  # optim, augment and ema keys
+        need(False, problem)
     need(r.log_every >= 1 and r.eval_every >= 1, "run.log_every and run.eval_every must be >= 1")
     need(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "run.device: auto, cpu or cuda")
     need(r.stop_after is None or r.stop_after >= 1, "run.stop_after must be >= 1 or null")
@@ -388,7 +404,7 @@ def _metavar(tp: Any) -> str:
     if get_origin(tp) in (Union, types.UnionType):
         return _metavar(next(a for a in get_args(tp) if a is not type(None)))
     if get_origin(tp) is list:
-        return "NAME"
+        return "X" if get_args(tp)[0] is float else "NAME"
     return {int: "N", float: "X", bool: "true|false"}.get(tp, "VALUE")
 
 

@@ -8,23 +8,49 @@ from __future__ import annotations
 
 import math
 
+from fastkd.errors import FastKDError
+
+DEFAULT_LR_PER_256 = 0.5  # the peak lr per 256 images when neither optim.lr nor optim.lr_per_256 is set
+
 
 def scaled_lr(lr_per_256: float, batch_size: int, world_size: int) -> float:
     """Peak lr for a global batch of batch_size x world_size images (linear scaling rule)."""
     return lr_per_256 * batch_size * world_size / 256
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, shape: str = "cosine") -> float:
-    """lr of iteration `step` (0-based): linear warm-up to `peak` over `warmup_steps`, then
-    cosine or linear decay reaching 0 after `total_steps`."""
+def peak_lr(cfg, world_size: int) -> tuple[float, str]:
+    """(peak lr, how it was reached, in words) of a TrainConfig run on `world_size` ranks:
+    optim.lr as it is (absolute), else optim.lr_per_256 (default 0.5) x global batch / 256, e.g.
+    (0.25, "peak lr 0.25 (lr_per_256 0.5 x 128 images / 256)"). FastKDError when
+    schedule.min_lr is above it."""
+    o, batch = cfg.optim, cfg.data.batch_size
+    images = batch * world_size
+    if o.lr is not None:
+        lr, how = float(o.lr), f"peak lr {o.lr:.4g} (optim.lr, absolute; {images} images per step)"
+    else:
+        per, what = o.lr_per_256, "lr_per_256"
+        if per is None:
+            per, what = DEFAULT_LR_PER_256, "default lr_per_256"
+        lr = scaled_lr(per, batch, world_size)
+        how = f"peak lr {lr:.4g} ({what} {per:g} x {images} images / 256)"
+    if cfg.schedule.min_lr > lr:
+        raise FastKDError(f"schedule.min_lr {cfg.schedule.min_lr:g} is above the {how}; lower schedule.min_lr")
+    return lr, how
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, shape: str = "cosine",
+          min_lr: float = 0.0) -> float:  # fmt: skip
+    """lr of iteration `step` (0-based): linear warm-up from 0 to `peak` over `warmup_steps`,
+    then cosine or linear decay reaching `min_lr` (absolute, <= peak) after `total_steps`.
+    With min_lr 0 the values are bit-identical to the schedule before min_lr existed."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     if shape == "cosine":
-        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if shape == "linear":
-        return peak * (1.0 - progress)
+        return min_lr + (peak - min_lr) * (1.0 - progress)
     raise ValueError(f"unknown schedule shape {shape!r}")
 
 

@@ -35,16 +35,20 @@ def shipped_configs() -> list[Path]:
 def test_defaults_match_contract():
     cfg = TrainConfig()
     assert cfg.model.students == ["resnet18", "mobilenet_v2"] and cfg.model.teacher == "resnet50"
-    assert cfg.loss.method == "uadkd" and cfg.optim.lr == 0.5 and cfg.compile.mode == "none"
+    assert cfg.loss.method == "uadkd" and cfg.compile.mode == "none"
+    # the peak lr: neither optim.lr nor optim.lr_per_256 set = 0.5 per 256 images; SGD, no clipping
+    assert cfg.optim.lr is None and cfg.optim.lr_per_256 is None and cfg.optim.name == "sgd"
+    assert cfg.optim.clip_grad_norm is None and cfg.schedule.min_lr == 0.0 and cfg.ema.decay is None
+    assert cfg.augment.mixup == 0.0 and cfg.augment.cutmix == 0.0
 
 
 def test_yaml_then_flags_and_aliases(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"optim": {"lr": 0.2, "weight_decay": "5e-5"}, "loss": {"method": "ce"}}))
-    args = parse(["--config", str(path), "--optim.lr", "0.3", "--data", "D", "--students", "resnet18",
+    path.write_text(yaml.safe_dump({"optim": {"lr_per_256": 0.2, "weight_decay": "5e-5"}, "loss": {"method": "ce"}}))
+    args = parse(["--config", str(path), "--optim.lr_per_256", "0.3", "--data", "D", "--students", "resnet18",
                   "--gpus", "2", "--batch-size", "64", "--model.teacher_weights", "null", "--run.live", "false"])
     cfg = resolve_config(args.config, overrides_from_args(args))
-    assert cfg.optim.lr == 0.3  # flag beats file
+    assert cfg.optim.lr_per_256 == 0.3 and cfg.optim.lr is None  # flag beats file
     assert cfg.optim.weight_decay == 5e-5  # YAML-1.1 string float accepted
     assert cfg.loss.method == "ce" and cfg.data.dir == "D" and cfg.dist.gpus == 2
     assert cfg.model.students == ["resnet18"] and cfg.data.batch_size == 64
@@ -63,6 +67,7 @@ def test_students_comma_and_list():
     "data, key",
     [
         ({"optim": {"lr": "fast"}}, "optim.lr"),
+        ({"optim": {"lr": 0.1, "lr_per_256": 0.5}}, "optim.lr_per_256"),
         ({"optim": {"learning_rate": 0.1}}, "optim.learning_rate"),
         ({"optimizer": {"lr": 0.1}}, "optimizer"),
         ({"run": {"seed": 1.5}}, "run.seed"),
@@ -129,6 +134,7 @@ def test_paper_recipe():
     assert "imagenet100_uadkd.yaml" in names and "imagenet100_teacher.yaml" in names
     cfg = resolve_config(next(p for p in shipped_configs() if p.name == "imagenet100_uadkd.yaml"))
     assert (cfg.model.teacher, cfg.model.students, cfg.loss.method) == ("resnet50", ["resnet18", "mobilenet_v2"], "uadkd")
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.lr_per_256) == ("sgd", None, 0.5)  # 0.5 per 256 images
     teacher = resolve_config(next(p for p in shipped_configs() if p.name == "imagenet100_teacher.yaml"))
     assert teacher.loss.method == "ce" and teacher.model.students == ["resnet50"]
 
