@@ -6,18 +6,29 @@
     step.meter.add(parts, images.shape[0])              # device-side sums for the log window
 
 What one call does, in order (the trainer, the benchmarks and the GPU check all run exactly this):
-teacher forward in eval mode under inference_mode (its logits cloned out of inference mode,
-fp32), students forward in train mode under autocast (in DDP when there are several ranks),
-student logits cast to fp32, `fastkd.losses.distillation_loss` (the fused op unless
-loss.fused is false), zero_grad, backward through the GradScaler (fp16 only), one SGD update
-over both students (weight decay on conv/linear weights only), and the per-student correct
-counts. Nothing is read back to the host: the loss parts, accuracies and w stay on the device
-until `StepMeter.read`, the loop's one sync every run.log_every steps.
+MixUp / CutMix of the batch when augment.mixup / augment.cutmix is on (`fastkd.recipe`; drawn on
+the host from the step's seed), teacher forward in eval mode under inference_mode on the same
+(mixed) images (its logits cloned out of inference mode, fp32), students forward in train mode
+under autocast (in DDP when there are several ranks), student logits cast to fp32,
+`fastkd.losses.distillation_loss` (the fused op unless loss.fused is false), zero_grad,
+backward through the GradScaler (fp16 only), gradient clipping per student when
+optim.clip_grad_norm is set (after the scaler's unscale_), one optimizer update over both
+students (SGD or AdamW, weight decay on conv/linear weights only), the EMA update when ema.decay
+is set, and the per-student correct counts. Nothing is read back to the host: the loss parts,
+accuracies and w stay on the device until `StepMeter.read`, the loop's one sync every
+run.log_every steps.
+
+A mixed batch (lam, labels y_a and the rolled y_b): the loss is lam * L(y_a) + (1 - lam) * L(y_b)
+exactly. Only the CE term depends on labels, so it is computed as one distillation_loss call with
+a_ce scaled by lam (CE(y_a) plus the KD and peer terms, once) and one CE-only call with a_ce
+scaled by 1 - lam on y_b; `ce` reports the mixed CE, `kd`, `peer` and `w` are as without mixing,
+and `correct` counts top-1 hits against the dominant label (y_a when lam >= 0.5, else y_b).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import Tensor, nn
@@ -25,9 +36,12 @@ from torch import Tensor, nn
 from fastkd import distributed
 from fastkd.config import TrainConfig
 from fastkd.losses import LossConfig, distillation_loss
-from fastkd.models import build_model
+from fastkd.models import build_model, network_names
+from fastkd.recipe import AugmentConfig, MixParams, StudentsEMA, apply_mix, build_optimizer, draw_mix, mix_rng
+from fastkd.recipe import param_groups  # noqa: F401 (re-exported: fastkd.train and tests import it here)
 from fastkd.runtime import amp_dtype as resolve_amp_dtype
 from fastkd.runtime import compile_module
+from fastkd.schedule import peak_lr
 
 
 class Students(nn.Module):
@@ -45,19 +59,6 @@ class Students(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return [f(images) for f in self._forwards]
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only; BN parameters and biases (ndim <= 1) get none."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(students: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD over every student parameter, with the weight-decay groups of `param_groups`."""
-    o = cfg.optim
-    return torch.optim.SGD(param_groups(students, o.weight_decay), lr=lr, momentum=o.momentum, nesterov=o.nesterov)
 
 
 class StepMeter:
@@ -111,16 +112,25 @@ class StepMeter:
 class TrainStep:
     """One optimizer step of the students (see the module docstring). `students` is the plain
     `Students` module (its state_dict is what checkpoints hold); `model` is what runs forward
-    (the same module, or its DDP wrapper)."""
+    (the same module, or its DDP wrapper). `clip_grad_norm`: max gradient norm of each student
+    (None: no clipping). `ema`: the students' EMA, updated after each optimizer update (None:
+    off). `augment`: MixUp / CutMix settings (None: off); `mix_seed` seeds the mixing draws of
+    calls made without a step seed (the benchmarks)."""
 
     def __init__(self, students: Students, teacher: nn.Module | None, loss: LossConfig,
                  optimizer: torch.optim.Optimizer, device: torch.device, amp_dtype: torch.dtype | None,
-                 model: nn.Module | None = None):  # fmt: skip
+                 model: nn.Module | None = None, *, clip_grad_norm: float | None = None,
+                 ema: StudentsEMA | None = None, augment: AugmentConfig | None = None,
+                 mix_seed: int = 0):  # fmt: skip
         self.students, self.teacher, self.loss = students, teacher, loss
         self.model = students if model is None else model
         self.optimizer, self.device, self.amp_dtype = optimizer, device, amp_dtype
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.meter = StepMeter(len(students.nets), device)
+        self.clip_grad_norm, self.ema = clip_grad_norm, ema
+        self.augment = augment if augment is not None and augment.mixing else None
+        self._mix_rng = mix_rng(mix_seed)  # only for calls without a seed
+        self.last_mix: MixParams | None = None  # the last call's mixing (None: not mixed)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -143,9 +153,18 @@ class TrainStep:
         """images [B, 3, r, r] (normalised, channels_last), labels [B] int64, both on the device;
         returns the loss parts (`loss` scalar, `ce`/`kd`/`peer` [n_students], `w` [B]) plus
         `correct` [n_students], all device tensors. `seed`: the step's generator seed.
-        `teacher_logits` [B, C]: given (a teacher cache), the teacher does not run."""
+        `teacher_logits` [B, C]: given (a teacher cache), the teacher does not run (refused
+        when the batch is mixed: cached logits are of the unmixed images). With clipping on,
+        parts also hold `grad_norm` [n_students], each student's norm before clipping."""
         if seed is not None:
             self.seed(seed)
+        mix = self._draw_mix(seed, images)
+        labels_b = None
+        if mix is not None:
+            if teacher_logits is not None and self.loss.uses_teacher:
+                raise ValueError("a mixed batch needs the teacher's forward on it; the given teacher "
+                                 "logits are of the unmixed images")
+            images, labels_b = apply_mix(images, labels, mix)
         if teacher_logits is not None:
             teacher_logits = teacher_logits.float()
         with self.autocast():
@@ -155,13 +174,48 @@ class TrainStep:
                 teacher_logits = t.float().clone()  # a normal tensor, usable outside inference mode
             logits = self.model(images)  # [[B, C]] per student
         logits = [s.float() for s in logits]
-        parts = distillation_loss(teacher_logits, logits, labels, self.loss, fused=self.loss.fused)
+        parts = self._loss(teacher_logits, logits, labels, labels_b, mix)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts["loss"]).backward()
+        if self.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # true gradients (fp16); a no-op otherwise
+            parts["grad_norm"] = torch.stack(
+                [nn.utils.clip_grad_norm_(net.parameters(), self.clip_grad_norm) for net in self.students.nets]
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            with torch.no_grad():
+                self.ema.update()
         with torch.no_grad():
-            parts["correct"] = torch.stack([(s.argmax(dim=1) == labels).sum() for s in logits])
+            target = labels if mix is None or mix.lam >= 0.5 else labels_b  # the dominant label
+            parts["correct"] = torch.stack([(s.argmax(dim=1) == target).sum() for s in logits])
+        return parts
+
+    def _draw_mix(self, seed: int | None, images: Tensor) -> MixParams | None:
+        """This call's MixUp / CutMix (host-side draws; nothing drawn when mixing is off)."""
+        mix = None
+        if self.augment is not None:
+            rng = mix_rng(seed) if seed is not None else self._mix_rng
+            mix = draw_mix(self.augment, rng, images.shape[-2], images.shape[-1])
+        self.last_mix = mix
+        return mix
+
+    def _loss(self, teacher_logits: Tensor | None, logits: list[Tensor], labels: Tensor,
+              labels_b: Tensor | None, mix: MixParams | None) -> dict[str, Tensor]:  # fmt: skip
+        """distillation_loss, or for a mixed batch lam * L(y_a) + (1 - lam) * L(y_b) (module doc)."""
+        fused = self.loss.fused
+        if mix is None:
+            return distillation_loss(teacher_logits, logits, labels, self.loss, fused=fused)
+        lam = mix.lam
+        own = dataclasses.replace(self.loss, a_ce=self.loss.a_ce * lam)
+        parts = distillation_loss(teacher_logits, logits, labels, own, fused=fused)
+        if lam < 1.0:
+            ce_b = LossConfig(method="ce", a_ce=self.loss.a_ce * (1.0 - lam),
+                              label_smoothing=self.loss.label_smoothing, fused=fused)  # fmt: skip
+            other = distillation_loss(None, logits, labels_b, ce_b, fused=fused)
+            parts["loss"] = parts["loss"] + other["loss"]
+            parts["ce"] = parts["ce"] + other["ce"]
         return parts
 
 
@@ -182,8 +236,9 @@ def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teac
     """The trainer's step from a config, without data: students from model.students, the given
     frozen `teacher` (moved to `device`, compiled per compile.mode; a randomly initialised
     model.teacher when the method needs one and none is given: what the benchmarks time),
-    optimizer, scaler and loss as `fastkd train` builds them. ddp=True wraps the students in
-    DistributedDataParallel (a process group must exist)."""
+    optimizer (at `lr`, default the peak lr of one rank: `fastkd.schedule.peak_lr`), gradient
+    clipping, EMA, MixUp / CutMix, scaler and loss as `fastkd train` builds them. ddp=True wraps
+    the students in DistributedDataParallel (a process group must exist)."""
     students = build_students(cfg, num_classes, device, ddp)
     if cfg.loss.uses_teacher:
         if teacher is None:
@@ -196,6 +251,11 @@ def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teac
     if ddp:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(students, device_ids=ids)
-    optimizer = build_optimizer(students, cfg, lr if lr is not None else cfg.optim.lr)
+    optimizer = build_optimizer(students, cfg.optim, lr if lr is not None else peak_lr(cfg, 1)[0])
+    ema = None
+    if cfg.ema.decay is not None:
+        ema = StudentsEMA(dict(zip(network_names(cfg.model.students), students.nets)), cfg.ema.decay, cfg.ema.every)
     return TrainStep(students, teacher, cfg.loss, optimizer, device,
-                     resolve_amp_dtype(cfg.precision.amp, device), model=model)  # fmt: skip
+                     resolve_amp_dtype(cfg.precision.amp, device), model=model,
+                     clip_grad_norm=cfg.optim.clip_grad_norm, ema=ema, augment=cfg.augment,
+                     mix_seed=cfg.run.seed)  # fmt: skip
