@@ -1,14 +1,17 @@
-"""fastkd.checkpoint: reading files with messages that name the file, last.pt validation,
-class-list comparison, and the run-folder rule shared by teacher loading and `fastkd eval`."""
+"""fastkd.checkpoint: reading files with messages that name the file (torch files with timm's
+argparse args allow-listed, safetensors), last.pt validation, class-list comparison, and the
+run-folder rule shared by teacher loading and `fastkd eval`."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from fastkd.checkpoint import (
@@ -18,6 +21,7 @@ from fastkd.checkpoint import (
     load_last,
     resolve_weights_path,
     save_atomic,
+    state_from_file,
     validate_last,
 )
 from fastkd.errors import FastKDError
@@ -143,3 +147,52 @@ def test_checkpoint_does_not_import_models():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+class _Config:  # a class a training script might pickle into its checkpoint
+    def __init__(self):
+        self.lr = 0.1
+
+
+def test_argparse_args_are_the_only_objects_allowed(tmp_path, monkeypatch):
+    """timm keeps its argparse.Namespace under "args": read with weights_only=True and an
+    allow-list of exactly that class; any other object is still refused."""
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    state = nn.Linear(2, 3).state_dict()
+    torch.save({"state_dict": state, "args": argparse.Namespace(model="resnet18", lr=0.1), "epoch": 3},
+               tmp_path / "timm.pth.tar")  # fmt: skip
+    obj = load_file(tmp_path / "timm.pth.tar")
+    assert obj["args"].model == "resnet18" and obj["epoch"] == 3 and torch.equal(obj["state_dict"]["weight"],
+                                                                                 state["weight"])  # fmt: skip
+    torch.save({"state_dict": state, "config": _Config()}, tmp_path / "custom.pt")
+    with pytest.raises(FastKDError, match=r"custom\.pt holds pickled Python objects \(.*_Config\)") as info:
+        load_file(tmp_path / "custom.pt")
+    assert "weights_only" not in str(info.value)
+    assert calls and all(k.get("weights_only") is True for k in calls)
+
+
+def test_safetensors_files_read_and_damage_named(tmp_path):
+    state = {"weight": torch.randn(3, 2), "bias": torch.zeros(3)}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    loaded = load_file(tmp_path / "w.safetensors")
+    assert loaded.keys() == state.keys() and torch.equal(loaded["weight"], state["weight"])
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 10])
+    with pytest.raises(FastKDError, match=r"cut\.safetensors \(\d+ bytes\) is a damaged safetensors file"):
+        load_file(tmp_path / "cut.safetensors")
+
+
+def test_state_from_file_reads_wrappers_and_picks_networks_by_name(tmp_path):
+    state = nn.Linear(2, 3).state_dict()
+    wrapped = {"epoch": 1, "model": {f"module.{k}": v for k, v in state.items()}}
+    assert state_from_file(wrapped, tmp_path / "w.pt", "x").keys() == state.keys()
+    a, b = nn.Linear(2, 3), nn.Linear(2, 3)
+    ckpt = tiny_last({"resnet18": a, "resnet18-2": b}, classes_of(["a", "b", "c"]))
+    ckpt["archs"]["resnet18-2"] = "resnet18"
+    got = state_from_file(ckpt, tmp_path / "last.pt", "resnet18", network="resnet18-2")
+    assert torch.equal(got["weight"], b.weight)
+    with pytest.raises(FastKDError, match=r"last\.pt holds resnet18 \(resnet18\), resnet18-2 \(resnet18\): need "
+                                          r"exactly one resnet18 network"):  # fmt: skip
+        state_from_file(ckpt, tmp_path / "last.pt", "resnet18")

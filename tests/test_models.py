@@ -1,14 +1,15 @@
-"""Models: torchvision by name, teacher head slicing, teachers and students from files."""
+"""Models: torchvision and timm by name, teacher head slicing, teachers and students from files."""
 
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torchvision
 
 from fastkd.errors import FastKDError
 from fastkd.checkpoint import build_last
-from fastkd.models import build_model, load_teacher, network_names, slice_head
+from fastkd.models import arch_label, build_model, count_params, load_teacher, network_names, resolve_arch, slice_head
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,6 +74,57 @@ def test_build_model_by_name():
 
 def test_network_names():
     assert network_names(["resnet18", "resnet18", "mobilenet_v2"]) == ["resnet18", "resnet18-2", "mobilenet_v2"]
+    assert network_names(["timm:resnet18", "resnet18", "tv:mobilenet_v2"]) == ["resnet18", "resnet18-2", "mobilenet_v2"]
+
+
+def test_naming_rule_torchvision_first_then_timm():
+    assert resolve_arch("resnet18").zoo == "torchvision" and resolve_arch("tv:resnet18").zoo == "torchvision"
+    assert resolve_arch("torchvision:resnet18").label == "torchvision:resnet18"
+    assert resolve_arch("timm:resnet18").label == "timm:resnet18"  # the prefix forces timm
+    assert arch_label("resnet10t") == "timm:resnet10t"  # not in torchvision: timm's
+    assert arch_label("timm:resnet50.a1_in1k") == "timm:resnet50.a1_in1k"  # a pretrained tag is kept
+    with pytest.raises(FastKDError, match="not a torchvision classifier"):
+        resolve_arch("tv:resnet10t")
+
+
+def test_timm_model_builds_and_trains_channels_last():
+    """A timm resnet as a student: [B, K] logits, backward, channels_last and bf16 autocast work."""
+    torch.manual_seed(0)
+    net = build_model("resnet10t", 4)
+    assert isinstance(net, timm.models.ResNet) and net.get_classifier().out_features == 4
+    assert net.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert count_params(net) == sum(p.numel() for p in timm.create_model("resnet10t", num_classes=4).parameters())
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    logits = net(x)
+    assert logits.shape == (2, 4)
+    logits.square().mean().backward()
+    assert net.fc.weight.grad is not None and net.conv1[0].weight.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(x).dtype == torch.bfloat16
+    assert isinstance(build_model("timm:resnet18", 3, channels_last=False), timm.models.ResNet)
+
+
+def test_unknown_name_suggests_close_names_of_both_zoos():
+    with pytest.raises(FastKDError) as info:
+        build_model("resnet1800", 4)
+    message = str(info.value)
+    assert "resnet1800" in message and "resnet18," in message and "resnet10t" in message  # torchvision's, timm's
+    with pytest.raises(FastKDError, match=r"'timm:convnxt_tiny': not a timm model; closest: timm:convnext_tiny"):
+        build_model("timm:convnxt_tiny", 4)
+    with pytest.raises(FastKDError, match=r"no pretrained tag 'nope' for resnet50 \(its tags: .*a1_in1k"):
+        build_model("timm:resnet50.nope", 4)
+
+
+def test_distilled_timm_heads_are_both_sliced():
+    """deit distilled: two heads (head, head_dist) averaged in eval; both keep the rows."""
+    torch.manual_seed(0)
+    full = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=1000).eval()
+    x = torch.randn(2, 3, 32, 32)
+    indices = [9, 400, 1]
+    with torch.no_grad():
+        expected = full(x)[:, indices]
+        torch.testing.assert_close(slice_head(full, indices)(x), expected)
+    assert full.head.out_features == 3 and full.head_dist.out_features == 3
 
 
 def test_teacher_checkpoint_classes_must_match(tmp_path):
