@@ -13,7 +13,7 @@ what it changes in training: fastkd/teacher_cache.py.
 
 Disk: K x (2 C + 21) + 8 bytes per image with C <= 1000 classes (fp16 logits, int32 box, flip,
 fp32 w; above 1000 classes the top --topk logits + index + the rest's mass). ImageNet-100 (126,689
-images, C = 100) with K = 8: 1.8 KB per image, 224 MB. ImageNet-1k (1,281,167) with K = 8: 16 KB
+images, C = 100) with K = 8: 1.8 KB per image, 225 MB. ImageNet-1k (1,281,167) with K = 8: 16 KB
 per image, 21 GB.
 
 Resumable: images are taken in chunks of --chunk-size; a chunk's rows go into the memory-mapped
