@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from fastkd.config import config_from_dict, upgrade_legacy_config
 from fastkd.errors import FastKDError
 
 DEFAULT_LR_PER_256 = 0.5  # the peak lr per 256 images when neither optim.lr nor optim.lr_per_256 is set
@@ -36,6 +37,12 @@ def peak_lr(cfg, world_size: int) -> tuple[float, str]:
     if cfg.schedule.min_lr > lr:
         raise FastKDError(f"schedule.min_lr {cfg.schedule.min_lr:g} is above the {how}; lower schedule.min_lr")
     return lr, how
+
+
+def saved_peak_lr(config: dict, world_size: int) -> tuple[float, str]:
+    """`peak_lr` of a saved config dict (a checkpoint's "config") on `world_size` ranks; a config
+    written before optim.lr_per_256 existed is read as it was meant (its optim.lr per 256 images)."""
+    return peak_lr(config_from_dict(upgrade_legacy_config(config)[0], "checkpoint config", check=False), world_size)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, shape: str = "cosine",

@@ -17,7 +17,7 @@ from fastkd.config import config_to_dict, resolve_config, save_config
 from fastkd.errors import FastKDError
 from fastkd.losses import distillation_loss, reference_loss
 from fastkd.recipe import MIX_STREAM, param_groups
-from fastkd.schedule import lr_at, peak_lr
+from fastkd.schedule import lr_at, peak_lr, saved_peak_lr
 from fastkd.step import build_step
 
 CPU = torch.device("cpu")
@@ -129,6 +129,8 @@ def test_old_configs_read_lr_as_per_256(tmp_path):
     notes = []
     cfg = resolve_config(None, base=old, notes=notes)
     assert (cfg.optim.lr, cfg.optim.lr_per_256) == (None, 0.4) and "optim.lr_per_256 0.4" in notes[0]
+    assert saved_peak_lr(old, 2)[0] == 0.4 * B * 2 / 256  # what a resume note calls the old peak
+    assert saved_peak_lr(config_to_dict(config(**{"optim.lr": 0.3})), 2)[0] == 0.3
     path = tmp_path / "config.yaml"  # an old run's saved config.yaml: a full dump
     path.write_text(yaml.safe_dump(old))
     assert resolve_config(path).optim.lr_per_256 == 0.4
