@@ -173,13 +173,16 @@ def pretrained_model(arch: Arch, weights: str = "imagenet") -> tuple[nn.Module, 
     if weights != "imagenet":
         wanted = resolve_arch(weights)
         if wanted.zoo != "timm" or not same_arch(weights, arch.label):
-            raise FastKDError(f"weights {weights} are timm's for {wanted.name.split('.')[0]}, the network is "
-                              f"{arch.label}: use --teacher {_TIMM_PREFIX}{wanted.name.split('.')[0]}")  # fmt: skip
+            base = wanted.name.split(".")[0]
+            raise FastKDError(f"weights {weights} are timm's {base}, the network is {arch.label}: give it "
+                              f"the architecture {_TIMM_PREFIX}{base} (e.g. --teacher {_TIMM_PREFIX}{base})")
         arch = wanted
     if arch.zoo == "timm":
         timm = _timm()
         cfg = timm.models.get_pretrained_cfg(arch.name)
         cfg = cfg.to_dict() if cfg is not None else {}
+        if not (cfg.get("hf_hub_id") or cfg.get("url")):
+            raise FastKDError(f"timm has no pretrained weights for {arch.name}; pass a weights file")
         if cfg.get("num_classes") != 1000:
             raise FastKDError(f"timm weights {arch.name} have a {cfg.get('num_classes')}-way head, not ImageNet-1k's "
                               "1000 classes: pick an ImageNet-1k tag (timm:NAME.TAG) or pass a weights file")

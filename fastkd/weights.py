@@ -1,4 +1,5 @@
-"""Other tools' weights files as one state_dict, and pretrained weights from the local caches.
+"""Weights into networks: other tools' files as one state_dict, fitting it (with a message that
+says why it does not fit), classifier heads, and pretrained weights from the local caches only.
 
 Reading bytes (torch.load with weights_only=True, or safetensors) is fastkd.checkpoint.load_file;
 this module turns what a foreign file holds into the state_dict of one network:
@@ -104,6 +105,9 @@ def align_keys(state: dict, expected: list[str]) -> dict:
     return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
 
 
+# ---------------------------------------------------------------------------------- torchvision builds
+
+
 AUX_LOGITS = ("googlenet", "inception_v3")  # torchvision nets built with aux heads off: one logits tensor
 
 
@@ -145,12 +149,11 @@ def head_rows(model: nn.Module, state: dict) -> int | None:
     return None if weight is None else int(weight.shape[0])
 
 
-
 # ---------------------------------------------------------------------------------- fitting
 
 
 def load_weights(model: nn.Module, state: dict, path: str | Path, arch: str) -> None:
-    """model.load_state_dict(state) (keys under a wrapper prefix found, fastkd.weights.align_keys),
+    """model.load_state_dict(state) (keys under a wrapper prefix found by align_keys),
     or a FastKDError that says why `state` (from `path`) does not fit `arch`: the class count,
     or which architecture its keys look like plus a few of the missing / unexpected / reshaped
     keys (never the full key dump)."""

@@ -244,7 +244,7 @@ def test_cached_imagenet_weights_load_and_slice(empty_caches):
 
 def test_pretrained_weights_must_match_the_teacher_and_imagenet(empty_caches):
     manifest = manifest_for([1, 2])
-    with pytest.raises(FastKDError, match=r"use --teacher timm:resnet18"):
+    with pytest.raises(FastKDError, match=r"timm.s resnet18, the network is torchvision:resnet18: .*--teacher timm:resnet18"):
         load_teacher("timm:resnet18.a1_in1k", "resnet18", manifest)  # torchvision's resnet18 vs timm's weights
     with pytest.raises(FastKDError, match=r"21843-way head, not ImageNet-1k"):
         load_teacher("imagenet", "timm:vit_tiny_patch16_224.augreg_in21k", manifest)
