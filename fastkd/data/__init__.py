@@ -1,4 +1,4 @@
-"""Loaders: a packed directory -> normalised channels_last batches on the device, four backends.
+"""Loaders: a packed directory -> normalised channels_last batches on the device, five backends.
 
     from fastkd.data import build_loader
     loader = build_loader("packed/", "train", "ffcv", batch_size=256, resolution=176,
@@ -14,6 +14,12 @@ Backends (contract: docs/CONTRACTS.md "Loaders"; details in each module's docstr
                                                                 prefetch_queue_depth
   torch   shards via torchvision decode_jpeg (nvJPEG on cuda)   options: prefetch_factor
   folder  source JPEG folder via ImageFolder + PIL     options: source
+  nvimgcodec  shards via nvImageCodec, crop windows only (GPU JPEG engines, CUDA or CPU decoders)
+                                                       options: decoders, hw_decoder_load, batches_ahead,
+                                                                batched_resize
+  auto    not a backend: picks one by fastkd.data.auto's rule and prints the choice once
+nvimgcodec falls back to torch (one line on stderr says why) where the package, the GPU's JPEG
+engines (decoders="hw", the default) or CUDA (decoders="gpu") are missing.
 Common options: verify (sha256 of the backend's files before the first batch; sizes are always
 checked), expected_classes (class count, WNIDs in label order, or a manifest's `classes`),
 return_indices (also yield the samples' pack indices).
@@ -25,9 +31,11 @@ from typing import Sequence
 
 import torch
 
-from fastkd.data.contract import BACKEND_FORMAT, BACKENDS, Loader, LoaderSpec
+from fastkd.data.auto import choose_backend, say_once
+from fastkd.data.contract import BACKEND_FORMAT, BACKENDS, Loader, LoaderSpec, parse_device
+from fastkd.data.spec import AUTO
 from fastkd.errors import FastKDError
-from fastkd.packformat import split_files
+from fastkd.packformat import load_manifest, split_files
 
 __all__ = ["build_loader", "available_backends", "Loader", "BACKENDS"]
 
@@ -35,6 +43,7 @@ _INSTALL = {
     "ffcv": "FFCV (`bash scripts/setup.sh`, or `pip install -e .[ffcv]` after installing libturbojpeg0-dev, "
             "libopencv-dev and pkg-config)",
     "dali": "NVIDIA DALI (`pip install nvidia-dali-cuda130`, or `pip install -e .[dali]`)",
+    "nvimgcodec": "nvImageCodec (`pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg`; DALI brings both)",
 }
 
 
@@ -44,6 +53,7 @@ _OPTIONS = {
              "prefetch_queue_depth"},
     "torch": {"prefetch_factor", "batched_resize"},
     "folder": {"source"},
+    "nvimgcodec": {"decoders", "hw_decoder_load", "batches_ahead", "batched_resize"},
 }
 
 
@@ -53,6 +63,9 @@ def _why_unavailable(backend: str) -> str | None:
         return available()
     if backend == "dali":
         from fastkd.data.dali_loader import available
+        return available()
+    if backend == "nvimgcodec":  # importable; without the GPU's engines build_loader falls back to torch
+        from fastkd.data.nvimgcodec_loader import available
         return available()
     return None  # torch and folder need only torch/torchvision
 
@@ -67,12 +80,20 @@ def build_loader(data_dir, split: str, backend: str, batch_size: int, resolution
                  verify: bool = False, expected_classes: Sequence | int | None = None,
                  return_indices: bool = False, **backend_opts) -> Loader:
     """A loader for `split` of the packed directory `data_dir` (see the module docstring)."""
+    chosen = ""
+    if backend == AUTO:
+        formats = load_manifest(data_dir).get("params", {}).get("formats") or ["ffcv", "dali"]
+        backend, why = choose_backend(parse_device(device), formats)
+        chosen = " (chosen by --backend auto)"
+        say_once(f"fastkd: loader backend auto -> {backend} ({why})", int(rank))
     if backend not in BACKENDS:
-        raise FastKDError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise FastKDError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS + (AUTO,))}")
     unknown = sorted(set(backend_opts) - _OPTIONS[backend])
     if unknown:
-        raise FastKDError(f"backend {backend!r} does not take option(s) {unknown}; "
+        raise FastKDError(f"backend {backend!r}{chosen} does not take option(s) {unknown}; "
                           f"it takes {sorted(_OPTIONS[backend])}")
+    if backend == "nvimgcodec":
+        backend, backend_opts = _nvimgcodec_or_torch(parse_device(device), int(rank), backend_opts)
     why = _why_unavailable(backend)
     if why is not None:
         others = [b for b in available_backends() if b != backend]
@@ -92,8 +113,25 @@ def build_loader(data_dir, split: str, backend: str, batch_size: int, resolution
     if backend == "dali":
         from fastkd.data.dali_loader import DALILoader
         return DALILoader(spec, manifest, shard_paths(data_dir, manifest, split), **backend_opts)
+    if backend == "nvimgcodec":
+        from fastkd.data.nvimgcodec_loader import NvImgCodecLoader
+        return NvImgCodecLoader(spec, manifest, shard_paths(data_dir, manifest, split), **backend_opts)
     if backend == "torch":
         from fastkd.data.torch_loader import TorchLoader
         return TorchLoader(spec, manifest, shard_paths(data_dir, manifest, split), **backend_opts)
     from fastkd.data.folder_loader import FolderLoader
     return FolderLoader(spec, manifest, **backend_opts)
+
+
+def _nvimgcodec_or_torch(device, rank: int, opts: dict) -> tuple[str, dict]:
+    """("nvimgcodec", opts), or where it cannot run here ("torch", the options torch shares)
+    after one line on stderr saying why (once per process, rank 0)."""
+    from fastkd.data.nvimgcodec_loader import why_not
+
+    why = why_not(device, opts.get("decoders", "hw"))
+    if why is None:
+        return "nvimgcodec", opts
+    decoder = "nvJPEG on the GPU" if device.type == "cuda" else "libjpeg-turbo"
+    say_once(f"fastkd: loader backend nvimgcodec falls back to torch: {why}; the torch backend reads the same "
+             f"shards with the same crops, decoded by {decoder}", rank)
+    return "torch", {k: v for k, v in opts.items() if k in _OPTIONS["torch"]}

@@ -21,9 +21,10 @@ TRAIN_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (w / h)
 VAL_CROP_RATIO = 0.875  # val: centre square of side 0.875 * shorter side, resized to r
 FLIP_PROB = 0.5
 
-BACKENDS = ("ffcv", "dali", "torch", "folder")
+BACKENDS = ("ffcv", "dali", "torch", "folder", "nvimgcodec")
+AUTO = "auto"  # not a backend: build_loader picks one of BACKENDS by fastkd.data.auto's rule
 # packed format each backend reads (folder reads the original source tree)
-BACKEND_FORMAT = {"ffcv": "ffcv", "dali": "dali", "torch": "dali", "folder": None}
+BACKEND_FORMAT = {"ffcv": "ffcv", "dali": "dali", "torch": "dali", "folder": None, "nvimgcodec": "dali"}
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

@@ -1,0 +1,323 @@
+"""`nvimgcodec` backend: the DALI shards decoded by NVIDIA nvImageCodec, one region per image.
+
+Each batch: the JPEG bytes (read through the shards' index files, like the torch backend) are
+staged into a pinned host buffer; each image's crop box comes from the JPEG header's size and
+transforms.py (train: `train_params(seed, epoch, index, H, W)`, the torch backend's boxes and
+flips; val: `center_crop_box`; or a teacher cache's `crop_fn`); one batched
+`Decoder.decode` call decodes only those boxes (region-of-interest decode: a sub code stream
+with a `Region`), planar RGB uint8 [3, h, w]; then the batch is resized to r x r (antialiased
+bilinear, `transforms.crop_resize_batch` on the whole box, or per image on CPU), flipped and
+normalised on the loader's device.
+
+Decoders (`decoders=`):
+  "hw"   (default) the GPU's hardware JPEG engines (A100, H100, H200: nvjpeg's hardware
+         backend, HW_GPU_ONLY) take `hw_decoder_load` of each batch; the rest, and any image
+         the engines refuse (progressive, unusual subsampling), goes to nvImageCodec's CUDA
+         decoder, then to its CPU decoder. Without the engines `build_loader` falls back (below).
+  "gpu"  the CUDA decoder (then CPU): nvJPEG on the SMs, like the torch backend, but ROI.
+  "cpu"  libjpeg-turbo inside nvImageCodec on `num_workers` host threads (ROI: the IDCT of
+         blocks outside the box is skipped); on a CUDA device the decoded boxes travel in one
+         pinned copy and are resized there.
+
+Overlap: one producer thread per pass decodes and augments up to `batches_ahead` (default 2)
+batches ahead of the step. On CUDA it works on its own stream: decode (nvImageCodec orders its
+work after, and its results before, that stream), resize and normalise are queued there, an
+event is recorded per batch, and the consumer's stream waits on the event (`wait_event`), so
+handing a batch over never blocks the host. Staging buffers (JPEG bytes, labels, host-decoded
+pixels) are pinned and kept per slot in a ring of batches_ahead + 2 slots; a slot is refilled
+only after its previous batch's event has completed (a wait in the producer thread, never in
+the step). The decoded images of a slot stay referenced until then too.
+
+Fallback (in `build_loader`, via `why_not`): without the package, without the engines for
+decoders="hw" (or without CUDA for "hw"/"gpu"), the torch backend runs instead (same boxes and
+flips, decoded by nvJPEG on CUDA or libjpeg-turbo on CPU) and one line says why.
+
+Pixels: on CPU nvImageCodec's libjpeg-turbo gives the same pixels as torchvision's decode_jpeg
+(tests/test_nvimgcodec.py checks equality), and the resize of a decoded box equals the torch
+backend's crop + resize of the same box, so both backends give identical batches. GPU decoders
+(CUDA, hardware) differ from libjpeg-turbo by a few levels, as nvJPEG does in the torch backend.
+Order, sharding, `set_epoch(e, start_batch=k)` (nothing before batch k is read): contract.py.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastkd.data.contract import Loader, LoaderSpec
+from fastkd.data.packed import ShardStore
+from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
+from fastkd.errors import FastKDError
+
+DECODERS = ("hw", "gpu", "cpu")
+_hw_probe: dict[int, str | None] = {}  # CUDA index -> why the engines cannot decode (None: they can)
+
+
+def available() -> str | None:
+    """None if nvImageCodec imports, else why not."""
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except Exception as error:  # ImportError, or a missing shared library (OSError)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _probe_jpeg() -> bytes:
+    """A 64 x 48 baseline 4:2:0 JPEG (libjpeg's defaults): what the engines must decode."""
+    from torchvision.io import encode_jpeg
+
+    y, x = torch.meshgrid(torch.arange(48), torch.arange(64), indexing="ij")
+    image = torch.stack([x * 4, y * 5, (x + y) * 2]).to(torch.uint8)
+    return bytes(encode_jpeg(image, quality=90).numpy())
+
+
+def hardware_missing(index: int) -> str | None:
+    """None when CUDA device `index` decodes a region of a baseline JPEG on its hardware JPEG
+    engines through nvImageCodec (a decoder with HW_GPU_ONLY alone, so no other decoder can
+    stand in for missing engines), else why not. Probed once per device per process."""
+    if index in _hw_probe:
+        return _hw_probe[index]
+    why = available()
+    if why is None:
+        try:
+            from nvidia import nvimgcodec as nv
+
+            decoder = nv.Decoder(device_id=index, backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY, load_hint=1.0)])
+            stream = nv.CodeStream(_probe_jpeg()).get_sub_code_stream(region=nv.Region(8, 16, 40, 48))
+            image = decoder.decode([stream], params=_decode_params(nv))[0]
+            if image is None:
+                why = f"{torch.cuda.get_device_name(index)} has no hardware JPEG decoder that nvImageCodec can use"
+        except Exception as error:
+            why = f"nvImageCodec's hardware decoder failed on cuda:{index} ({type(error).__name__}: {error})"
+    _hw_probe[index] = why
+    return why
+
+
+def why_not(device: torch.device, decoders: str = "hw") -> str | None:
+    """Why the nvimgcodec backend cannot run with `decoders` on `device` (None: it can)."""
+    if decoders not in DECODERS:
+        raise FastKDError(f"nvimgcodec decoders must be one of {', '.join(DECODERS)}, not {decoders!r}")
+    why = available()
+    if why is not None:
+        return f"nvImageCodec is not importable ({why})"
+    if decoders == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"decoders={decoders!r} needs a CUDA device (the loader's device is {device})"
+    if decoders == "hw":
+        return hardware_missing(device.index if device.index is not None else torch.cuda.current_device())
+    return None
+
+
+def _decode_params(nv):
+    # the stored pixel grid (as torchvision's decode_jpeg gives it), planar RGB uint8 [3, h, w]
+    return nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
+                           sample_format=nv.SampleFormat.P_RGB)
+
+
+def _make_decoder(nv, device: torch.device, decoders: str, threads: int, hw_load: float):
+    if decoders == "cpu":
+        return nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=threads,
+                          backends=[nv.Backend(nv.BackendKind.CPU_ONLY)])
+    backends = [nv.Backend(nv.BackendKind.GPU_ONLY), nv.Backend(nv.BackendKind.CPU_ONLY)]
+    if decoders == "hw":  # the engines first, for hw_load of each batch; the rest to the next decoders
+        backends.insert(0, nv.Backend(nv.BackendKind.HW_GPU_ONLY, load_hint=hw_load))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return nv.Decoder(device_id=index, max_num_cpu_threads=threads, backends=backends)
+
+
+class _Slot:
+    """One batch's staging: pinned JPEG bytes, labels and (host decode on CUDA) pixels, plus the
+    event after which the slot's previous batch no longer needs them."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.event: torch.cuda.Event | None = None
+        self.keep: Any = None  # the decoded images and code streams of the slot's last batch
+
+    def buffer(self, name: str, count: int, dtype=torch.uint8) -> torch.Tensor:
+        """A [count] view of this slot's `name` buffer (grown by 1/4 over the need)."""
+        have = self.buffers.get(name)
+        if have is None or have.numel() < count or have.dtype != dtype:
+            have = torch.empty(max(1, count + count // 4), dtype=dtype, pin_memory=self.pinned)
+            self.buffers[name] = have
+        return have[:count]
+
+    def reuse(self) -> None:
+        """Wait (producer thread) until the GPU is done with this slot's previous batch."""
+        if self.event is not None:
+            self.event.synchronize()
+        self.event, self.keep = None, None
+
+
+class NvImgCodecLoader(Loader):
+    backend = "nvimgcodec"
+    supports_crop_fn = True
+
+    def __init__(self, spec: LoaderSpec, manifest: dict, shards: list, decoders: str = "hw",
+                 hw_decoder_load: float = 0.9, batches_ahead: int = 2, batched_resize: bool | None = None,
+                 crop_fn=None):
+        super().__init__(spec, manifest)
+        why = why_not(spec.device, decoders)
+        if why is not None:  # build_loader falls back before this; a direct construction fails
+            raise FastKDError(f"the nvimgcodec loader cannot run here: {why}")
+        from nvidia import nvimgcodec
+
+        self.nv = nvimgcodec
+        self.store = ShardStore(shards, self.num_samples)
+        self.decoders = decoders
+        self.hw_decoder_load = min(1.0, max(0.0, float(hw_decoder_load)))
+        self.batches_ahead = max(1, int(batches_ahead))
+        self._gpu = spec.device.type == "cuda"
+        self.batched_resize = self._gpu if batched_resize is None else bool(batched_resize)
+        self._params = _decode_params(nvimgcodec)
+        self._decoder = None  # made on the first pass, kept for the next ones
+        self._lock = threading.Lock()  # one decode at a time (a pass left early may still be decoding)
+        self.crop_fn = None
+        if crop_fn is not None:
+            self.set_crop_fn(crop_fn)
+
+    def _use_crop_fn(self, crop_fn) -> None:
+        self.crop_fn = crop_fn
+
+    def _boxes(self, shapes, indices, epoch: int) -> list:
+        s = self.spec
+        if s.train and self.crop_fn is not None:
+            return [self.crop_fn(epoch, int(i), h, w) for (h, w), i in zip(shapes, indices)]
+        if s.train:
+            return [train_params(s.seed, epoch, int(i), h, w) for (h, w), i in zip(shapes, indices)]
+        return [(center_crop_box(h, w), False) for h, w in shapes]
+
+    def _decode(self, slot: _Slot, indices: np.ndarray, epoch: int, stream) -> tuple[list, list]:
+        """Stage the JPEGs, decode each one's box: (decoded images, [(box, flip)])."""
+        nv = self.nv
+        chunks = [self.store.jpeg_bytes(i) for i in indices]
+        sizes = [len(c) for c in chunks]
+        staged = slot.buffer("jpeg", sum(sizes)).numpy()
+        views, pos = [], 0
+        for chunk, size in zip(chunks, sizes):
+            staged[pos:pos + size] = np.frombuffer(chunk, np.uint8)
+            views.append(staged[pos:pos + size])
+            pos += size
+        codes, shapes = [], []
+        for i, view in zip(indices, views):
+            try:  # the header is parsed here: a broken JPEG fails now, before any decode
+                codes.append(nv.CodeStream(view))
+                shapes.append((codes[-1].height, codes[-1].width))
+            except RuntimeError as error:
+                self._undecodable([i], str(error))
+        params = self._boxes(shapes, indices, epoch)
+        subs = [c.get_sub_code_stream(region=nv.Region(t, l, t + h, l + w))
+                for c, ((t, l, h, w), _) in zip(codes, params)]
+        with self._lock:
+            if self._decoder is None:
+                self._decoder = _make_decoder(nv, self.spec.device, self.decoders, self.spec.num_workers,
+                                              self.hw_decoder_load)
+            images = self._decoder.decode(subs, params=self._params,
+                                          cuda_stream=stream.cuda_stream if stream is not None else 0)
+        failed = [i for i, im in zip(indices, images) if im is None]
+        if failed:
+            self._undecodable(failed, f"no decoder among {self.decoders!r} could decode it")
+        slot.keep = (images, subs, codes)
+        return images, params
+
+    def _undecodable(self, indices, why: str):
+        i = int(indices[0])
+        more = f" (and {len(indices) - 1} more in its batch)" if len(indices) > 1 else ""
+        raise FastKDError(f"{self.store.tars[self.store.shard[i]]}: sample {i} of split {self.spec.split!r}{more} "
+                          f"is not a JPEG nvImageCodec can decode ({why}); re-run `fastkd pack`")
+
+    def _tensors(self, slot: _Slot, images: list) -> list[torch.Tensor]:
+        """Decoded images -> uint8 [3, h, w] tensors on the loader's device (views, no copy, where
+        they already are there; host-decoded boxes on CUDA: one pinned buffer, one copy)."""
+        if not self._gpu:
+            return [torch.from_numpy(np.asarray(im)) for im in images]
+        if self.decoders != "cpu":
+            return [torch.from_dlpack(im) for im in images]  # synchronised with the current (side) stream
+        host = [np.asarray(im) for im in images]
+        counts = [a.size for a in host]
+        pinned = slot.buffer("pixels", sum(counts))
+        flat = pinned.numpy()
+        pos = 0
+        for a, n in zip(host, counts):
+            flat[pos:pos + n].reshape(a.shape)[...] = a
+            pos += n
+        device = pinned.to(self.spec.device, non_blocking=True)
+        return [t.view(a.shape) for t, a in zip(torch.split(device, counts), host)]
+
+    def _batch(self, slot: _Slot, indices: np.ndarray, epoch: int, resolution: int, stream):
+        """One batch, all queued (on `stream` on CUDA): (normalised images, labels, indices)."""
+        images, params = self._decode(slot, indices, epoch, stream)
+        tensors = self._tensors(slot, images)
+        boxes = [(0, 0, t.shape[1], t.shape[2]) for t in tensors]  # each image is already its box
+        flips = [f for _, f in params]
+        if self.batched_resize:
+            batch = crop_resize_batch(tensors, boxes, flips, resolution)
+        else:
+            batch = torch.cat([crop_resize(t, b, resolution, f) for t, b, f in zip(tensors, boxes, flips)])
+        labels = torch.from_numpy(self.store.labels[indices])  # a copy (fancy indexing)
+        if self._gpu:  # through the slot's pinned buffer: an asynchronous copy on the stream
+            labels = slot.buffer("labels", len(indices), torch.int64).copy_(labels)
+            labels = labels.to(self.spec.device, non_blocking=True)
+        return self.normalize(batch), labels, indices
+
+    def _pass(self, epoch: int, start: int):
+        batches = self._pass_batches(epoch, start)  # batches before `start` are never read
+        s, resolution = self.spec, self.resolution
+        stream = torch.cuda.Stream(s.device) if self._gpu else None
+        slots = [_Slot(pinned=self._gpu) for _ in range(self.batches_ahead + 2)]
+        ready: queue.Queue = queue.Queue(maxsize=self.batches_ahead)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def work():
+            try:
+                for k, indices in enumerate(batches):
+                    slot = slots[k % len(slots)]
+                    slot.reuse()
+                    if stream is None:
+                        item = (*self._batch(slot, indices, epoch, resolution, None), None)
+                    else:
+                        with torch.cuda.device(s.device), torch.cuda.stream(stream):
+                            images, labels, idx = self._batch(slot, indices, epoch, resolution, stream)
+                            slot.event = torch.cuda.Event()
+                            slot.event.record(stream)
+                        item = (images, labels, idx, slot.event)
+                    if not put(item):
+                        return
+                put(None)
+            except BaseException as error:  # re-raised in the consumer
+                put(error)
+
+        thread = threading.Thread(target=work, daemon=True, name="fastkd-nvimgcodec")
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                images, labels, indices, done = item
+                if done is not None:  # the step's stream waits for the batch on the GPU, not the host
+                    current = torch.cuda.current_stream(s.device)
+                    current.wait_event(done)
+                    images.record_stream(current)
+                    labels.record_stream(current)
+                yield self._output(images, labels, indices)
+        finally:
+            stop.set()
+            thread.join(timeout=5)

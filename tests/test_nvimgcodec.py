@@ -1,0 +1,332 @@
+"""The nvimgcodec backend (region-of-interest decode through nvImageCodec), its fallback to the
+torch backend, and `--backend auto`'s rule.
+
+On CPU nvImageCodec decodes with libjpeg-turbo, the library torchvision's decode_jpeg uses, so
+the nvimgcodec batches must equal the torch backend's exactly (same boxes, flips, pixels). GPU
+tests (hardware engines, stream overlap without host syncs) are marked `gpu` and skipped here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd.data import auto, build_loader, nvimgcodec_loader
+from fastkd.data.nvimgcodec_loader import NvImgCodecLoader
+from fastkd.data.torch_loader import TorchLoader
+from fastkd.data.transforms import center_crop_box, train_params
+from fastkd.errors import FastKDError
+
+HAVE_NVIMGCODEC = nvimgcodec_loader.available() is None
+needs_package = pytest.mark.skipif(not HAVE_NVIMGCODEC, reason="nvidia-nvimgcodec-cu13 is not installed")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    """3 classes x (8 train + 4 val) photo-like JPEGs of 64-160 px, packed with 8-sample shards
+    (pack re-encodes every source, greyscale and progressive ones too, as baseline RGB JPEGs)."""
+    from PIL import Image
+
+    from fastkd.preprocess.pack import pack
+
+    root = tmp_path_factory.mktemp("nvimgcodec")
+    rng = np.random.default_rng(0)
+    n = 0
+    for split, per_class in (("train", 8), ("val", 4)):
+        for c in range(3):
+            folder = root / "src" / split / f"n0000000{c}"
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                h, w = (int(v) for v in rng.integers(64, 161, size=2))
+                y, x = np.mgrid[0:h, 0:w]
+                rgb = np.stack([x * 255 // w, y * 255 // h, (x * y) % 256], -1) + rng.integers(0, 40, (h, w, 3))
+                image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+                if n % 7 == 3:
+                    image = image.convert("L")
+                image.save(folder / f"img{k:03d}.JPEG", quality=90, progressive=n % 5 == 1)
+                n += 1
+    pack(root / "src", root / "packed", classes="all", shard_size=8, workers=1, quality=90)
+    return root / "packed"
+
+
+def _load(packed, split, backend, **kw):
+    kw.setdefault("num_workers", 1)
+    kw.setdefault("return_indices", True)
+    if backend == "nvimgcodec":
+        kw.setdefault("decoders", "cpu")
+    return build_loader(packed, split, backend, kw.pop("batch_size", 4), kw.pop("resolution", 32), "cpu",
+                        kw.pop("dtype", "fp32"), **kw)
+
+
+def _pass(loader):
+    out = [(x, y, i) for x, y, i in loader]
+    return tuple(torch.cat([b[k] for b in out]) for k in range(3))
+
+
+@pytest.fixture(autouse=True)
+def fresh_notes(monkeypatch):
+    """Each test sees the once-per-process notes afresh."""
+    monkeypatch.setattr(auto, "_said", set())
+
+
+# ----------------------------------------------------------------------------- CPU decode == torch
+
+
+@needs_package
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("batched_resize", [False, True])
+def test_batches_equal_the_torch_backend(packed, split, batched_resize):
+    """Same seed: the same samples, labels, boxes, flips and pixels as the torch backend (both
+    decode with libjpeg-turbo on CPU; ROI decode then resize == full decode then crop + resize)."""
+    ref = _load(packed, split, "torch", batched_resize=batched_resize)
+    new = _load(packed, split, "nvimgcodec", batched_resize=batched_resize)
+    assert isinstance(new, NvImgCodecLoader) and isinstance(ref, TorchLoader) and len(new) == len(ref)
+    for epoch in (0, 3):
+        ref.set_epoch(epoch)
+        new.set_epoch(epoch)
+        x0, y0, i0 = _pass(ref)
+        x1, y1, i1 = _pass(new)
+        assert torch.equal(i0, i1) and torch.equal(y0, y1)
+        assert x1.dtype == torch.float32 and x1.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x0, x1), (x0 - x1).abs().max()
+
+
+@needs_package
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_decodes_only_the_box(packed, split):
+    """Each decoded image is exactly its crop box (train: train_params from (seed, epoch,
+    index); val: the centre box), not the whole JPEG."""
+    from fastkd.data.dali_loader import jpeg_size
+
+    loader = _load(packed, split, "nvimgcodec", seed=5)
+    seen = []
+    real = loader._tensors
+
+    def spy(slot, images):
+        tensors = real(slot, images)
+        seen.extend(tuple(t.shape) for t in tensors)
+        return tensors
+
+    loader._tensors = spy
+    loader.set_epoch(2)
+    _, _, indices = _pass(loader)
+    want = []
+    for i in indices.tolist():
+        h, w = jpeg_size(loader.store.jpeg_bytes(i))
+        box = train_params(5, 2, i, h, w)[0] if split == "train" else center_crop_box(h, w)
+        want.append((3, box[2], box[3]))
+    assert seen == want
+
+
+@needs_package
+def test_start_batch_reads_only_the_tail(packed):
+    loader = _load(packed, "train", "nvimgcodec")
+    loader.set_epoch(1)
+    full = [(x, y, i) for x, y, i in loader]
+    reads, read = [], loader.store.jpeg_bytes
+    loader.store.jpeg_bytes = lambda index: (reads.append(int(index)), read(index))[1]
+    loader.set_epoch(1, start_batch=2)
+    tail = [(x, y, i) for x, y, i in loader]
+    assert len(tail) == len(full) - 2
+    for (x, y, i), (xf, yf, i_f) in zip(tail, full[2:]):
+        assert torch.equal(i, i_f) and torch.equal(y, yf) and torch.equal(x, xf)
+    assert sorted(reads) == sorted(torch.cat([i for _, _, i in full[2:]]).tolist())
+
+
+@needs_package
+def test_given_crops_match_the_torch_backend(packed):
+    """set_crop_fn (a teacher cache's views): the same given boxes and flips as the torch backend."""
+    ref, new = _load(packed, "train", "torch"), _load(packed, "train", "nvimgcodec")
+    for loader in (ref, new):
+        loader.set_crop_fn(_corner_crop)
+    x0, _, i0 = _pass(ref)
+    x1, _, i1 = _pass(new)
+    assert torch.equal(i0, i1) and torch.equal(x0, x1)
+
+
+def _corner_crop(epoch, index, height, width):
+    side = min(height, width) // 2
+    return (index % 3, epoch % 5, side, side + 3), bool(index % 2)
+
+
+@needs_package
+def test_producer_keeps_batches_ahead(packed):
+    """While the consumer holds batch 0, the producer decodes batches_ahead more (queued) plus
+    one it waits to hand over, and no further: at least two batches in flight, bounded memory."""
+    loader = _load(packed, "train", "nvimgcodec", batches_ahead=2, batch_size=2)
+    reads, read = [], loader.store.jpeg_bytes
+    loader.store.jpeg_bytes = lambda index: (reads.append(int(index)), read(index))[1]
+    it = iter(loader)
+    next(it)
+    deadline = time.monotonic() + 20
+    while len(reads) < 2 * 4 and time.monotonic() < deadline:  # batch 0 + 2 queued + 1 waiting
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert len(reads) == 2 * 4, len(reads)
+    it.close()  # leaving a pass early stops its producer; the next pass runs normally
+    assert sum(1 for _ in loader) == len(loader)
+    assert not [t for t in threading.enumerate() if t.name == "fastkd-nvimgcodec" and t.is_alive()]
+
+
+@needs_package
+def test_undecodable_sample_is_named(packed, tmp_path):
+    from fastkd.data.packed import ShardStore
+
+    copy = tmp_path / "packed"
+    shutil.copytree(packed, copy)
+    loader = _load(copy, "val", "nvimgcodec")
+    store: ShardStore = loader.store
+    i = 5
+    tar = Path(store.tars[store.shard[i]])
+    data = bytearray(tar.read_bytes())
+    start = int(store.offset[i])
+    data[start + 2:start + int(store.size[i])] = b"\x00" * (int(store.size[i]) - 2)  # keep SOI, break the rest
+    tar.write_bytes(bytes(data))
+    loader = _load(copy, "val", "nvimgcodec")
+    with pytest.raises(FastKDError, match=rf"{tar.name}: sample {i} of split 'val'"):
+        _pass(loader)
+
+
+# ----------------------------------------------------------------------------- fallback and options
+
+
+def test_fallback_when_the_package_is_missing(packed, monkeypatch, capsys):
+    """No nvImageCodec: build_loader gives the torch backend and says so once (rank 0 only)."""
+    import nvidia
+
+    monkeypatch.delattr(nvidia, "nvimgcodec", raising=False)
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # `from nvidia import nvimgcodec` fails
+    assert "ModuleNotFoundError" in nvimgcodec_loader.available()
+    loaders = [_load(packed, "train", "nvimgcodec", decoders=d, batched_resize=True) for d in ("cpu", "cpu", "hw")]
+    _load(packed, "train", "nvimgcodec", rank=1, world_size=2)
+    assert all(isinstance(x, TorchLoader) and x.batched_resize for x in loaders)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "nvimgcodec falls back to torch: nvImageCodec is not importable" in lines[0], lines
+
+
+@needs_package
+def test_fallback_without_engines_on_cpu(packed, capsys):
+    """The default decoders ("hw") need the GPU's JPEG engines: on a CPU device, torch + one note."""
+    for _ in range(2):
+        loader = _load(packed, "val", "nvimgcodec", decoders="hw")
+        assert isinstance(loader, TorchLoader)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "decoders='hw' needs a CUDA device" in lines[0]
+    from fastkd.data import available_backends
+
+    assert "nvimgcodec" in available_backends()  # importable: listed, though it falls back here
+
+
+def test_bad_options(packed):
+    with pytest.raises(FastKDError, match="decoders must be one of hw, gpu, cpu"):
+        _load(packed, "train", "nvimgcodec", decoders="fpga")
+    with pytest.raises(FastKDError, match=r"does not take option\(s\) \['prefetch_factor'\]"):
+        _load(packed, "train", "nvimgcodec", prefetch_factor=2)
+    with pytest.raises(FastKDError, match="unknown loader backend 'nvjpeg'.*nvimgcodec, auto"):
+        _load(packed, "train", "nvjpeg")
+    if HAVE_NVIMGCODEC:
+        from fastkd.data.contract import LoaderSpec
+
+        spec = LoaderSpec.make(packed, "train", 4, 32, "cpu", "fp32")
+        with pytest.raises(FastKDError, match="needs a CUDA device"):  # only build_loader falls back
+            NvImgCodecLoader(spec, {"classes": [0, 1, 2], "splits": {"train": {"count": 24}}}, [], decoders="gpu")
+
+
+# ----------------------------------------------------------------------------- --backend auto
+
+
+@pytest.mark.parametrize("device, formats, engines, dali, ffcv, want", [
+    ("cuda", ["ffcv", "dali"], None, None, None, "nvimgcodec"),
+    ("cuda", ["ffcv", "dali"], "no engines", None, None, "dali"),
+    ("cuda", ["dali"], "no engines", "no DALI", None, "torch"),
+    ("cuda", ["ffcv"], None, None, None, "ffcv"),
+    ("cpu", ["ffcv", "dali"], "needs CUDA", None, None, "ffcv"),
+    ("cpu", ["ffcv", "dali"], "needs CUDA", None, "no FFCV", "torch"),
+    ("cpu", ["dali"], "needs CUDA", None, None, "torch"),
+])
+def test_auto_rule(monkeypatch, device, formats, engines, dali, ffcv, want):
+    monkeypatch.setattr(auto, "_engines", lambda d: engines)
+    monkeypatch.setattr(auto, "_dali", lambda: dali)
+    monkeypatch.setattr(auto, "_ffcv", lambda: ffcv)
+    backend, why = auto.choose_backend(device, formats)
+    assert backend == want and why
+    if device == "cuda" and want in ("dali", "torch"):  # the engines' rule was passed over: why
+        assert engines in why
+
+
+def test_auto_rule_gives_up_clearly(monkeypatch):
+    monkeypatch.setattr(auto, "_ffcv", lambda: "ModuleNotFoundError: ffcv")
+    with pytest.raises(FastKDError, match=r"formats \['ffcv'\] give no backend on cpu.*--formats dali"):
+        auto.choose_backend("cpu", ["ffcv"])
+
+
+def test_build_loader_auto_prints_its_choice_once(packed, monkeypatch, capsys):
+    monkeypatch.setattr(auto, "_ffcv", lambda: "no FFCV here")
+    loaders = [_load(packed, s, "auto") for s in ("train", "val")]
+    assert all(isinstance(x, TorchLoader) for x in loaders)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fastkd: loader backend auto -> torch (CPU device, no FFCV (no FFCV here): "
+                   "libjpeg-turbo in DataLoader workers)"]
+    with pytest.raises(FastKDError, match=r"backend 'torch' \(chosen by --backend auto\) does not take"):
+        _load(packed, "train", "auto", decoders="cpu")
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+def _cuda_loader(packed, split, backend, **kw):
+    return build_loader(packed, split, backend, 8, 64, "cuda", "bf16", num_workers=4, return_indices=True, **kw)
+
+
+@pytest.mark.gpu
+def test_hardware_engines_found_on_a100_h100_h200():
+    name = torch.cuda.get_device_name(0)
+    if not any(g in name for g in ("A100", "H100", "H200", "H800", "A800", "GH200")):
+        pytest.skip(f"{name}: no hardware JPEG engines expected")
+    assert nvimgcodec_loader.hardware_missing(0) is None
+    assert auto.choose_backend("cuda", ["dali"])[0] == "nvimgcodec"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoders", ["hw", "gpu", "cpu"])
+def test_gpu_batches_match_the_torch_backend(packed, decoders):
+    """Same samples, labels and boxes as torch on CUDA; pixels within the decoders' differences."""
+    if decoders == "hw" and nvimgcodec_loader.hardware_missing(0):
+        pytest.skip(nvimgcodec_loader.hardware_missing(0))
+    ref, new = _cuda_loader(packed, "train", "torch"), _cuda_loader(packed, "train", "nvimgcodec", decoders=decoders)
+    assert isinstance(new, NvImgCodecLoader)
+    x0, y0, i0 = _pass(ref)
+    x1, y1, i1 = _pass(new)
+    assert torch.equal(i0, i1) and torch.equal(y0, y1) and x1.device.type == "cuda"
+    assert x1.dtype == torch.bfloat16 and x1.is_contiguous(memory_format=torch.channels_last)
+    d = (x1.float() - x0.float()).abs()
+    assert d.mean() < 0.05, d.mean()  # ~3 grey levels / 58 (std * 255), averaged
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoders", ["hw", "cpu"])
+def test_gpu_step_never_waits_on_the_host(packed, decoders):
+    """Taking prefetched batches and using them on the current stream makes no host sync (sync
+    debug mode "error" raises on any), and the batch is ready there (the stream waited)."""
+    if decoders == "hw" and nvimgcodec_loader.hardware_missing(0):
+        pytest.skip(nvimgcodec_loader.hardware_missing(0))
+    loader = _cuda_loader(packed, "train", "nvimgcodec", decoders=decoders)
+    ref = _pass(loader)[0].float().sum(dim=(1, 2, 3))
+    loader.set_epoch(0)
+    sums = []
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y, _ in loader:
+            sums.append(x.float().sum(dim=(1, 2, 3)) + y.float() * 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.allclose(torch.cat(sums), ref, rtol=1e-3, atol=1.0)
