@@ -5,6 +5,7 @@
     fastkd verify OUT                    # re-hash a packed directory against its manifest
     fastkd train --data OUT ...          # teacher + two students, uncertainty-aware dual KD
     fastkd eval CHECKPOINT --data OUT    # top-1/top-5 of a checkpoint
+    fastkd teacher-cache --data OUT ...  # the teacher's logits over K views per image, once
     fastkd quickstart                    # demo data -> pack -> teacher -> students -> report
 
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; modules are
@@ -23,10 +24,11 @@ from fastkd.errors import FastKDError
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("fastkd.preprocess.demo", "write the embedded digits demo as an ImageNet-style folder"),
-    "pack": ("fastkd.preprocess.pack_cmd", "pack an ImageNet-style folder into FFCV and DALI formats"),
+    "pack": ("fastkd.preprocess.pack_cmd", "pack an ImageNet-style folder, or any folder with a labels CSV, into FFCV and DALI formats"),
     "verify": ("fastkd.preprocess.verify", "re-hash a packed directory against its manifest"),
     "train": ("fastkd.train_cmd", "train a teacher or two students with (uncertainty-aware) distillation"),
     "eval": ("fastkd.eval_cmd", "evaluate a checkpoint on a packed directory"),
+    "teacher-cache": ("fastkd.cache_cmd", "run the teacher once over K augmented views of every train image"),
     "quickstart": ("fastkd.quickstart", "demo data -> pack -> teacher -> two students -> report"),
 }
 

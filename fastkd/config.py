@@ -360,15 +360,15 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.dist.gpus >= 1, "dist.gpus must be >= 1")
 
 
-def check_runnable(cfg: TrainConfig) -> None:
-    """What a training run needs beyond a valid config: data, and teacher weights when the
-    method distils from a teacher."""
-    if not cfg.data.dir:
+def check_runnable(cfg: TrainConfig, has_data: bool = False, has_teacher: bool = False) -> None:
+    """What a training run needs beyond a valid config: data (unless loaders are given), and
+    teacher weights (or a teacher cache, or a teacher module) when the method distils from one."""
+    if not cfg.data.dir and not has_data:
         raise FastKDError("no data: pass --data PACKED_DIR (written by `fastkd pack`)")
-    if cfg.loss.method in TEACHER_METHODS and not cfg.model.teacher_weights:
+    if cfg.loss.method in TEACHER_METHODS and not (cfg.model.teacher_weights or cfg.model.teacher_cache or has_teacher):
         raise FastKDError(
             f"loss.method {cfg.loss.method} distils from a teacher: pass --teacher-weights "
-            "CHECKPOINT|STATE_DICT|imagenet (or --method ce / dml, which need none)"
+            "CHECKPOINT|RUN_DIR|WEIGHTS|imagenet or --teacher-cache DIR (or --method ce / dml, which need none)"
         )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from fastkd.checkpoint import check_same_classes
 from fastkd.errors import FastKDError
-from fastkd.schedule import lr_at
+from fastkd.schedule import lr_at, saved_peak_lr
 
 
 def check_resume(ckpt: dict, trainer) -> None:
@@ -32,6 +32,16 @@ def check_resume(ckpt: dict, trainer) -> None:
         raise FastKDError(f"{where}: the checkpoint has {ckpt['num_classes']} classes, the data {trainer.num_classes}")
     if "classes" in ckpt:
         check_same_classes(ckpt["classes"], trainer.manifest["classes"], where)  # same count, other WNIDs
+    old_optim, optim = ckpt["config"]["optim"].get("name", "sgd"), trainer.cfg.optim.name
+    if old_optim != optim:
+        raise FastKDError(f"{where}: the checkpoint holds {old_optim} optimizer state (optim.name), this run asks "
+                          f"for {optim}; resume with --optimizer {old_optim}")
+    have = trainer.cache_feed.cache.identity if trainer.cache_feed else None
+    if ckpt.get("teacher_cache") != have:
+        raise FastKDError(
+            f"{where}: the run was trained with teacher cache {ckpt.get('teacher_cache') or '(none: a live teacher)'}, "
+            f"this run has {have or '(none: a live teacher)'}; resume with the run's own --teacher-cache"
+        )
     old_ws, old_bs = _made_with(ckpt)
     ws, bs = trainer.dist.world_size, trainer.cfg.data.batch_size
     if ckpt["step_in_epoch"] and (old_ws, old_bs) != (ws, bs):
@@ -68,19 +78,21 @@ def resume_notes(ckpt: dict, trainer) -> list[str]:
     ws, bs = trainer.dist.world_size, cfg.data.batch_size
     old_spe = ckpt.get("steps_per_epoch") or trainer.steps_per_epoch
     if (old_ws, old_bs) != (ws, bs):
-        old_peak = ckpt["config"]["optim"]["lr"] * old_bs * old_ws / 256
+        old_peak, _ = saved_peak_lr(ckpt["config"], old_ws)
         notes.append(
             f"world size {old_ws} -> {ws}, batch size {old_bs} -> {bs} per rank: {old_spe} -> "
             f"{trainer.steps_per_epoch} steps per epoch; the schedule continues at epoch {epoch} of "
             f"{cfg.schedule.epochs} (step {position} of {trainer.total_steps}); peak lr {old_peak:.4g} -> "
-            f"{trainer.peak_lr:.4g} (linear scaling rule)"
+            f"{trainer.peak_lr_how}"
         )
     old_epochs = ckpt["config"]["schedule"]["epochs"]
     if old_epochs != cfg.schedule.epochs:
         old_warm = round(ckpt["config"]["schedule"]["warmup_epochs"] * old_spe)
         old_position = epoch * old_spe + in_epoch
-        was = lr_at(old_position, old_spe * old_epochs, old_warm, trainer.peak_lr, cfg.schedule.shape)
-        now = lr_at(position, trainer.total_steps, trainer.warmup_steps, trainer.peak_lr, cfg.schedule.shape)
+        old_min = ckpt["config"]["schedule"].get("min_lr", 0.0)
+        was = lr_at(old_position, old_spe * old_epochs, old_warm, trainer.peak_lr, cfg.schedule.shape, old_min)
+        now = lr_at(position, trainer.total_steps, trainer.warmup_steps, trainer.peak_lr, cfg.schedule.shape,
+                    cfg.schedule.min_lr)  # fmt: skip
         notes.append(
             f"schedule.epochs {old_epochs} -> {cfg.schedule.epochs}: the {cfg.schedule.shape} schedule is "
             f"recomputed over {cfg.schedule.epochs} epochs, so the lr at the resume point (epoch {epoch}) is "

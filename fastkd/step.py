@@ -219,12 +219,16 @@ class TrainStep:
         return parts
 
 
-def build_students(cfg: TrainConfig, num_classes: int, device: torch.device, distributed_run: bool) -> Students:
-    """Randomly initialised students on `device` (channels_last per config), SyncBN when asked
-    and several ranks run, forwards compiled per compile.mode."""
+def build_students(cfg: TrainConfig, num_classes: int, device: torch.device, distributed_run: bool,
+                   nets: list[nn.Module] | None = None) -> Students:  # fmt: skip
+    """The students on `device` (channels_last per config): `nets` when given (the user's
+    modules, or networks with loaded weights), else randomly initialised model.students; SyncBN
+    when asked and several ranks run, forwards compiled per compile.mode."""
     cl = cfg.precision.channels_last
-    nets = [build_model(a, num_classes, channels_last=cl).to(device) for a in cfg.model.students]
-    students = Students(nets)
+    if nets is None:
+        nets = [build_model(a, num_classes, channels_last=cl) for a in cfg.model.students]
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    students = Students([net.to(device=device, memory_format=fmt) for net in nets])
     if cfg.model.sync_bn and distributed_run:
         students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
     students.set_compile(cfg.compile.mode)
@@ -232,15 +236,18 @@ def build_students(cfg: TrainConfig, num_classes: int, device: torch.device, dis
 
 
 def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teacher: nn.Module | None = None,
-               lr: float | None = None, ddp: bool = False) -> TrainStep:  # fmt: skip
+               lr: float | None = None, ddp: bool = False, nets: list[nn.Module] | None = None,
+               live_teacher: bool = True) -> TrainStep:  # fmt: skip
     """The trainer's step from a config, without data: students from model.students, the given
     frozen `teacher` (moved to `device`, compiled per compile.mode; a randomly initialised
     model.teacher when the method needs one and none is given: what the benchmarks time),
     optimizer (at `lr`, default the peak lr of one rank: `fastkd.schedule.peak_lr`), gradient
     clipping, EMA, MixUp / CutMix, scaler and loss as `fastkd train` builds them. ddp=True wraps
-    the students in DistributedDataParallel (a process group must exist)."""
-    students = build_students(cfg, num_classes, device, ddp)
-    if cfg.loss.uses_teacher:
+    the students in DistributedDataParallel (a process group must exist). `nets`: the student
+    networks to train instead of new model.students. live_teacher=False: no teacher at all (its
+    logits come with each batch, from a teacher cache)."""
+    students = build_students(cfg, num_classes, device, ddp, nets)
+    if cfg.loss.uses_teacher and live_teacher:
         if teacher is None:
             teacher = build_model(cfg.model.teacher, num_classes, channels_last=cfg.precision.channels_last)
             teacher.eval().requires_grad_(False)

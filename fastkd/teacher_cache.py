@@ -364,3 +364,17 @@ class CacheFeed:
         """fp32 [B] on the device: the cached w of those views."""
         idx = _as_index(indices)
         return self._to_device(self.cache.w(idx, self.cache.view_of(epoch, idx)))
+
+
+def feed_for_run(cfg, train_loader, resolutions: set[int], device: torch.device) -> CacheFeed:
+    """The CacheFeed of a training run with `model.teacher_cache` set: the cache opened and
+    checked against the run (pack, classes, every train resolution, T_w; the teacher only when
+    the run names a non-default one), attached to the train loader (which must yield indices)."""
+    expect = {"pack": cfg.data.dir, "classes": train_loader.manifest["classes"], "resolution": resolutions,
+              "entropy_temperature": cfg.loss.entropy_temperature}  # fmt: skip
+    if cfg.model.teacher_weights:  # a teacher named with its weights: it must be the cache's
+        expect["teacher"] = cfg.model.teacher
+    cache = TeacherCache.open(cfg.model.teacher_cache, expect=expect, view_seed=cfg.run.seed)
+    feed = CacheFeed(cache, device)
+    feed.attach(train_loader)
+    return feed

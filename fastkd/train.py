@@ -24,16 +24,16 @@ import uuid
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastkd import distributed
 from fastkd.checkpoint import build_last, plain_state_dict, rng_state, save_atomic, set_rng_state
-from fastkd.config import PEER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config
+from fastkd.config import PEER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config, validate
 from fastkd.errors import FastKDError
 from fastkd.loggers import build_loggers
-from fastkd.models import load_teacher, network_names
+from fastkd.models import build_model, load_student_weights, load_teacher, network_names
 from fastkd.runtime import base_index, input_dtype, resolve_device, seed_all, set_determinism, step_seed, stop_signals
-from fastkd.schedule import lr_at, resolution_at, scaled_lr
+from fastkd.schedule import lr_at, peak_lr, resolution_at
 from fastkd.step import build_step, param_groups  # noqa: F401 (param_groups re-exported for callers)
 
 
@@ -55,9 +55,15 @@ class Trainer:
     iteration. `train_loader`/`val_loader` may be passed in (tests); `resume` is a loaded last.pt
     dict."""
 
-    def __init__(self, cfg: TrainConfig, train_loader=None, val_loader=None, resume: dict | None = None):
+    def __init__(self, cfg: TrainConfig, train_loader=None, val_loader=None, resume: dict | None = None, *,
+                 students=None, teacher: nn.Module | None = None):  # fmt: skip
+        """`students`: your own networks ({name: module} or [modules]) instead of model.students;
+        `teacher`: your own frozen teacher module instead of model.teacher + teacher_weights."""
+        if students is not None:
+            cfg = _with_modules(cfg, students, teacher)
         self.cfg = cfg
-        check_runnable(cfg)
+        check_runnable(cfg, has_data=train_loader is not None and val_loader is not None,
+                       has_teacher=teacher is not None)  # fmt: skip
         self.dist = distributed.init(resolve_device(cfg.run.device).type, base_index(cfg.run.device))
         self.device = resolve_device(cfg.run.device, self.dist.local_rank)
         self.is_main = self.dist.is_main
@@ -70,15 +76,22 @@ class Trainer:
         set_determinism(cfg.run.deterministic)
         seed_all(cfg.run.seed)
 
+        cached = bool(cfg.model.teacher_cache)  # the teacher's logits come from a cache
         if train_loader is None:
-            train_loader = self._build_loader("train", self._resolution(0))
+            train_loader = self._build_loader("train", self._resolution(0), return_indices=cached)
         if val_loader is None:
             val_loader = self._build_loader("val", cfg.data.val_resolution)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.manifest = self.train_loader.manifest
         self.num_classes = int(self.train_loader.num_classes)
-        self.names = network_names(cfg.model.students)
+        self.names = list(students) if isinstance(students, dict) else network_names(cfg.model.students)
         self.archs = dict(zip(self.names, cfg.model.students))
+        self.cache_feed = None
+        if cached:
+            from fastkd.teacher_cache import feed_for_run
+
+            resolutions = {self._resolution(e) for e in range(cfg.schedule.epochs)}
+            self.cache_feed = feed_for_run(cfg, self.train_loader, resolutions, self.device)
 
         self.steps_per_epoch = distributed.all_reduce_min(len(self.train_loader), self.device)
         if self.steps_per_epoch < 1:
@@ -88,9 +101,11 @@ class Trainer:
             )
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
-        self.peak_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, self.dist.world_size)
-        self._step = build_step(cfg, self.num_classes, self.device, teacher=self._load_teacher(),
-                                lr=self.peak_lr, ddp=self.dist.enabled)  # fmt: skip
+        self.peak_lr, self.peak_lr_how = peak_lr(cfg, self.dist.world_size)
+        nets = self._student_nets(students)
+        teacher = self._frozen(teacher) if teacher is not None else self._load_teacher()
+        self._step = build_step(cfg, self.num_classes, self.device, teacher=teacher, lr=self.peak_lr,
+                                ddp=self.dist.enabled, nets=nets, live_teacher=not cached)  # fmt: skip
         seed_all(cfg.run.seed + self.dist.rank)
 
         self.epoch = 0  # next epoch to run
@@ -117,11 +132,27 @@ class Trainer:
     def _load_teacher(self):
         """The frozen teacher when the method distils from one, loaded without touching the run's
         random state (students are initialised exactly as without a teacher)."""
-        if not self.cfg.loss.uses_teacher:
+        if not self.cfg.loss.uses_teacher or self.cfg.model.teacher_cache:
             return None
         m = self.cfg.model
         with torch.random.fork_rng(devices=[]):
             return load_teacher(m.teacher_weights, m.teacher, self.manifest, self.cfg.precision.channels_last)
+
+    def _student_nets(self, students) -> list[nn.Module]:
+        """The student networks: the user's modules, or new model.students with the initial
+        weights model.student_weights names (NET=PATH)."""
+        if students is not None:
+            return list(students.values()) if isinstance(students, dict) else list(students)
+        cl = self.cfg.precision.channels_last
+        nets = [build_model(a, self.num_classes, channels_last=cl) for a in self.cfg.model.students]
+        if self.cfg.model.student_weights:
+            load_student_weights(dict(zip(self.names, nets)), self.cfg.model.student_weights, self.manifest)
+        return nets
+
+    def _frozen(self, teacher: nn.Module) -> nn.Module:
+        """A user's teacher module in eval mode, without gradients, in the run's memory format."""
+        fmt = torch.channels_last if self.cfg.precision.channels_last else torch.contiguous_format
+        return teacher.eval().requires_grad_(False).to(memory_format=fmt)
 
     def _resolution(self, epoch: int) -> int:
         d = self.cfg.data
@@ -129,7 +160,7 @@ class Trainer:
             epoch, self.cfg.schedule.epochs, d.min_resolution, d.max_resolution, d.resolution, d.ramp_end_epoch
         )
 
-    def _build_loader(self, split: str, resolution: int):
+    def _build_loader(self, split: str, resolution: int, return_indices: bool = False):
         from fastkd.data import build_loader
 
         d = self.cfg.data
@@ -137,7 +168,7 @@ class Trainer:
         return build_loader(
             d.dir, split, d.backend, d.batch_size, resolution, self.device, dtype,
             rank=self.dist.rank, world_size=self.dist.world_size, seed=self.cfg.run.seed,
-            num_workers=d.num_workers,
+            num_workers=d.num_workers, return_indices=return_indices,
         )  # fmt: skip
 
     # the step's parts, under the names the rest of fastkd (and tests) use
@@ -147,10 +178,18 @@ class Trainer:
     optimizer = property(lambda self: self._step.optimizer)
     scaler = property(lambda self: self._step.scaler)
     meter = property(lambda self: self._step.meter)
+    ema = property(lambda self: self._step.ema)
     amp_dtype = property(lambda self: self._step.amp_dtype)
 
     def student_modules(self) -> dict:
         return dict(zip(self.names, self.students.nets))
+
+    def eval_modules(self) -> dict:
+        """What each evaluation scores: the students, and their EMA as `<name>-ema` when on."""
+        nets = self.student_modules()
+        if self.ema is not None:
+            nets.update({f"{name}-ema": net for name, net in self.ema.modules().items()})
+        return nets
 
     def step(self, images: Tensor, labels: Tensor, seed: int | None = None) -> dict[str, Tensor]:
         """One optimizer step on one batch (`fastkd.step.TrainStep`); device tensors only."""
@@ -176,6 +215,7 @@ class Trainer:
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
         with self.log, live, stop_signals(self._request_stop):
+            _say(live, self.is_main, self.peak_lr_how)
             for note in self.resume_notes:
                 _say(live, self.is_main, f"resume: {note}")
             if self._resumed:  # where a resume starts: loggers drop what they had logged past it
@@ -222,16 +262,20 @@ class Trainer:
         done = start
         lr = self.optimizer.param_groups[0]["lr"]
         window_start = time.perf_counter()
-        for i, (images, labels) in enumerate(self.train_loader, start=first):
+        for i, batch in enumerate(self.train_loader, start=first):
             if i >= self.steps_per_epoch:
                 break
             if i < start:  # a loader that cannot start mid-pass: skip what the checkpoint did
                 window_start = time.perf_counter()
                 continue
             position = epoch * self.steps_per_epoch + i  # of the schedule, under this world size
-            lr = lr_at(position, self.total_steps, self.warmup_steps, self.peak_lr, cfg.schedule.shape)
+            lr = lr_at(position, self.total_steps, self.warmup_steps, self.peak_lr, cfg.schedule.shape,
+                       cfg.schedule.min_lr)  # fmt: skip
             self._step.set_lr(lr)
-            parts = self.step(images, labels, seed=step_seed(cfg.run.seed, self.dist.rank, epoch, i))
+            images, labels = batch[0], batch[1]
+            cached = self.cache_feed.teacher_logits(epoch, batch[2]) if self.cache_feed else None  # [B, C]
+            parts = self._step(images, labels, seed=step_seed(cfg.run.seed, self.dist.rank, epoch, i),
+                               teacher_logits=cached)  # fmt: skip
             self.meter.add(parts, labels.shape[0])
             self.global_step += 1
             done = i + 1
@@ -253,7 +297,8 @@ class Trainer:
             kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint written yet"
             raise NonFiniteLoss(
                 f"non-finite training loss ({window['loss']}) at epoch {epoch + 1}, step {done}; "
-                f"stopped, {kept}. Try a lower --optim.lr or --precision.amp fp32/bf16"
+                f"stopped, {kept}. Try a lower --lr / --optim.lr_per_256, --optim.clip_grad_norm, or "
+                "--precision.amp fp32/bf16"
             )
         self._train_time += seconds
         self._train_samples += window["samples"]
@@ -282,7 +327,7 @@ class Trainer:
         epoch = self.epoch - 1 if epoch is None else epoch
         state = rng_state()
         teacher = self.teacher if self.teacher_eval is None else None
-        res = evaluate(self.student_modules(), self.val_loader, teacher=teacher,
+        res = evaluate(self.eval_modules(), self.val_loader, teacher=teacher,
                        w_temperature=self.cfg.loss.entropy_temperature)  # fmt: skip
         set_rng_state(state)
         if teacher is not None:
@@ -291,8 +336,8 @@ class Trainer:
             res.update(self.teacher_eval)
         self.log.write({"kind": "eval", "epoch": epoch, "step": self.global_step, **res})
         self.last_eval = res
-        for name, net in self.student_modules().items():
-            if res[name]["top1"] > self.best_top1[name]:
+        for name, net in self.eval_modules().items():
+            if res[name]["top1"] > self.best_top1.setdefault(name, -1.0):
                 self.best_top1[name] = res[name]["top1"]
                 if self.is_main:
                     save_atomic(plain_state_dict(net), self.ckpt_dir / f"best-{name}.pt")
@@ -324,8 +369,10 @@ class Trainer:
             classes=self.manifest["classes"],
             run_id=self.run_id,
             teacher={"arch": self.cfg.model.teacher, "weights": self.cfg.model.teacher_weights}
-            if self.teacher is not None
+            if self.cfg.loss.uses_teacher
             else None,
+            teacher_cache=self.cache_feed.cache.identity if self.cache_feed else None,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             config=config_to_dict(self.cfg),
         )
         path = self.ckpt_dir / "last.pt"
@@ -345,7 +392,12 @@ class Trainer:
         notes = resume_notes(ckpt, self)
         self.resume_notes.extend(notes)
         self._resumed = True
-        self.best_top1 = dict(ckpt["best_top1"])
+        self.best_top1.update(ckpt["best_top1"])
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+        elif (self.ema is not None) != bool(ckpt.get("ema")):
+            self.resume_notes.append("ema.decay " + ("on: the EMA starts from the current weights" if self.ema
+                                                     else "off: the checkpoint's EMA is dropped"))  # fmt: skip
         self.run_id = ckpt.get("run_id", self.run_id)
         # the RNG states of the ranks that wrote it; under another world size each rank restarts
         # from its own seed (the steps' dropout seeds do not depend on it)
@@ -394,3 +446,17 @@ def _start_pass(loader, epoch: int, start: int) -> int:
         return start
     loader.set_epoch(epoch)  # a user's loader, or a mode that cannot seek: the caller skips
     return 0
+
+
+def _with_modules(cfg: TrainConfig, students, teacher) -> TrainConfig:
+    """`cfg` with model.students / model.teacher naming the user's modules (their class names),
+    so the saved config, the checks and the report describe what really trains."""
+    import dataclasses
+
+    nets = list(students.values()) if isinstance(students, dict) else list(students)
+    archs = [type(n).__name__ for n in nets]
+    model = dataclasses.replace(cfg.model, students=archs,
+                                teacher=type(teacher).__name__ if teacher is not None else cfg.model.teacher)  # fmt: skip
+    cfg = dataclasses.replace(cfg, model=model)
+    validate(cfg)  # 1 or 2 students, two for the peer methods
+    return cfg

@@ -65,7 +65,7 @@ def test_no_weight_decay_on_bn_and_bias():
 
 
 def test_lr_scaled_and_warmed_up(tmp_path):
-    trainer = make_trainer(tmp_path, **{"optim.lr": 0.4, "data.batch_size": 32})
+    trainer = make_trainer(tmp_path, **{"optim.lr_per_256": 0.4, "data.batch_size": 32})
     assert trainer.peak_lr == pytest.approx(0.4 * 32 / 256)
     assert trainer.warmup_steps == 4 and trainer.total_steps == 16
 
@@ -97,7 +97,7 @@ def test_fit_learns_and_writes_run_dir(tmp_path):
         net = torchvision.models.get_model(arch, num_classes=4)
         net.load_state_dict(torch.load(run / f"checkpoints/best-{name}.pt", weights_only=True))
     ckpt = load_last(run / "checkpoints/last.pt")
-    assert ckpt["epoch"] == 3 and ckpt["global_step"] == 24 and ckpt["config"]["optim"]["lr"] == 0.4
+    assert ckpt["epoch"] == 3 and ckpt["global_step"] == 24 and ckpt["config"]["optim"]["lr_per_256"] == 0.4
 
 
 def _final_weights(run_dir):
@@ -201,14 +201,14 @@ def test_gpus_relaunches_through_torchrun(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
-    rc = cli.main(["train", "--data", "D", "--gpus", "2", "--optim.lr", "0.3", "--method", "ce",
+    rc = cli.main(["train", "--data", "D", "--gpus", "2", "--optim.lr_per_256", "0.3", "--method", "ce",
                    "--students", "resnet18", "--out", str(tmp_path / "run")])
     assert rc == 0
     cmd, config, lock_held = calls
     assert lock_held == str(tmp_path / "run")  # the launcher holds the run dir's lock for its ranks
     assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
     assert cmd[7:10] == ["fastkd.cli", "train", "--config"]
-    assert config["optim"]["lr"] == 0.3 and config["dist"]["gpus"] == 2 and config["data"]["dir"] == os.path.abspath("D")
+    assert config["optim"]["lr_per_256"] == 0.3 and config["dist"]["gpus"] == 2 and config["data"]["dir"] == os.path.abspath("D")
 
 
 @pytest.mark.gpu
@@ -240,7 +240,7 @@ def test_resume_takes_checkpoint_config_then_flags(tmp_path):
     from fastkd.errors import FastKDError
 
     old = tiny_config(tmp_path / "run", **{"loss.method": "uadkd", "model.teacher_weights": "T.pt",
-                                           "run.stop_after": 1, "optim.lr": 0.4})
+                                           "run.stop_after": 1, "optim.lr_per_256": 0.4})
     path = tmp_path / "run/checkpoints/last.pt"
     save_atomic(build_last(config=config_to_dict(old), optimizer={}, models={}, archs={}, epoch=1, step_in_epoch=0,
                            global_step=8, scaler={}, best_top1={}, rng=[], num_classes=4), path)
@@ -250,10 +250,10 @@ def test_resume_takes_checkpoint_config_then_flags(tmp_path):
         train_cmd.add_arguments(parser)
         return train_cmd.resolve(parser.parse_args(argv))
 
-    cfg, ckpt = resolve(["--resume", str(path), "--optim.lr", "0.1"])  # nothing else on the line
+    cfg, ckpt = resolve(["--resume", str(path), "--optim.lr_per_256", "0.1"])  # nothing else on the line
     assert ckpt is not None and cfg.run.resume == str(path)
     assert (cfg.loss.method, cfg.model.teacher_weights, cfg.run.out) == ("uadkd", "T.pt", str(tmp_path / "run"))
-    assert cfg.optim.lr == 0.1 and cfg.run.stop_after is None  # flags win; stop_after not inherited
+    assert cfg.optim.lr_per_256 == 0.1 and cfg.run.stop_after is None  # flags win; stop_after not inherited
     cfg, ckpt = resolve(["--resume", "auto", "--out", str(tmp_path / "fresh"), "--method", "ce"])
     assert ckpt is None and cfg.loss.method == "ce"
     with pytest.raises(FastKDError, match="nothing.pt"):

@@ -43,7 +43,7 @@ def teacher_run(packed, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "run"
     torch.set_num_threads(1)
     rc = cli.main(["train", "--data", str(packed), *COMMON, "--method", "ce", "--students", "resnet18",
-                   "--epochs", "3", "--optim.lr", "0.2", "--out", str(out)])
+                   "--epochs", "3", "--optim.lr_per_256", "0.2", "--out", str(out)])
     assert rc == 0
     return out
 
@@ -64,7 +64,7 @@ def test_students_distil_and_resume(teacher_run, packed, tmp_path, capsys):
     out = tmp_path / "students"
     args = ["train", "--data", str(packed), *COMMON, "--method", "uadkd", "--teacher", "resnet18",
             "--teacher-weights", str(teacher_run / "checkpoints/best-resnet18.pt"), "--epochs", "2",
-            "--optim.lr", "0.05", "--out", str(out), "--resume", "auto"]
+            "--optim.lr_per_256", "0.05", "--out", str(out), "--resume", "auto"]
     assert cli.main(args + ["--run.stop_after", "1"]) == 0  # first job: epoch 1 of 2
     assert load_last(out / "checkpoints/last.pt")["epoch"] == 1
     assert cli.main(args) == 0  # second job continues at epoch 2
@@ -122,7 +122,7 @@ def test_two_ranks_gloo(packed, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
            "--data", str(packed), *COMMON, "--batch-size", "32", "--run.log_every", "5", "--method", "ce",
-           "--students", "resnet18", "--epochs", "1", "--optim.lr", "0.2", "--out", str(out)]
+           "--students", "resnet18", "--epochs", "1", "--optim.lr_per_256", "0.2", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(out / "params-rank0.pt", weights_only=True)
@@ -203,7 +203,7 @@ def test_ctrl_c_under_gpus_2_saves_agreed_checkpoint(packed, tmp_path):
 
 # ---------------------------------------------------------------- one run per run dir, resume anywhere
 
-SMALL = ["--method", "ce", "--students", "resnet18", "--optim.lr", "0.2"]
+SMALL = ["--method", "ce", "--students", "resnet18", "--optim.lr_per_256", "0.2"]
 
 
 def test_finished_run_left_untouched_and_second_run_refused(packed, tmp_path, capsys):

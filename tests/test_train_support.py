@@ -87,7 +87,7 @@ def tiny_config(out, **overrides):
     base = {
         "data.dir": "synthetic", "data.backend": "torch", "data.batch_size": 32, "data.resolution": 16,
         "data.val_resolution": 16, "model.students": ["resnet18", "mobilenet_v2"], "loss.method": "ce",
-        "optim.lr": 0.4, "optim.weight_decay": 5e-5, "schedule.epochs": 2, "schedule.warmup_epochs": 0.5,
+        "optim.lr_per_256": 0.4, "optim.weight_decay": 5e-5, "schedule.epochs": 2, "schedule.warmup_epochs": 0.5,
         "precision.amp": "fp32", "run.out": str(out), "run.device": "cpu", "run.log_every": 3,
         "run.live": False, "loss.label_smoothing": 0.0,
     }
