@@ -48,7 +48,8 @@ def fit(students: Mapping[str, nn.Module] | Sequence[nn.Module], train: Iterable
     from fastkd.runtime import resolve_device
     from fastkd.train import Trainer
 
-    cfg = make_config(config, **{"data.dir": "in-memory", "run.live": "false"})
+    defaults = {"data.dir": "in-memory", "run.live": "false", "data.batch_size": _batch_size(train)}
+    cfg = make_config(config, **{k: v for k, v in defaults.items() if v is not None})
     device = resolve_device(cfg.run.device)
     train_loader = IterableLoader(train, num_classes=num_classes, classes=classes, device=device)
     val_loader = IterableLoader(val, num_classes=num_classes, classes=classes, device=device, steps_per_epoch=_len(val))
@@ -61,3 +62,12 @@ def _len(batches: Iterable) -> int:
         return len(batches)  # type: ignore[arg-type]
     except TypeError:
         return 2**62  # val: every batch the iterable yields
+
+
+def _batch_size(batches: Iterable) -> int | None:
+    """Images in the first batch of a re-iterable (list, DataLoader): the per-step batch the
+    peak lr and the report speak of. None for a one-shot iterator (nothing is consumed)."""
+    if iter(batches) is batches:
+        return None
+    first = next(iter(batches), None)
+    return int(first[0].shape[0]) if first is not None else None

@@ -308,7 +308,7 @@ class Trainer:
                   "world_size": self.dist.world_size, "samples": window["samples"],
                   "samples_seen": self.samples_seen, "loss": window["loss"]}  # fmt: skip
         record["ce"] = dict(zip(self.names, window["ce"]))
-        if self.teacher is not None:
+        if self.cfg.loss.uses_teacher:  # a live teacher or a teacher cache
             record["kd"] = dict(zip(self.names, window["kd"]))
             record["w_mean"] = window["w_mean"]
         if self.cfg.loss.method in PEER_METHODS:

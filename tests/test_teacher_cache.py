@@ -352,3 +352,42 @@ def test_batched_build_path_matches(data, built, tmp_path):
     assert (ref.logits(idx, 0).float() - ref.logits(idx, 1).float()).abs().mean() > 0.8  # views differ more
     assert np.array_equal(np.load(tmp_path / "batched" / "sizes.npy"), np.load(built["dir"] / "sizes.npy"))
     assert manifest["identity"] != built["manifest"]["identity"]  # other bytes, another identity
+
+
+def test_training_with_a_cache_runs_no_teacher_and_refuses_another_cache(data, built, tmp_path, capsys):
+    """`fastkd train --teacher-cache DIR`: no teacher module, the KD term from the cached logits,
+    the cache's identity in last.pt, and a resume with another cache refused by name."""
+    from fastkd import cli
+    from fastkd.checkpoint import load_last
+    from fastkd.train import Trainer
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data["pack"]), "--backend", "torch", "--method", "uadkd",
+            "--students", "resnet18,resnet18", "--teacher-cache", str(built["dir"]), "--batch-size", "4",
+            "--data.resolution", str(RES), "--data.val_resolution", str(RES), "--data.num_workers", "1",
+            "--run.device", "cpu", "--run.live", "false", "--run.log_every", "2", "--log", "none",
+            "--epochs", "2", "--out", str(out)]  # fmt: skip
+    seen = []
+    original = Trainer.__init__
+
+    def spy(self, *a, **kw):
+        original(self, *a, **kw)
+        seen.append(self)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(Trainer, "__init__", spy):
+        assert cli.main(args + ["--run.stop_after", "1"]) == 0
+    assert seen[0].teacher is None and seen[0].cache_feed is not None
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    assert steps and all(v > 0 for r in steps for v in r["kd"].values()) and 0 < steps[-1]["w_mean"] < 1
+    assert load_last(out / "checkpoints/last.pt")["teacher_cache"] == built["cache"].identity
+
+    other = data["root"] / "cache-2views"
+    _build(data, other, views=2)
+    capsys.readouterr()
+    assert cli.main([*args, "--resume", "auto", "--teacher-cache", str(other)]) == 2
+    assert "teacher cache" in capsys.readouterr().err
+    assert cli.main([*args, "--resume", "auto"]) == 0  # its own cache: continues
+    assert load_last(out / "checkpoints/last.pt")["epoch"] == 2
