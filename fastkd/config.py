@@ -50,11 +50,11 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    teacher: str = "resnet50"  # architecture of the teacher (alias --teacher)
-    teacher_weights: str | None = None  # fastkd checkpoint or run dir, weights file, or `imagenet`
+    teacher: str = "resnet50"  # teacher: torchvision name, else timm; timm:NAME / tv:NAME pick the zoo (alias --teacher)
+    teacher_weights: str | None = None  # imagenet (local cache, never downloaded), timm:NAME.TAG, run dir, checkpoint, state_dict/.safetensors
     teacher_cache: str | None = None  # `fastkd teacher-cache` dir: cached logits, no teacher forward (alias --teacher-cache)
-    students: list[str] = field(default_factory=lambda: ["resnet18", "mobilenet_v2"])  # 1 or 2 archs
-    student_weights: list[str] = field(default_factory=list)  # initial weights, NET=PATH per student (alias --student-weights)
+    students: list[str] = field(default_factory=lambda: ["resnet18", "mobilenet_v2"])  # 1 or 2 archs, named as the teacher
+    student_weights: list[str] = field(default_factory=list)  # initial weights NET=PATH (NET: resnet18, resnet18-2; PATH as teacher_weights)
     sync_bn: bool = False  # SyncBatchNorm in the students across ranks (CUDA only)
 
 

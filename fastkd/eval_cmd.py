@@ -58,13 +58,27 @@ def load_networks(path: Path, arch: str | None, manifest: dict) -> tuple[dict, d
             nets[name] = build_model(a, num_classes)
             load_weights(nets[name], network_state(obj, path, name), path, a)
         return nets, obj.get("config", {})
-    if arch is None:  # best-<net>.pt: the network name is the arch, maybe suffixed -2
-        stem = path.stem.removeprefix("best-")
-        arch = stem.rsplit("-", 1)[0] if stem.rsplit("-", 1)[-1].isdigit() else stem
-    state_from_file(obj, path, arch)  # validates it is a state_dict
     run_config = path.parent.parent / "config.yaml"  # RUN/checkpoints/best-<net>.pt -> RUN/config.yaml
     config = yaml.safe_load(run_config.read_text()) if path.parent.name == "checkpoints" and run_config.is_file() else {}
-    return {arch: load_teacher(str(path), arch, manifest)}, config or {}
+    config = config or {}
+    if arch is None:
+        arch = arch_of_best(path, config)
+    state_from_file(obj, path, arch)  # validates it is a state_dict
+    return {arch: load_teacher(str(path), arch, manifest)}, config
+
+
+def arch_of_best(path: Path, config: dict) -> str:
+    """Architecture of RUN/checkpoints/best-<net>[-ema].pt: the run's config.yaml names it
+    (model.students, by network name: resnet18, resnet18-2, timm:...); without one, the file
+    name (the network name is the architecture, maybe suffixed -2)."""
+    from fastkd.models import network_names
+
+    net = path.stem.removeprefix("best-").removesuffix("-ema")
+    students = config.get("model", {}).get("students") or []
+    by_name = dict(zip(network_names(students), students))
+    if net in by_name:
+        return by_name[net]
+    return net.rsplit("-", 1)[0] if net.rsplit("-", 1)[-1].isdigit() else net
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     from fastkd.packformat import load_manifest
 
     device = resolve_device(args.device, flag="--device")  # before any loading: a wrong flag fails fast
-    path = resolve_weights_path(args.checkpoint, args.arch)
+    from fastkd.models import network_names
+
+    path = resolve_weights_path(args.checkpoint, network_names([args.arch])[0] if args.arch else None)
     manifest = load_manifest(args.data)
     nets, config = load_networks(path, args.arch, manifest)
     data_cfg = config.get("data", {})

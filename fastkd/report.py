@@ -203,12 +203,12 @@ def run_summary(trainer, wall_time: float) -> dict:
     networks = {}
     for name, net in trainer.student_modules().items():
         r = res.get(name, {})
-        networks[name] = {"arch": trainer.archs[name], "params": count_params(net), "top1": r.get("top1"),
+        networks[name] = {"arch": _arch(trainer.archs[name]), "params": count_params(net), "top1": r.get("top1"),
                           "top5": r.get("top5"), "ece": r.get("ece"), "best_top1": trainer.best_top1[name]}  # fmt: skip
     teacher = None
     if trainer.teacher is not None:
         t = (trainer.teacher_eval or {}).get("teacher", {})
-        teacher = {"arch": cfg.model.teacher, "params": count_params(trainer.teacher),
+        teacher = {"arch": _arch(cfg.model.teacher), "params": count_params(trainer.teacher),
                    "top1": t.get("top1"), "top5": t.get("top5"), "ece": t.get("ece")}  # fmt: skip
     return {
         "method": cfg.loss.method,
@@ -224,3 +224,16 @@ def run_summary(trainer, wall_time: float) -> dict:
         "device": str(trainer.device),
         "config": config_to_dict(cfg),
     }
+
+
+def _arch(name: str) -> str:
+    """An architecture as the report names it: torchvision's by name (resnet18), timm's with its
+    zoo (timm:resnet10t, also when the config said plain resnet10t); a user's own module keeps
+    its class name."""
+    from fastkd.errors import FastKDError
+    from fastkd.models import arch_label
+
+    try:
+        return arch_label(name).removeprefix("torchvision:")
+    except FastKDError:
+        return name

@@ -221,3 +221,17 @@ def test_eval_refuses_checkpoint_trained_on_other_classes(tmp_path, monkeypatch)
     for target in (run, run / "checkpoints" / "best-resnet18.pt"):
         with pytest.raises(FastKDError, match=r"first differing class at label 1: checkpoint n02, data n09"):
             eval_cmd.run(eval_args(str(target), "--data", str(tmp_path), "--device", "cpu"))
+
+
+def test_best_checkpoint_arch_from_the_runs_config(tmp_path):
+    """best-<net>.pt (and its -ema twin) of a timm student: the architecture comes from the
+    run's config.yaml, not from guessing at the file name."""
+    import yaml
+
+    from fastkd.eval_cmd import arch_of_best
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"students": ["timm:resnet10t", "resnet18"]}}))
+    assert arch_of_best(tmp_path / "checkpoints/best-resnet10t.pt", yaml.safe_load((tmp_path / "config.yaml").read_text())) == "timm:resnet10t"
+    assert arch_of_best(tmp_path / "checkpoints/best-resnet18-ema.pt", {"model": {"students": ["resnet18", "resnet18"]}}) == "resnet18"
+    assert arch_of_best(tmp_path / "checkpoints/best-resnet18-2.pt", {}) == "resnet18"
