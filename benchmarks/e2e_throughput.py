@@ -29,7 +29,10 @@ baseline `synthetic`, ratio = value / synthetic's. Extras per row:
 The host clock is the right tool here, unlike in step_throughput.py: waiting for data is a host
 event. Work a backend enqueues on the GPU (nvJPEG decode, augmentation) is not "waiting"; it
 shows up as a lower ratio instead. A backend whose package is missing or that cannot run
-on this machine is skipped with its message.
+on this machine is skipped with its message, and so is one build_loader replaced by another
+(nvimgcodec without the GPU's JPEG engines falls back to torch). --backends also takes
+loader_throughput.py's VARIANTS: nvimgcodec-gpu, nvimgcodec-cpu (host-core decode with
+--workers threads, then the GPU resizes), dali-reader, auto (extra `ran_as`: the backend chosen).
 """
 
 from __future__ import annotations
@@ -43,13 +46,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import loader_throughput as lt  # noqa: E402
 import step_throughput as st  # noqa: E402
 
 import torch  # noqa: E402
 
 from fastkd.step import build_step  # noqa: E402
 
-BACKENDS = ("torch", "dali", "ffcv", "folder")
+BACKENDS = ("torch", "dali", "ffcv", "folder", "nvimgcodec")
 
 
 def make_packed(out: Path, *, classes: int, per_class: int, size: int, formats: str) -> Path:
@@ -172,8 +176,13 @@ def run(args) -> dict[str, Any]:
     for backend in backends:
         extras: dict[str, Any] = dict(res=res, batch=batch, variant=variant)
         try:
-            loader = build_loader(str(data), "train", backend, batch, res, device, dtype,
-                                  num_workers=args.workers, drop_last=True)
+            name, opts = lt.resolve(backend)
+            loader = build_loader(str(data), "train", name, batch, res, device, dtype,
+                                  num_workers=args.workers, drop_last=True, **opts)
+            why = lt.substituted(backend, loader, device)
+            if why is not None:
+                raise RuntimeError(why)
+            extras["ran_as"] = loader.backend
             if step is None:
                 step = make_step(loader.num_classes)
             extras.update(measure(trainer_iteration(step), LoaderBatches(loader), args.steps, args.warmup, device))
@@ -219,6 +228,13 @@ def run(args) -> dict[str, Any]:
         goals = [common.goal(text, f"{steady:.1%} in-epoch, {torch_row['wait_frac']:.1%} with "
                              f"{torch_row['epoch_starts']} epoch starts; {torch_row['ratio']:.2f}x synthetic",
                              steady <= 0.05, machine)]
+    hw_row = next((r for r in rows if r["name"] == "nvimgcodec" and r["status"] == "ok"), None)
+    text = "nvimgcodec (GPU JPEG engines) feeds the step at least as fast as torch (nvJPEG on the SMs)"
+    if hw_row is not None and torch_row is not None:
+        goals.append(common.goal(text, f"{hw_row['value']:,.0f} vs {torch_row['value']:,.0f} img/s",
+                                 hw_row["value"] >= torch_row["value"], machine))
+    else:
+        goals.append(common.goal(text, "nvimgcodec or torch not measured", None, machine))
     params = dict(device=device, data=str(data), backends=backends, res=res, batch=batch,
                   steps=args.steps, warmup=args.warmup, variant=variant, workers=args.workers)
     return common.write_result(args.json, "e2e_throughput", rows, machine=machine, params=params,
@@ -241,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=8, help="--make-data: classes")
     p.add_argument("--per-class", type=int, default=96, help="--make-data: train images per class")
     p.add_argument("--size", type=int, default=400, help="--make-data: longer image side")
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma list of " + ", ".join(BACKENDS))
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma list of " + ", ".join(BACKENDS + tuple(lt.VARIANTS)))
     p.add_argument("--device", default="auto")
     p.add_argument("--variant", default=None,
                    choices=[v for v, spec in st.VARIANTS.items() if spec["config"]["compile.mode"] == "none"])

@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent GPU machine (H100/H200, torch 2.11 + CUDA 13, nvcc, ninja,
-# Triton, Python 3.12 as `python3`, no FFCV/DALI, no internet), run from the repository root:
+# Triton, Python 3.12 as `python3`, no FFCV/DALI/nvImageCodec, no internet), run from the repository root:
 #
 #   OUT=/some/empty/dir bash benchmarks/gpu_check.sh          # on the GPU machine ($OUT is set there)
 #   OUT=/tmp/gpucheck bash benchmarks/gpu_check.sh            # CPU dry run: tiny sizes, CUDA stages skipped
 #
+# nvImageCodec travels as wheels in the ignored folder .whl/ (28 MB; carry it: `run`'s carry=[".whl"]),
+# fetched once on a machine with pip access (Python 3.12 wheels for the GPU machine):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43
+# Without .whl/ the nvimgcodec rows are skipped (build_loader falls back to torch), the rest runs.
+#
 # Stages, each under its own `timeout`, each recorded pass/fail/skip, a failure never stops the rest;
-# a stage that would start after BUDGET_S seconds (default 400) is skipped and every stage's timeout
-# is cut to end by BUDGET_S + 120 s, so the check ends within ~9 minutes whatever happens; expected
-# about 7 minutes on an H100 (an estimate: not yet run on one). Order = priority:
+# a stage that would start after BUDGET_S seconds (default 360) is skipped and every stage's timeout
+# is cut to end by BUDGET_S + 120 s, so the check ends within 8 minutes whatever happens (a rerun
+# fits in the rest of a 15-minute lease only without the machine's start-up). Order = priority:
 #   env      GPU (nvidia-smi), driver, torch/CUDA/cuDNN/Triton/torchvision, nvcc, ninja, cores
 #   install  make `fastkd` importable with no internet: `pip install --no-build-isolation --no-deps
 #            --no-index -e .` (setuptools maps preprocess/ -> fastkd.preprocess and kernels/ ->
 #            fastkd.kernels); if that fails, a PYTHONPATH shim (sitecustomize finder) does the mapping
+#   wheels   the carried .whl/*.whl (nvImageCodec + nvJPEG) into python3's site-packages (else
+#            --target + PYTHONPATH), then whether the GPU's hardware JPEG engines decode (probe)
 #   kernel   build the CUDA loss kernel (torch.utils.cpp_extension, first use) and compare the fused
 #            op with the reference on random bf16/fp32 logits (relative error printed)
 #   gputest  pytest -m gpu tests/
 #   loss     benchmarks/loss_kernel.py --device cuda
 #   data     16 x 384 synthetic photo-sized JPEGs -> `fastkd pack --formats dali` (or DATA=packed/dir)
-#   loader   benchmarks/loader_throughput.py, `torch` backend (nvJPEG decode on the GPU)
-#   e2e      benchmarks/e2e_throughput.py, `torch` backend vs synthetic data
+#   loader   benchmarks/loader_throughput.py, every decode path: torch (nvJPEG CUDA decoder),
+#            nvimgcodec (hardware JPEG engines, ROI), nvimgcodec-gpu (CUDA decoder, ROI),
+#            nvimgcodec-cpu (host cores, ROI, then GPU resize), auto (the rule's choice)
+#   e2e      benchmarks/e2e_throughput.py, the same decode paths vs synthetic data
 #   step     benchmarks/step_throughput.py: the trainer's step (fastkd.step.build_step), 5 variants
 #            x 160/192/224 px x batch 128/256; the two compiled variants (reference and fused loss)
 #            at 160 px x 256 only; given the time left up to HARD_S (at most 200 s)
@@ -31,9 +42,9 @@
 #   logs.tar.gz    every stage's full log, the JSONs and the results folder
 # Environment knobs: PY (python; default .venv/bin/python if present, else python3), BUDGET_S,
 # DATA (a packed dir), WORK (scratch dir), QUICK=1 (tiny sizes even on a GPU), FORCE_SHIM=1 (test
-# the shim), ONLY="kernel step" (rerun just these stages; env and install always run; a stage
-# that needs data needs `data` too, unless DATA is given), STEP_VARIANTS (dry run: the step
-# benchmark's --variants).
+# the shim), ONLY="kernel step" (rerun just these stages; env, install and wheels always run; a
+# stage that needs data needs `data` too, unless DATA is given), STEP_VARIANTS (dry run: the step
+# benchmark's --variants), DECODE_PATHS (the loader and e2e stages' --backends).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -45,8 +56,8 @@ if [ -z "${PY:-}" ]; then
 fi
 W=${WORK:-$(mktemp -d /tmp/fastkd-gpucheck.XXXXXX)}
 mkdir -p "$W/logs" "$W/json"
-BUDGET_S=${BUDGET_S:-400}      # no stage starts after this many seconds
-HARD_S=$(( BUDGET_S + 120 ))   # and none runs past this: the whole check ends within ~9 minutes
+BUDGET_S=${BUDGET_S:-360}      # no stage starts after this many seconds
+HARD_S=$(( BUDGET_S + 120 ))   # and none runs past this: the whole check ends within 8 minutes
 START=$(date +%s)
 STAGES="$W/stages.tsv"
 : > "$STAGES"
@@ -192,6 +203,38 @@ echo "=== [install] $st"
 FASTKD="$PY -m fastkd.cli"
 export FASTKD
 
+# ------------------------------------------------------------------ carried wheels (nvImageCodec)
+install_wheels() {
+  if "$PY" -c "from nvidia import nvimgcodec" 2>/dev/null; then
+    echo "nvImageCodec already importable: carried wheels not installed"
+  elif ! ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+    echo "no .whl/*.whl carried: nvimgcodec rows will be skipped (fallback to torch)"; return 1
+  else
+    echo "+ pip install --no-index --no-deps $(cd "$REPO/.whl" && ls *.whl | tr '\n' ' ')"
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile "$REPO"/.whl/*.whl ||
+       ! "$PY" -c "from nvidia import nvimgcodec" 2>/dev/null; then
+      echo "site-packages install failed or shadowed: --target $W/site + PYTHONPATH"
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$REPO"/.whl/*.whl || return 1
+      export PYTHONPATH="$W/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+  fi
+  "$PY" - <<'EOF'
+import torch
+from nvidia import nvimgcodec
+from fastkd.data.nvimgcodec_loader import hardware_missing
+print("nvImageCodec", nvimgcodec.__version__, "CUDA", nvimgcodec.__cuda_version__)
+if torch.cuda.is_available():
+    print("hardware JPEG engines:", hardware_missing(0) or f"yes ({torch.cuda.get_device_name(0)})")
+EOF
+}
+# in this shell (not via `stage`), like install: a PYTHONPATH it sets reaches the later stages
+echo "=== [wheels] t=$(elapsed)s"
+t0=$(date +%s)
+if install_wheels > "$W/logs/wheels.log" 2>&1; then st=pass; else st=fail; fi
+sed 's/^/  [wheels] /' "$W/logs/wheels.log" | tail -8
+printf 'wheels\t%s\t%s\t%s\n' "$st" "$(( $(date +%s) - t0 ))" "$(tail -1 "$W/logs/wheels.log" | tr '\t' ' ' | cut -c1-80)" >> "$STAGES"
+echo "=== [wheels] $st"
+
 # ------------------------------------------------------------------ kernel build + check
 kernel_check() {
   "$PY" - <<'EOF'
@@ -251,18 +294,19 @@ else
   stage data 90 any make_data
 fi
 
-# ------------------------------------------------------------------ loader benchmark (torch backend)
+# ------------------------------------------------------------------ loader benchmark (every decode path)
+DECODE_PATHS=${DECODE_PATHS:-torch,nvimgcodec,nvimgcodec-gpu,nvimgcodec-cpu,auto}
 if [ "$MODE" = gpu ]; then
   LOADER_EXTRA=(--device cuda --batch-size 256 --resolution 160 --epochs 3)
 else
   LOADER_EXTRA=(--device cpu --batch-size 8 --resolution 32 --epochs 1)
 fi
-stage loader 90 any "$PY" benchmarks/loader_throughput.py --data "$PACKED" --backends torch "${LOADER_EXTRA[@]}" \
-  --json "$W/json/loader.json"
+stage loader 120 any "$PY" benchmarks/loader_throughput.py --data "$PACKED" --backends "$DECODE_PATHS" \
+  "${LOADER_EXTRA[@]}" --json "$W/json/loader.json"
 
-# ------------------------------------------------------------------ end to end (torch backend)
+# ------------------------------------------------------------------ end to end (every decode path)
 if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 40 --warmup 5); else E2E_ARGS=(--res 32 --batch 4 --steps 2 --warmup 1); fi
-stage e2e 120 any "$PY" benchmarks/e2e_throughput.py --data "$PACKED" --backends torch "${E2E_ARGS[@]}" \
+stage e2e 150 any "$PY" benchmarks/e2e_throughput.py --data "$PACKED" --backends "$DECODE_PATHS" "${E2E_ARGS[@]}" \
   --json "$W/json/e2e.json"
 
 # ------------------------------------------------------------------ step benchmark

@@ -4,20 +4,23 @@
     .venv/bin/python benchmarks/loader_throughput.py --device cuda --json benchmarks/results/loader_gpu.json
     .venv/bin/python benchmarks/loader_throughput.py --data PACKED_DIR   # your own packed data
 
-What it measures: one process, one run: for each backend (folder, ffcv, dali, torch) the train
+What it measures: one process, one run: for each backend (folder, ffcv, dali, torch, nvimgcodec) the train
 split of the same packed data with the same augmentation (RandomResizedCrop 0.08-1, flip, at
 --resolution), batches normalised in --dtype, channels_last, on --device, exactly what a training
 step receives. Per backend: one warm-up epoch (JIT compile, page cache, worker start-up) that is
 not timed, then --epochs timed epochs; reported: the median epoch's images/s and its ratio to
 `folder`. All backends get --workers decode workers (default: every core). On cuda the batch is
 synchronised at the end of each epoch; a backend whose package is missing is skipped with the
-reason.
+reason, and so is one that build_loader replaced by another (nvimgcodec without the GPU's JPEG
+engines falls back to torch: that row would measure torch). Names with options (VARIANTS):
+nvimgcodec-gpu / nvimgcodec-cpu (nvImageCodec's CUDA decoder / host cores, ROI decode) and
+auto (`--backend auto`; extra `ran_as` = the backend it chose).
 
 Data: --data PACKED_DIR (its `source` folder serves `folder`), or --images photo-like JPEGs
 (benchmarks/common.py's synthetic folder: 10 classes, 90 % train, longer side 300-400 px)
 generated once into --work and packed with `fastkd pack` (max side 400, quality 90); later runs
 reuse them. Rows follow benchmarks/common.py's schema: name = backend, unit img/s, baseline
-`folder`; extras build_s, warmup_epoch_s, epoch_rates, images_per_epoch.
+`folder`; extras build_s, warmup_epoch_s, epoch_rates, images_per_epoch, ran_as.
 """
 
 from __future__ import annotations
@@ -34,9 +37,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-BACKENDS = ("folder", "ffcv", "dali", "torch")
-# extra names for --backends: a backend with options
-VARIANTS = {"dali-reader": ("dali", {"shuffle": "reader"})}  # fn.readers.webdataset buffer shuffle
+BACKENDS = ("folder", "ffcv", "dali", "torch", "nvimgcodec")
+# extra names for --backends: a backend with options (e2e_throughput.py takes the same names)
+VARIANTS = {
+    "dali-reader": ("dali", {"shuffle": "reader"}),  # fn.readers.webdataset buffer shuffle
+    "nvimgcodec-gpu": ("nvimgcodec", {"decoders": "gpu"}),  # nvImageCodec's CUDA decoder, no engines
+    "nvimgcodec-cpu": ("nvimgcodec", {"decoders": "cpu"}),  # libjpeg-turbo ROI decode on the host cores
+    "auto": ("auto", {}),  # fastkd.data.auto's rule
+}
+
+
+def resolve(name: str) -> tuple[str, dict]:
+    """--backends name -> (build_loader backend, its options)."""
+    return VARIANTS.get(name, (name, {}))
+
+
+def substituted(name: str, loader, device: str) -> str | None:
+    """Why the loader built for `name` is not what `name` measures (build_loader fell back to
+    another backend), or None. `auto` may run as anything."""
+    backend, opts = resolve(name)
+    if backend == "auto" or loader.backend == backend:
+        return None
+    why = ""
+    if backend == "nvimgcodec":
+        from fastkd.data.nvimgcodec_loader import why_not
+
+        why = f": {why_not(torch.device(device), opts.get('decoders', 'hw'))}"
+    return f"build_loader ran the {loader.backend} backend instead of {backend}{why}"
 
 
 def prepare(work: Path, count: int) -> Path:
@@ -60,13 +87,16 @@ def build(packed: Path, backend: str, args):
     from fastkd.data import build_loader
     from fastkd.errors import FastKDError
 
-    name, opts = VARIANTS.get(backend, (backend, {}))
+    name, opts = resolve(backend)
     t0 = time.perf_counter()
     try:
         loader = build_loader(packed, "train", name, args.batch_size, args.resolution, args.device,
                               args.dtype, num_workers=args.workers, seed=0, **opts)
     except FastKDError as error:
         return None, str(error)
+    why = substituted(backend, loader, args.device)
+    if why is not None:
+        return None, why
     return loader, time.perf_counter() - t0
 
 
@@ -94,7 +124,8 @@ def measure_all(packed: Path, backends: list[str], args) -> list[dict]:
             continue
         _, warm = run_epoch(loader, 0, args.device)
         loaders[backend] = loader
-        results.append({"backend": backend, "build_s": built, "warmup_epoch_s": warm, "epoch_rates": []})
+        results.append({"backend": backend, "build_s": built, "warmup_epoch_s": warm, "epoch_rates": [],
+                        "ran_as": loader.backend})
         print(f"  {backend}: built in {built:.1f} s, warm-up epoch {warm:.1f} s", flush=True)
     by_name = {r["backend"]: r for r in results}
     for epoch in range(1, args.epochs + 1):

@@ -279,6 +279,37 @@ def test_build_loader_auto_prints_its_choice_once(packed, monkeypatch, capsys):
         _load(packed, "train", "auto", decoders="cpu")
 
 
+# ----------------------------------------------------------------------------- gpu_check dry run
+
+
+@needs_package
+def test_gpu_check_dry_run_measures_every_decode_path(tmp_path):
+    """benchmarks/gpu_check.sh on CPU, cut to data + loader + e2e: the wheels stage finds
+    nvImageCodec, every decode path has a row, the ones that need CUDA are skipped with the
+    fallback's reason (never measured as torch under their name), auto says what it ran."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), ONLY="data loader e2e",
+               BUDGET_S="500", PY=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    stages = dict(line.split("\t")[:2] for line in (tmp_path / "work" / "stages.tsv").read_text().splitlines())
+    assert [stages[k] for k in ("wheels", "data", "loader", "e2e")] == ["pass"] * 4, stages
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    for bench in ("loader", "e2e"):
+        rows = {r["name"]: r for r in summary["benchmarks"][bench]["result"]["rows"]}
+        assert [n for n in rows if n != "synthetic"] == ["torch", "nvimgcodec", "nvimgcodec-gpu", "nvimgcodec-cpu",
+                                                         "auto"]
+        for name in ("nvimgcodec", "nvimgcodec-gpu"):
+            assert rows[name]["status"] == "skipped" and "needs a CUDA device" in rows[name]["error"]
+        assert rows["nvimgcodec-cpu"]["status"] == "ok" and rows["nvimgcodec-cpu"]["ran_as"] == "nvimgcodec"
+        assert rows["auto"]["status"] == "ok" and rows["auto"]["ran_as"] == "torch"  # CPU, shards only
+        assert rows["nvimgcodec-cpu"]["value"] > 0
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 

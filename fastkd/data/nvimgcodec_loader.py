@@ -130,6 +130,16 @@ def _make_decoder(nv, device: torch.device, decoders: str, threads: int, hw_load
     return nv.Decoder(device_id=index, max_num_cpu_threads=threads, backends=backends)
 
 
+def _device_tensor(image, device: torch.device) -> torch.Tensor:
+    """A decoded device image as a torch view (no copy), valid on the current stream: DLPack
+    makes that stream wait for the decode; the CUDA array interface (the fallback where DLPack
+    fails) needs no wait because the decode was already ordered on that same stream."""
+    try:
+        return torch.from_dlpack(image)
+    except (TypeError, BufferError, RuntimeError, AttributeError):
+        return torch.as_tensor(image, device=device)
+
+
 class _Slot:
     """One batch's staging: pinned JPEG bytes, labels and (host decode on CUDA) pixels, plus the
     event after which the slot's previous batch no longer needs them."""
@@ -218,8 +228,9 @@ class NvImgCodecLoader(Loader):
             if self._decoder is None:
                 self._decoder = _make_decoder(nv, self.spec.device, self.decoders, self.spec.num_workers,
                                               self.hw_decoder_load)
+            on_stream = stream is not None and self.decoders != "cpu"  # GPU decoders: ordered on `stream`
             images = self._decoder.decode(subs, params=self._params,
-                                          cuda_stream=stream.cuda_stream if stream is not None else 0)
+                                          cuda_stream=stream.cuda_stream if on_stream else 0)
         failed = [i for i, im in zip(indices, images) if im is None]
         if failed:
             self._undecodable(failed, f"no decoder among {self.decoders!r} could decode it")
@@ -238,7 +249,7 @@ class NvImgCodecLoader(Loader):
         if not self._gpu:
             return [torch.from_numpy(np.asarray(im)) for im in images]
         if self.decoders != "cpu":
-            return [torch.from_dlpack(im) for im in images]  # synchronised with the current (side) stream
+            return [_device_tensor(im, self.spec.device) for im in images]
         host = [np.asarray(im) for im in images]
         counts = [a.size for a in host]
         pinned = slot.buffer("pixels", sum(counts))
