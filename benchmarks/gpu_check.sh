@@ -232,7 +232,8 @@ echo "=== [wheels] t=$(elapsed)s"
 t0=$(date +%s)
 if install_wheels > "$W/logs/wheels.log" 2>&1; then st=pass; else st=fail; fi
 sed 's/^/  [wheels] /' "$W/logs/wheels.log" | tail -8
-printf 'wheels\t%s\t%s\t%s\n' "$st" "$(( $(date +%s) - t0 ))" "$(tail -1 "$W/logs/wheels.log" | tr '\t' ' ' | cut -c1-80)" >> "$STAGES"
+note=$(tail -1 "$W/logs/wheels.log" | tr '\t' ' ' | cut -c1-80)
+printf 'wheels\t%s\t%s\t%s\n' "$st" "$(( $(date +%s) - t0 ))" "$note" >> "$STAGES"
 echo "=== [wheels] $st"
 
 # ------------------------------------------------------------------ kernel build + check
