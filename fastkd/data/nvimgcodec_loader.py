@@ -5,7 +5,8 @@ staged into a pinned host buffer; each image's crop box comes from the JPEG head
 transforms.py (train: `train_params(seed, epoch, index, H, W)`, the torch backend's boxes and
 flips; val: `center_crop_box`; or a teacher cache's `crop_fn`); one batched
 `Decoder.decode` call decodes only those boxes (region-of-interest decode: a sub code stream
-with a `Region`), planar RGB uint8 [3, h, w]; then the batch is resized to r x r (antialiased
+with a `Region`), RGB uint8 (planar on CUDA; interleaved on CPU, the channels_last layout the
+CPU resize kernel reads without a copy); then the batch is resized to r x r (antialiased
 bilinear, `transforms.crop_resize_batch` on the whole box, or per image on CPU), flipped and
 normalised on the loader's device.
 
@@ -113,10 +114,12 @@ def why_not(device: torch.device, decoders: str = "hw") -> str | None:
     return None
 
 
-def _decode_params(nv):
-    # the stored pixel grid (as torchvision's decode_jpeg gives it), planar RGB uint8 [3, h, w]
-    return nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
-                           sample_format=nv.SampleFormat.P_RGB)
+def _decode_params(nv, interleaved: bool = False):
+    """The stored pixel grid (as torchvision's decode_jpeg gives it), RGB uint8: planar [3, h, w],
+    or interleaved [h, w, 3] (viewed as [3, h, w] channels_last, which the CPU resize kernel reads
+    without the copy it makes of a planar crop)."""
+    fmt = nv.SampleFormat.I_RGB if interleaved else nv.SampleFormat.P_RGB
+    return nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB, sample_format=fmt)
 
 
 def _make_decoder(nv, device: torch.device, decoders: str, threads: int, hw_load: float):
@@ -185,7 +188,7 @@ class NvImgCodecLoader(Loader):
         self.batches_ahead = max(1, int(batches_ahead))
         self._gpu = spec.device.type == "cuda"
         self.batched_resize = self._gpu if batched_resize is None else bool(batched_resize)
-        self._params = _decode_params(nvimgcodec)
+        self._params = _decode_params(nvimgcodec, interleaved=not self._gpu)
         self._decoder = None  # made on the first pass, kept for the next ones
         self._lock = threading.Lock()  # one decode at a time (a pass left early may still be decoding)
         self.crop_fn = None
@@ -247,7 +250,7 @@ class NvImgCodecLoader(Loader):
         """Decoded images -> uint8 [3, h, w] tensors on the loader's device (views, no copy, where
         they already are there; host-decoded boxes on CUDA: one pinned buffer, one copy)."""
         if not self._gpu:
-            return [torch.from_numpy(np.asarray(im)) for im in images]
+            return [torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images]  # [h,w,3] -> [3,h,w]
         if self.decoders != "cpu":
             return [_device_tensor(im, self.spec.device) for im in images]
         host = [np.asarray(im) for im in images]
