@@ -38,7 +38,7 @@ from fastkd.recipe import AugmentConfig, EmaConfig, OptimConfig, lr_pair_layer, 
 @dataclass(kw_only=True)
 class DataConfig:
     dir: str | None = None  # packed directory written by `fastkd pack` (alias --data)
-    backend: Literal["ffcv", "dali", "torch", "folder"] = "ffcv"  # loader (alias --backend)
+    backend: Literal["ffcv", "dali", "torch", "folder", "nvimgcodec", "auto"] = "ffcv"  # loader; auto: fastest here, printed (alias --backend)
     batch_size: int = 256  # images per step per rank; optim.lr_per_256 scales with batch_size x ranks / 256
     num_workers: int | None = None  # loader workers; null = the backend's default
     resolution: int = 160  # train resolution (px) when progressive resizing is off

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from fastkd.data.spec import AUTO, BACKENDS
 from fastkd.errors import FastKDError
 from fastkd.runtime import resolve_device
 
@@ -27,7 +28,7 @@ from fastkd.runtime import resolve_device
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="last.pt, best-<net>.pt, a state_dict file or a run directory")
     parser.add_argument("--data", required=True, help="packed directory (val split)")
-    parser.add_argument("--backend", default=None, choices=["ffcv", "dali", "torch", "folder"])
+    parser.add_argument("--backend", default=None, choices=[*BACKENDS, AUTO])
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None, help="val resolution (px)")
     parser.add_argument(

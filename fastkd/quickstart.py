@@ -28,6 +28,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from fastkd.data.spec import AUTO, BACKENDS
 from fastkd.errors import FastKDError
 
 STEPS = ("demo", "packed", "teacher", "students")
@@ -44,7 +45,7 @@ def config_path(name: str) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", metavar="DIR",
                         help="folder for demo/, packed/, teacher/, students/ (default runs/quickstart)")
-    parser.add_argument("--backend", default=None, choices=("ffcv", "dali", "torch", "folder"),
+    parser.add_argument("--backend", default=None, choices=(*BACKENDS, AUTO),
                         help="loader backend for both training runs (default: the configs' choice)")
     parser.add_argument("--teacher-epochs", type=int, default=None, metavar="N",
                         help="teacher epochs (default: quickstart_teacher.yaml)")
