@@ -17,12 +17,13 @@ checkpoints, report). `Trainer` and `TrainConfig` are the same objects `fastkd t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from fastkd.config import TrainConfig, resolve_config
+from fastkd.config import TrainConfig, resolve_config, validate
 
 
 def make_config(config: Mapping[str, Any] | None = None, **defaults: Any) -> TrainConfig:
@@ -71,3 +72,15 @@ def _batch_size(batches: Iterable) -> int | None:
         return None
     first = next(iter(batches), None)
     return int(first[0].shape[0]) if first is not None else None
+
+
+def config_for_modules(cfg: TrainConfig, students, teacher) -> TrainConfig:
+    """`cfg` with model.students / model.teacher naming the user's modules (their class names),
+    so the saved config, the checks and the report describe what really trains."""
+    nets = list(students.values()) if isinstance(students, dict) else list(students)
+    archs = [type(n).__name__ for n in nets]
+    model = dataclasses.replace(cfg.model, students=archs,
+                                teacher=type(teacher).__name__ if teacher is not None else cfg.model.teacher)  # fmt: skip
+    cfg = dataclasses.replace(cfg, model=model)
+    validate(cfg)  # 1 or 2 students, two for the peer methods
+    return cfg

@@ -173,3 +173,11 @@ class LiveDisplay:
             self._progress.console.print(message, highlight=False, markup=False)
         else:
             print(message, file=self.file, flush=True)
+
+
+def say(live, is_main: bool, message: str) -> None:
+    """A message for the user on rank 0: above the live bar, or on stderr without one."""
+    if live.enabled:
+        live.print(message)
+    elif is_main:
+        print(f"fastkd train: {message}", file=sys.stderr, flush=True)

@@ -256,3 +256,10 @@ def teacher_w_of(record: Mapping[str, Any]) -> dict | None:
     """The teacher_w {"mean", "hist", "edges"} of an eval record, or None (no teacher)."""
     w = _results(record).get("teacher_w")
     return w if isinstance(w, Mapping) and "hist" in w else None
+
+
+class NullLog:
+    """The metrics log outside fit(): records go nowhere (Trainer.evaluate() on its own)."""
+
+    def write(self, record) -> None:
+        pass

@@ -1,8 +1,8 @@
 """What a resumed run may change, and where its schedule continues.
 
-    check_resume(ckpt, trainer)          # FastKDError when the run cannot continue
-    notes = resume_notes(ckpt, trainer)  # what changes, in words
-    samples = resume_samples(ckpt)
+    state = last_state(trainer, rngs)    # what checkpoints/last.pt holds
+    restore(trainer, ckpt)               # checks (FastKDError when the run cannot continue), then
+                                         # weights, optimizer, position; notes on what changed
 
 The schedule's position is epochs done plus steps of the current epoch done, counted in steps of
 the current world size (epoch * steps_per_epoch + step_in_epoch). So:
@@ -18,7 +18,8 @@ the current world size (epoch * steps_per_epoch + step_in_epoch). So:
 
 from __future__ import annotations
 
-from fastkd.checkpoint import check_same_classes
+from fastkd.checkpoint import build_last, check_same_classes
+from fastkd.config import config_to_dict
 from fastkd.errors import FastKDError
 from fastkd.schedule import lr_at, saved_peak_lr
 
@@ -99,3 +100,57 @@ def resume_notes(ckpt: dict, trainer) -> list[str]:
             f"{now:.4g} instead of {was:.4g}"
         )
     return notes
+
+
+def last_state(trainer, rngs: list) -> dict:
+    """Everything checkpoints/last.pt holds (schema: fastkd/checkpoint.py): the position, the
+    students, optimizer, scaler and EMA states, every rank's RNG states (`rngs`), what the run
+    was made with (world size, batch size, classes, teacher or teacher cache) and its config."""
+    cfg = trainer.cfg
+    return build_last(
+        epoch=trainer.epoch,
+        step_in_epoch=trainer.step_in_epoch,
+        global_step=trainer.global_step,
+        samples_seen=trainer.samples_seen,
+        archs=trainer.archs,
+        models={name: net.state_dict() for name, net in trainer.student_modules().items()},
+        optimizer=trainer.optimizer.state_dict(),
+        scaler=trainer.scaler.state_dict(),
+        best_top1=trainer.best_top1,
+        rng=rngs,
+        loader={"seed": cfg.run.seed, "epoch": trainer.epoch},
+        world_size=trainer.dist.world_size,
+        batch_size=cfg.data.batch_size,
+        steps_per_epoch=trainer.steps_per_epoch,
+        num_classes=trainer.num_classes,
+        classes=trainer.manifest["classes"],
+        run_id=trainer.run_id,
+        teacher={"arch": cfg.model.teacher, "weights": cfg.model.teacher_weights} if cfg.loss.uses_teacher else None,
+        teacher_cache=trainer.cache_feed.cache.identity if trainer.cache_feed else None,
+        **({"ema": trainer.ema.state_dict()} if trainer.ema is not None else {}),
+        config=config_to_dict(cfg),
+    )
+
+
+def restore(trainer, ckpt: dict) -> None:
+    """Continue `trainer` from a loaded last.pt: checked (check_resume), then the students,
+    optimizer, scaler and EMA states, the position, the best accuracies, the run id; what
+    changed is appended to trainer.resume_notes. The RNG states are applied when fit starts, and
+    only under the world size that saved them (the steps' dropout seeds do not depend on them)."""
+    check_resume(ckpt, trainer)
+    for name, net in trainer.student_modules().items():
+        net.load_state_dict(ckpt["models"][name])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scaler.load_state_dict(ckpt["scaler"])
+    trainer.epoch, trainer.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+    trainer.global_step, trainer.samples_seen = ckpt["global_step"], resume_samples(ckpt)
+    trainer.resume_notes.extend(resume_notes(ckpt, trainer))
+    trainer.best_top1.update(ckpt["best_top1"])
+    if trainer.ema is not None and ckpt.get("ema"):
+        trainer.ema.load_state_dict(ckpt["ema"])
+    elif (trainer.ema is not None) != bool(ckpt.get("ema")):
+        trainer.resume_notes.append("ema.decay " + ("on: the EMA starts from the current weights" if trainer.ema
+                                                    else "off: the checkpoint's EMA is dropped"))  # fmt: skip
+    trainer.run_id = ckpt.get("run_id", trainer.run_id)
+    same_world = ckpt.get("world_size", 1) == trainer.dist.world_size
+    trainer._resume_rng = ckpt["rng"] if same_world else None

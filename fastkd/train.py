@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,11 +26,16 @@ import torch
 from torch import Tensor, nn
 
 from fastkd import distributed
-from fastkd.checkpoint import build_last, plain_state_dict, rng_state, save_atomic, set_rng_state
-from fastkd.config import PEER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config, validate
+from fastkd.checkpoint import plain_state_dict, rng_state, save_atomic, set_rng_state
+from fastkd.api import config_for_modules
+from fastkd.config import PEER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config
+from fastkd.data.contract import start_pass
 from fastkd.errors import FastKDError
+from fastkd.live import say
 from fastkd.loggers import build_loggers
+from fastkd.metrics import NullLog
 from fastkd.models import build_model, load_student_weights, load_teacher, network_names
+from fastkd.resume import last_state, restore
 from fastkd.runtime import base_index, input_dtype, resolve_device, seed_all, set_determinism, step_seed, stop_signals
 from fastkd.schedule import lr_at, peak_lr, resolution_at
 from fastkd.step import build_step, param_groups  # noqa: F401 (param_groups re-exported for callers)
@@ -60,7 +64,7 @@ class Trainer:
         """`students`: your own networks ({name: module} or [modules]) instead of model.students;
         `teacher`: your own frozen teacher module instead of model.teacher + teacher_weights."""
         if students is not None:
-            cfg = _with_modules(cfg, students, teacher)
+            cfg = config_for_modules(cfg, students, teacher)
         self.cfg = cfg
         check_runnable(cfg, has_data=train_loader is not None and val_loader is not None,
                        has_teacher=teacher is not None)  # fmt: skip
@@ -123,7 +127,7 @@ class Trainer:
         self._stop_signum = signal.SIGINT  # the first stop signal this process got
         self._train_time = 0.0
         self._train_samples = 0
-        self.log = _NullLog()
+        self.log = NullLog()
         if resume is not None:
             self._load(resume)
 
@@ -215,9 +219,9 @@ class Trainer:
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
         with self.log, live, stop_signals(self._request_stop):
-            _say(live, self.is_main, self.peak_lr_how)
+            say(live, self.is_main, self.peak_lr_how)
             for note in self.resume_notes:
-                _say(live, self.is_main, f"resume: {note}")
+                say(live, self.is_main, f"resume: {note}")
             if self._resumed:  # where a resume starts: loggers drop what they had logged past it
                 self.log.write({"kind": "resume", "epoch": self.epoch, "step": self.global_step,
                                 "world_size": self.dist.world_size, "notes": self.resume_notes})  # fmt: skip
@@ -227,7 +231,7 @@ class Trainer:
                 if done < self.steps_per_epoch:  # stop requested inside the epoch (ranks agree)
                     self.step_in_epoch = done
                     path = self.save_last()
-                    _say(live, self.is_main, f"interrupted at epoch {epoch + 1} step {done}: saved {path}")
+                    say(live, self.is_main, f"interrupted at epoch {epoch + 1} step {done}: saved {path}")
                     raise Interrupted(path, self._stop_signum)
                 self.epoch, self.step_in_epoch = epoch + 1, 0
                 res = None
@@ -254,7 +258,7 @@ class Trainer:
         number of steps done, < steps_per_epoch when a stop was requested."""
         cfg = self.cfg
         start = self.step_in_epoch
-        first = _start_pass(self.train_loader, epoch, start)  # batch index the loader yields first
+        first = start_pass(self.train_loader, epoch, start)  # batch index the loader yields first
         self.train_loader.set_resolution(self._resolution(epoch))
         self.students.train()
         live.start_epoch(epoch, self.steps_per_epoch)
@@ -350,59 +354,13 @@ class Trainer:
         rngs = distributed.all_gather_objects(rng_state())
         if not self.is_main:
             return None
-        state = build_last(
-            epoch=self.epoch,
-            step_in_epoch=self.step_in_epoch,
-            global_step=self.global_step,
-            samples_seen=self.samples_seen,
-            archs=self.archs,
-            models={name: net.state_dict() for name, net in self.student_modules().items()},
-            optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(),
-            best_top1=self.best_top1,
-            rng=rngs,
-            loader={"seed": self.cfg.run.seed, "epoch": self.epoch},
-            world_size=self.dist.world_size,
-            batch_size=self.cfg.data.batch_size,
-            steps_per_epoch=self.steps_per_epoch,
-            num_classes=self.num_classes,
-            classes=self.manifest["classes"],
-            run_id=self.run_id,
-            teacher={"arch": self.cfg.model.teacher, "weights": self.cfg.model.teacher_weights}
-            if self.cfg.loss.uses_teacher
-            else None,
-            teacher_cache=self.cache_feed.cache.identity if self.cache_feed else None,
-            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-            config=config_to_dict(self.cfg),
-        )
         path = self.ckpt_dir / "last.pt"
-        save_atomic(state, path)
+        save_atomic(last_state(self, rngs), path)
         return path
 
     def _load(self, ckpt: dict) -> None:
-        from fastkd.resume import check_resume, resume_notes, resume_samples
-
-        check_resume(ckpt, self)
-        for name, net in self.student_modules().items():
-            net.load_state_dict(ckpt["models"][name])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        self.global_step, self.samples_seen = ckpt["global_step"], resume_samples(ckpt)
-        notes = resume_notes(ckpt, self)
-        self.resume_notes.extend(notes)
+        restore(self, ckpt)  # checks first (fastkd.resume), then weights, optimizer, position
         self._resumed = True
-        self.best_top1.update(ckpt["best_top1"])
-        if self.ema is not None and ckpt.get("ema"):
-            self.ema.load_state_dict(ckpt["ema"])
-        elif (self.ema is not None) != bool(ckpt.get("ema")):
-            self.resume_notes.append("ema.decay " + ("on: the EMA starts from the current weights" if self.ema
-                                                     else "off: the checkpoint's EMA is dropped"))  # fmt: skip
-        self.run_id = ckpt.get("run_id", self.run_id)
-        # the RNG states of the ranks that wrote it; under another world size each rank restarts
-        # from its own seed (the steps' dropout seeds do not depend on it)
-        same_world = ckpt.get("world_size", 1) == self.dist.world_size
-        self._resume_rng = ckpt["rng"] if same_world else None
 
     def _request_stop(self, signum: int) -> None:
         """SIGINT/SIGTERM: stop after the current step (checkpoint, clean exit); a second SIGINT
@@ -420,43 +378,3 @@ class Trainer:
         from fastkd.report import run_summary
 
         return run_summary(self, wall_time)
-
-
-def _say(live, is_main: bool, message: str) -> None:
-    """A message for the user on rank 0: above the live bar, or on stderr without one."""
-    if live.enabled:
-        live.print(message)
-    elif is_main:
-        print(f"fastkd train: {message}", file=sys.stderr, flush=True)
-
-
-class _NullLog:
-    """The metrics log outside fit(): records go nowhere (Trainer.evaluate() on its own)."""
-
-    def write(self, record) -> None:
-        pass
-
-
-def _start_pass(loader, epoch: int, start: int) -> int:
-    """Make the loader's next pass epoch `epoch`, beginning at batch `start` when the loader can
-    (fastkd loaders: `set_epoch(epoch, start_batch=k)` reads nothing before batch k); returns the
-    index of the first batch it will yield (0 for a loader that can only start at the top)."""
-    if start and getattr(loader, "supports_start_batch", False):
-        loader.set_epoch(epoch, start_batch=start)
-        return start
-    loader.set_epoch(epoch)  # a user's loader, or a mode that cannot seek: the caller skips
-    return 0
-
-
-def _with_modules(cfg: TrainConfig, students, teacher) -> TrainConfig:
-    """`cfg` with model.students / model.teacher naming the user's modules (their class names),
-    so the saved config, the checks and the report describe what really trains."""
-    import dataclasses
-
-    nets = list(students.values()) if isinstance(students, dict) else list(students)
-    archs = [type(n).__name__ for n in nets]
-    model = dataclasses.replace(cfg.model, students=archs,
-                                teacher=type(teacher).__name__ if teacher is not None else cfg.model.teacher)  # fmt: skip
-    cfg = dataclasses.replace(cfg, model=model)
-    validate(cfg)  # 1 or 2 students, two for the peer methods
-    return cfg

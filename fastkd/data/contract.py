@@ -182,3 +182,14 @@ class PassSampler:
 
     def __len__(self):
         return len(self.items)
+
+
+def start_pass(loader, epoch: int, start: int) -> int:
+    """Make the loader's next pass epoch `epoch`, beginning at batch `start` when the loader can
+    (fastkd loaders: `set_epoch(epoch, start_batch=k)` reads nothing before batch k); returns the
+    index of the first batch it will yield (0 for a loader that can only start at the top)."""
+    if start and getattr(loader, "supports_start_batch", False):
+        loader.set_epoch(epoch, start_batch=start)
+        return start
+    loader.set_epoch(epoch)  # a user's loader, or a mode that cannot seek: the caller skips
+    return 0

@@ -42,7 +42,6 @@ Order, sharding, `set_epoch(e, start_batch=k)` (nothing before batch k is read):
 
 from __future__ import annotations
 
-import queue
 import threading
 from typing import Any
 
@@ -51,6 +50,7 @@ import torch
 
 from fastkd.data.contract import Loader, LoaderSpec
 from fastkd.data.packed import ShardStore
+from fastkd.data.prefetch import prefetched
 from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
 from fastkd.errors import FastKDError
 
@@ -285,53 +285,19 @@ class NvImgCodecLoader(Loader):
         s, resolution = self.spec, self.resolution
         stream = torch.cuda.Stream(s.device) if self._gpu else None
         slots = [_Slot(pinned=self._gpu) for _ in range(self.batches_ahead + 2)]
-        ready: queue.Queue = queue.Queue(maxsize=self.batches_ahead)
-        stop = threading.Event()
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
+        def make():  # runs in the prefetch thread only
+            for k, indices in enumerate(batches):
+                slot = slots[k % len(slots)]
+                slot.reuse()  # waits (in this thread) until the slot's previous batch was consumed
+                if stream is None:
+                    yield (*self._batch(slot, indices, epoch, resolution, None), None)
+                    continue
+                with torch.cuda.device(s.device), torch.cuda.stream(stream):
+                    images, labels, idx = self._batch(slot, indices, epoch, resolution, stream)
+                    slot.event = torch.cuda.Event()
+                    slot.event.record(stream)
+                yield images, labels, idx, slot.event
 
-        def work():
-            try:
-                for k, indices in enumerate(batches):
-                    slot = slots[k % len(slots)]
-                    slot.reuse()
-                    if stream is None:
-                        item = (*self._batch(slot, indices, epoch, resolution, None), None)
-                    else:
-                        with torch.cuda.device(s.device), torch.cuda.stream(stream):
-                            images, labels, idx = self._batch(slot, indices, epoch, resolution, stream)
-                            slot.event = torch.cuda.Event()
-                            slot.event.record(stream)
-                        item = (images, labels, idx, slot.event)
-                    if not put(item):
-                        return
-                put(None)
-            except BaseException as error:  # re-raised in the consumer
-                put(error)
-
-        thread = threading.Thread(target=work, daemon=True, name="fastkd-nvimgcodec")
-        thread.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                images, labels, indices, done = item
-                if done is not None:  # the step's stream waits for the batch on the GPU, not the host
-                    current = torch.cuda.current_stream(s.device)
-                    current.wait_event(done)
-                    images.record_stream(current)
-                    labels.record_stream(current)
-                yield self._output(images, labels, indices)
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+        for images, labels, indices in prefetched(make(), depth=self.batches_ahead, name="fastkd-nvimgcodec"):
+            yield self._output(images, labels, indices)

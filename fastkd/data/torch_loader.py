@@ -32,14 +32,12 @@ the pixels the cache's teacher saw for that view (up to the decoder, as above).
 
 from __future__ import annotations
 
-import queue
-import threading
-
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from fastkd.data.contract import Loader, LoaderSpec, PassSampler
 from fastkd.data.packed import ShardStore
+from fastkd.data.prefetch import prefetched
 from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
 
 
@@ -131,54 +129,21 @@ class TorchLoader(Loader):
             yield self._output(self.normalize(images), labels, indices)
 
     def _gpu_batches(self, raw, epoch: int):
-        """Decode + augment one batch ahead on a side stream, in a thread (nvJPEG holds the GIL little)."""
+        """Decode + augment one batch ahead on a side stream, in a thread (nvJPEG holds the GIL
+        little); `fastkd.data.prefetch` hands each batch over without a host sync."""
         s, device, r = self.spec, self.spec.device, self.resolution
         stream = torch.cuda.Stream(device)
-        ready: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
+        def make():  # runs in the prefetch thread only
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                for (buffer, sizes), labels, indices in raw:
+                    data = list(torch.split(buffer, sizes))
+                    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+                    batch = augment(images, indices, s.seed, epoch, s.train, r, self.batched_resize, self.crop_fn)
+                    done = torch.cuda.Event()
+                    out, labels = self.normalize(batch), labels.to(device, non_blocking=True)
+                    done.record(stream)
+                    yield out, labels, indices, done
 
-        def work():
-            try:
-                with torch.cuda.device(device), torch.cuda.stream(stream):
-                    for (buffer, sizes), labels, indices in raw:
-                        data = list(torch.split(buffer, sizes))
-                        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-                        batch = augment(images, indices, s.seed, epoch, s.train, r, self.batched_resize,
-                                        self.crop_fn)
-                        out = self.normalize(batch)
-                        labels = labels.to(device, non_blocking=True)
-                        done = torch.cuda.Event()
-                        done.record(stream)
-                        if not put((out, labels, indices, done)):
-                            return
-                put(None)
-            except BaseException as error:  # re-raised in the consumer
-                put(error)
-
-        thread = threading.Thread(target=work, daemon=True, name="fastkd-nvjpeg")
-        thread.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                images, labels, indices, done = item
-                current = torch.cuda.current_stream(device)
-                current.wait_event(done)
-                images.record_stream(current)
-                labels.record_stream(current)
-                yield self._output(images, labels, indices)
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+        for images, labels, indices in prefetched(make(), depth=2, name="fastkd-nvjpeg"):
+            yield self._output(images, labels, indices)
