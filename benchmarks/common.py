@@ -504,5 +504,15 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli_main(build_parser, run):
+    """A script's `main(argv=None) -> 0`: parse with `build_parser()`, then `run(args)`."""
+
+    def main(argv: list[str] | None = None) -> int:
+        run(build_parser().parse_args(argv))
+        return 0
+
+    return main
+
+
 if __name__ == "__main__":
     sys.exit(_main())

@@ -375,9 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
-    return 0
+main = common.cli_main(build_parser, run)
 
 
 if __name__ == "__main__":

@@ -170,12 +170,18 @@ def test_class_selection_and_missing_classes(tmp_path):
         pack(src, tmp_path / "d", formats=("dali",), workers=1)  # default imagenet100
 
 
-def test_flat_val_with_loc_val_solution(tmp_path):
+def _train_and_empty_val(tmp_path: Path) -> Path:
+    """SRC with train/<wnid>/a.JPEG for WNIDS and an empty flat val/."""
     src = tmp_path / "src"
     for c, wnid in enumerate(WNIDS):
         (src / "train" / wnid).mkdir(parents=True)
         (src / "train" / wnid / "a.JPEG").write_bytes(encoded(image(20, 20, seed=c)))
     (src / "val").mkdir()
+    return src
+
+
+def test_flat_val_with_loc_val_solution(tmp_path):
+    src = _train_and_empty_val(tmp_path)
     rows = ["ImageId,PredictionString"]
     labels = {}
     for i in range(1, 7):
@@ -224,11 +230,7 @@ def test_source_errors(tmp_path, capsys):
 
 def _flat_val_source(tmp_path: Path, wnids: list[str]) -> tuple[Path, list[str]]:
     """train/<wnid>/a.JPEG for WNIDS, a flat val/ with one image per entry of `wnids`; CSV rows."""
-    src = tmp_path / "src"
-    for c, wnid in enumerate(WNIDS):
-        (src / "train" / wnid).mkdir(parents=True)
-        (src / "train" / wnid / "a.JPEG").write_bytes(encoded(image(20, 20, seed=c)))
-    (src / "val").mkdir()
+    src = _train_and_empty_val(tmp_path)
     rows = ["ImageId,PredictionString"]
     for i, wnid in enumerate(wnids, start=1):
         name = f"ILSVRC2012_val_{i:08d}"

@@ -19,18 +19,13 @@ from fastkd.losses import distillation_loss, reference_loss
 from fastkd.recipe import MIX_STREAM, param_groups
 from fastkd.schedule import lr_at, peak_lr, saved_peak_lr
 from fastkd.step import build_step
+from test_train_support import one_thread  # noqa: F401 (fixture)
 
 CPU = torch.device("cpu")
 B, RES, CLASSES = 8, 16, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (test_train_support)
 
 
 def config(**keys):
