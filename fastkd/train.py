@@ -6,10 +6,11 @@
     res = trainer.evaluate()          # val metrics of every network, usable on its own
 
 The schedule's position is (epochs done, steps of the current epoch done), so it does not depend
-on the number of ranks (`global_step`, the optimizer steps taken, is only the metrics' x axis): a run resumed at an epoch boundary under another world size or batch
-size continues the lr curve where it stopped (the peak lr follows the linear scaling rule and
-the change is logged); a mid-epoch checkpoint resumes only under the world size and batch size
-that made it (exact), anything else is refused with both named. Each step seeds the global
+on the number of ranks (`global_step`, the optimizer steps taken, is only the metrics' x axis):
+a run resumed at an epoch boundary under another world size or batch size continues the lr
+curve where it stopped (a per-256 lr is rescaled to the new global batch; the change is
+logged); a mid-epoch checkpoint resumes only under the world size and batch size that made it
+(exact), anything else is refused with both named (fastkd/resume.py). Each step seeds the global
 generator from (seed, rank, epoch, step), so dropout masks after a resume are the ones the
 uninterrupted run would have drawn.
 """
@@ -23,18 +24,22 @@ import uuid
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import Tensor, nn
 
 from fastkd import distributed
-from fastkd.checkpoint import plain_state_dict, rng_state, save_atomic, set_rng_state
 from fastkd.api import config_for_modules
-from fastkd.config import PEER_METHODS, TrainConfig, check_runnable, config_to_dict, save_config
+from fastkd.checkpoint import plain_state_dict, rng_state, save_atomic, set_rng_state
+from fastkd.config import TrainConfig, check_runnable, config_to_dict, save_config
+from fastkd.data import build_loader
 from fastkd.data.contract import start_pass
 from fastkd.errors import FastKDError
-from fastkd.live import say
+from fastkd.evaluate import evaluate
+from fastkd.live import LiveDisplay, say
 from fastkd.loggers import build_loggers
-from fastkd.metrics import NullLog
+from fastkd.metrics import MetricsLog, NullLog
 from fastkd.models import build_model, load_student_weights, load_teacher, network_names
+from fastkd.report import run_summary, summary_table, write_report
 from fastkd.resume import last_state, restore
 from fastkd.runtime import base_index, input_dtype, resolve_device, seed_all, set_determinism, step_seed, stop_signals
 from fastkd.schedule import lr_at, peak_lr, resolution_at
@@ -165,8 +170,6 @@ class Trainer:
         )
 
     def _build_loader(self, split: str, resolution: int, return_indices: bool = False):
-        from fastkd.data import build_loader
-
         d = self.cfg.data
         dtype = input_dtype(self.cfg.precision.amp, self.device)
         return build_loader(
@@ -205,8 +208,6 @@ class Trainer:
         """Train to schedule.epochs (or run.stop_after), evaluating and checkpointing each epoch.
         Returns the summary written to report.json. Raises Interrupted after Ctrl-C/SIGTERM (a
         checkpoint saved) and NonFiniteLoss (no checkpoint written)."""
-        from fastkd.report import LiveDisplay, MetricsLog
-
         cfg = self.cfg
         start = time.perf_counter()
         if self.is_main:
@@ -243,10 +244,6 @@ class Trainer:
                     raise Interrupted(self.ckpt_dir / "last.pt" if self.is_main else None, self._stop_signum)
         summary = self.summary(time.perf_counter() - start)
         if self.is_main:
-            from rich.console import Console
-
-            from fastkd.report import summary_table, write_report
-
             write_report(self.run_dir, summary)
             if cfg.run.summary:  # printed with or without the live display
                 Console().print(summary_table(summary))
@@ -315,7 +312,7 @@ class Trainer:
         if self.cfg.loss.uses_teacher:  # a live teacher or a teacher cache
             record["kd"] = dict(zip(self.names, window["kd"]))
             record["w_mean"] = window["w_mean"]
-        if self.cfg.loss.method in PEER_METHODS:
+        if self.cfg.loss.uses_peer:
             record["peer"] = dict(zip(self.names, window["peer"]))
         record["train_top1"] = dict(zip(self.names, window["train_top1"]))
         self.log.write(record)
@@ -326,8 +323,6 @@ class Trainer:
         """Val metrics of the students (and, once per invocation, the teacher); logged to
         metrics.jsonl inside fit(). The global RNG is left as it was, so evaluating never changes
         what training does next. `epoch` (0-based) labels the record; default: the last one done."""
-        from fastkd.evaluate import evaluate
-
         epoch = self.epoch - 1 if epoch is None else epoch
         state = rng_state()
         teacher = self.teacher if self.teacher_eval is None else None
@@ -375,6 +370,4 @@ class Trainer:
 
     def summary(self, wall_time: float) -> dict:
         """What report.json holds (fastkd.report.run_summary)."""
-        from fastkd.report import run_summary
-
         return run_summary(self, wall_time)
