@@ -405,3 +405,22 @@ def test_final_table_printed_without_live_display(tmp_path, capsys):
     assert "val accuracy" in out and "resnet18" in out
     make_trainer(tmp_path / "b", **{"model.students": ["resnet18"], "schedule.epochs": 1, "run.summary": False}).fit()
     assert "val accuracy" not in capsys.readouterr().out
+
+
+def test_ema_evaluated_beside_the_students_and_resumed(tmp_path):
+    """ema.decay: each evaluation scores `<net>-ema` too, its best weights go to
+    best-<net>-ema.pt, last.pt carries the EMA, and a resume continues it."""
+    common = {"model.students": ["resnet18"], "schedule.epochs": 2, "ema.decay": 0.9}
+    make_trainer(tmp_path, **common, **{"run.stop_after": 1}).fit()
+    run = tmp_path / "run"
+    evals = records(run, "eval")
+    assert "resnet18-ema" in evals[0] and 0 <= evals[0]["resnet18-ema"]["top1"] <= 100
+    assert (run / "checkpoints/best-resnet18-ema.pt").exists()
+    ckpt = load_last(run / "checkpoints/last.pt")
+    resumed = make_trainer(tmp_path, resume=ckpt, **common)
+    saved, now = ckpt["ema"], resumed.ema.state_dict()
+    assert now["calls"] == saved["calls"] > 0
+    for key, value in now["models"]["resnet18"].items():
+        assert torch.equal(value, saved["models"]["resnet18"][key]), key
+    resumed.fit()
+    assert "resnet18-ema" in records(run, "eval")[-1]
