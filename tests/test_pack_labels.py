@@ -95,6 +95,8 @@ def test_flat_folder_packs_with_labels_and_loads(flat, tmp_path, capsys):
         assert sorted(labels.tolist()) == sorted(NAMES.index(n) for _, n in rows)
         bright = images.mean(dim=(2, 3)).argmax(dim=1)  # normalised, yet the bright channel stays highest
         assert bright.tolist() == [COLOUR[NAMES[y]] for y in labels.tolist()], split
+    with pytest.raises(FastKDError, match=r"--labels CSV.*--backend torch"):  # folder reads ImageNet layouts only
+        build_loader(out, "train", "folder", batch_size=2, resolution=16, device="cpu", dtype="float32")
 
 
 def test_missing_files_are_one_error_with_count(flat, tmp_path, capsys):

@@ -86,6 +86,12 @@ class FolderLoader(Loader):
 
     def __init__(self, spec: LoaderSpec, manifest: dict, source: str | None = None):
         super().__init__(spec, manifest)
+        if manifest.get("params", {}).get("layout") == "labels":
+            raise FastKDError(
+                f"folder backend: {spec.data_dir} was packed from a --labels CSV "
+                f"({manifest['params'].get('labels')}); the folder backend reads the ImageNet layout "
+                "(train/<class>/, val/<class>/) only: use --backend torch, dali or ffcv"
+            )
         source = source or manifest.get("source")
         if not source:
             raise FastKDError("folder backend: the manifest names no source folder; pass source=PATH")
