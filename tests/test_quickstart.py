@@ -1,7 +1,7 @@
 """`fastkd quickstart` end to end on the digits demo, and its shipped configs."""
 
 import json
-import time
+import os
 from pathlib import Path
 
 import pytest
@@ -75,37 +75,31 @@ def _steps(run_dir):
 
 
 @pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other
-    processes make a training step many times slower (measured 8 vs 70 img/s on 2 busy cores)."""
+def user_threads():
+    """torch's threads as a user's process has them (one per core), whatever tests ran before."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     yield
     torch.set_num_threads(before)
 
 
-def test_quickstart_short_end_to_end(tmp_path, capsys, one_thread):
-    """The whole pipeline with 2 + 2 epochs: every step must do its job for these thresholds
-    (chance is 10 %), and a second call must reuse the finished steps."""
+@pytest.mark.slow
+def test_quickstart_reaches_its_goal(tmp_path, capsys, user_threads):
+    """The shipped quickstart as a user runs it (torch's default threads): both students >= 90 %
+    val top-1 (goal: under 5 minutes on a 2-core CPU, timed by the quickstart's own report, not
+    asserted here); every step did its job; one table; a second call reuses every step."""
     out = tmp_path / "qs"
-    argv = ["quickstart", "--out", str(out), "--teacher-epochs", "2", "--epochs", "2",
-            "--", "--run.log_every", "5"]
-    assert main(argv) == 0
+    assert main(["quickstart", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"run directory: {out / 'students'} (report.md" in text
     assert text.count("val accuracy in %") == 1  # summary_table's caption: the quickstart's table only
-    assert "mobilenet_v2" in text and "teacher" in text
-
     teacher = json.loads((out / "teacher" / "report.json").read_text())
     report = json.loads((out / "students" / "report.json").read_text())
-    t_best = teacher["networks"]["resnet18"]["best_top1"]
-    assert t_best > 60.0, teacher["networks"]  # 83.6 % measured
+    for name in ("resnet18", "mobilenet_v2"):
+        assert report["networks"][name]["top1"] >= 90.0, report["networks"]
     # the students' run evaluated exactly the teacher checkpoint it was given (best epoch)
-    assert report["teacher"]["top1"] == pytest.approx(t_best, abs=1e-6)
-    assert report["teacher"]["arch"] == "resnet18"
-    assert report["method"] == "uadkd"
-    assert report["networks"]["resnet18"]["top1"] > 45.0, report["networks"]  # 74.2 % measured
-    assert report["networks"]["mobilenet_v2"]["top1"] > 30.0, report["networks"]  # 55.0 % measured
+    assert report["teacher"]["top1"] == pytest.approx(teacher["networks"]["resnet18"]["best_top1"], abs=1e-6)
+    assert report["teacher"]["arch"] == "resnet18" and report["method"] == "uadkd"
     assert report["networks"]["mobilenet_v2"]["compression"] > 4.0  # 11.2M / 2.2M
 
     steps = _steps(out / "students")
@@ -117,21 +111,8 @@ def test_quickstart_short_end_to_end(tmp_path, capsys, one_thread):
     for plot in ("loss", "accuracy", "w_hist", "reliability"):
         assert (out / "students" / "plots" / f"{plot}.png").stat().st_size > 10_000
 
-    # a second call reuses every finished step
+    # a second call reuses every finished step and changes nothing
     before = (out / "students" / "metrics.jsonl").read_bytes()
-    start = time.perf_counter()
-    assert main(argv) == 0
+    assert main(["quickstart", "--out", str(out)]) == 0
     assert "reusing" in capsys.readouterr().out
     assert (out / "students" / "metrics.jsonl").read_bytes() == before
-    assert time.perf_counter() - start < 30
-
-
-@pytest.mark.slow
-def test_quickstart_reaches_its_goal(tmp_path, one_thread):
-    """The shipped quickstart as a user runs it: both students >= 90 % val top-1 (goal: under
-    5 minutes on a 2-core CPU; timed by the quickstart's own report, not asserted here)."""
-    out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out)]) == 0
-    report = json.loads((out / "students" / "report.json").read_text())
-    for name in ("resnet18", "mobilenet_v2"):
-        assert report["networks"][name]["top1"] >= 90.0, report["networks"]
