@@ -237,6 +237,24 @@ def wandb_history(path):
     return rows
 
 
+def wandb_history_of(paths):
+    return len(paths) == 1 and wandb_history(paths[0])
+
+
+def settled(probe, seconds: float = 20.0):
+    """probe()'s first truthy value: wandb's service process writes the offline run file
+    asynchronously, after finish() returns; polled, not timed (None after `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            value = probe()
+        except Exception:  # a file caught half-written: not settled yet
+            value = None
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
 def test_wandb_mode_never_prompts(wandb_env, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     assert wandb_mode() == "offline"  # no key anywhere
@@ -262,7 +280,8 @@ def test_wandb_offline_run_writes_its_files_and_resumes_the_same_run(tmp_path, w
     seconds = time.perf_counter() - start
     assert seconds < 60, f"wandb offline init + finish took {seconds:.1f} s"
     run_id = (run / "wandb" / "fastkd-run-id").read_text().strip()
-    (path,) = glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+    pattern = str(run / "wandb" / f"offline-run-*-{run_id}*" / f"run-{run_id}.wandb")
+    (path,) = settled(lambda: glob.glob(pattern) if wandb_history_of(glob.glob(pattern)) else None)
     records = wandb_records(path)
     (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (info.run_id, info.project, info.display_name) == (run_id, "fastkd", "run")
@@ -280,7 +299,6 @@ def test_wandb_offline_run_writes_its_files_and_resumes_the_same_run(tmp_path, w
     with MetricsLog(run / "metrics.jsonl", enabled=True, sinks=build_loggers(["wandb"], run, {}, True)) as log:
         log.write(step_record(3, 1.5, epoch=1))
     assert (run / "wandb" / "fastkd-run-id").read_text().strip() == run_id
-    paths = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
-    resumed = [p for p in paths if p != path]
+    resumed = settled(lambda: [p for p in glob.glob(pattern) if p != path and wandb_history(p)] or None)
     assert len(resumed) == 1 and resumed[0].endswith(f"run-{run_id}.wandb")
     assert [row["train/loss"] for row in wandb_history(resumed[0])] == [1.5]
