@@ -8,8 +8,8 @@ The schedule's position is epochs done plus steps of the current epoch done, cou
 the current world size (epoch * steps_per_epoch + step_in_epoch). So:
 - same world size and batch size: everything continues exactly (mid-epoch included);
 - another world size or batch size at an epoch boundary: the lr curve continues at the same
-  fraction of the run, the peak lr is rescaled by the linear scaling rule, each change is
-  returned as a note (printed and logged);
+  fraction of the run, a per-256 peak lr (optim.lr_per_256) is rescaled to the new global batch
+  while an absolute one (optim.lr) stays, each change is returned as a note (printed and logged);
 - another world size or batch size in the middle of an epoch: refused, naming both, because the
   rest of that epoch's samples were split for the old ranks and batches;
 - more (or fewer) schedule.epochs: the warm-up and decay are recomputed over the new length and
