@@ -12,14 +12,17 @@ Backends (contract: docs/CONTRACTS.md "Loaders"; details in each module's docstr
   dali    shards via DALI (GPU "mixed" decode or CPU)  options: shuffle, initial_fill, hw_decoder_load,
                                                                 device_memory_padding, host_memory_padding,
                                                                 prefetch_queue_depth
-  torch   shards via torchvision decode_jpeg (nvJPEG on cuda)   options: prefetch_factor
+  torch   shards via torchvision decode_jpeg (nvJPEG on cuda)   options: prefetch_factor, batched_resize,
+                                                                decode ("auto" | "device": nvJPEG |
+                                                                "host": workers, also on cuda)
   folder  source JPEG folder via ImageFolder + PIL     options: source
   nvimgcodec  shards via nvImageCodec, crop windows only (GPU JPEG engines, CUDA or CPU decoders)
                                                        options: decoders, hw_decoder_load, batches_ahead,
                                                                 batched_resize
   auto    not a backend: picks one by fastkd.data.auto's rule and prints the choice once
 nvimgcodec falls back to torch (one line on stderr says why) where the package, the GPU's JPEG
-engines (decoders="hw", the default) or CUDA (decoders="gpu") are missing.
+engines (decoders="hw", the default) or CUDA (decoders="gpu") are missing; decoders="cpu" falls
+back to torch's decode="host" (the host cores still decode).
 Common options: verify (sha256 of the backend's files before the first batch; sizes are always
 checked), expected_classes (class count, WNIDs in label order, or a manifest's `classes`),
 return_indices (also yield the samples' pack indices).
@@ -51,7 +54,7 @@ _OPTIONS = {
     "ffcv": {"os_cache", "order", "batches_ahead"},
     "dali": {"shuffle", "initial_fill", "hw_decoder_load", "device_memory_padding", "host_memory_padding",
              "prefetch_queue_depth"},
-    "torch": {"prefetch_factor", "batched_resize"},
+    "torch": {"prefetch_factor", "batched_resize", "decode"},
     "folder": {"source"},
     "nvimgcodec": {"decoders", "hw_decoder_load", "batches_ahead", "batched_resize"},
 }
@@ -99,6 +102,9 @@ def build_loader(data_dir, split: str, backend: str, batch_size: int, resolution
         others = [b for b in available_backends() if b != backend]
         raise FastKDError(f"backend {backend!r} cannot run here: {why}. Install {_INSTALL[backend]}; "
                           f"backends that work on this machine: {', '.join(others)}")
+    if backend == "torch" and num_workers is None:  # host decode on CUDA: every core but one
+        from fastkd.data.torch_loader import default_workers
+        num_workers = default_workers(parse_device(device), backend_opts.get("decode", "auto"))
     spec = LoaderSpec.make(data_dir, split, batch_size, resolution, device, dtype, rank, world_size, seed,
                            num_workers, drop_last, return_indices)
 
@@ -131,7 +137,11 @@ def _nvimgcodec_or_torch(device, rank: int, opts: dict) -> tuple[str, dict]:
     why = why_not(device, opts.get("decoders", "hw"))
     if why is None:
         return "nvimgcodec", opts
-    decoder = "nvJPEG on the GPU" if device.type == "cuda" else "libjpeg-turbo"
+    torch_opts = {k: v for k, v in opts.items() if k in _OPTIONS["torch"]}
+    if opts.get("decoders") == "cpu":  # host cores were asked for: torch decodes there too
+        torch_opts["decode"] = "host"
+    host = device.type != "cuda" or torch_opts.get("decode") == "host"
+    decoder = "libjpeg-turbo on the host cores" if host else "nvJPEG on the GPU"
     say_once(f"fastkd: loader backend nvimgcodec falls back to torch: {why}; the torch backend reads the same "
              f"shards with the same crops, decoded by {decoder}", rank)
-    return "torch", {k: v for k, v in opts.items() if k in _OPTIONS["torch"]}
+    return "torch", torch_opts

@@ -4,25 +4,30 @@ Reading: the shards' index files give each sample's byte range, so sample i is o
 memory-mapped tar (no tar parsing while training). Order and sharding: sharding.py (the same
 as ffcv and folder).
 
-Decoding, by device:
-- cuda: DataLoader workers (`num_workers` processes) only read bytes; a background thread decodes
-  each batch with one `torchvision.io.decode_jpeg(list, device="cuda")` call (nvJPEG, batched),
-  then crops/resizes/flips the whole batch on the GPU (`transforms.crop_resize_batch`: a few
-  kernels per chunk of similar-size crops, not a few per image) and normalises, on a side CUDA
-  stream, one batch ahead of the training step.
-- cpu: the workers decode (libjpeg-turbo), crop and resize (uint8 antialiased bilinear, image by
-  image: faster on CPU than the batched matmuls) and return a uint8 batch; normalisation happens
-  in the main process.
-`batched_resize=` (TorchLoader option; default: True on cuda, False on cpu) picks
-`crop_resize_batch` or the per-image `crop_resize`; both give the same boxes and flips and pixel
-values within 1 level.
+Decoding, `decode=` ("auto": "device" on a CUDA device, "host" on CPU):
+- "device" (cuda only): DataLoader workers (`num_workers` processes) only read bytes; a
+  background thread decodes each batch with one `torchvision.io.decode_jpeg(list, device="cuda")`
+  call (nvJPEG, batched), then crops/resizes/flips the whole batch on the GPU
+  (`transforms.crop_resize_batch`: a few kernels per chunk of similar-size crops, not a few per
+  image) and normalises, on a side CUDA stream, one batch ahead of the training step.
+- "host": the workers decode (libjpeg-turbo), crop and resize (uint8 antialiased bilinear, image
+  by image: faster on CPU than the batched matmuls) and return a uint8 batch. On CPU it is
+  normalised in the main process. On CUDA (the GPU computes while the host cores decode) the
+  DataLoader's pin thread copies it into pinned memory and a background thread queues, on a side
+  stream, the asynchronous copy to the GPU and the normalisation there (`upload`), two batches
+  ahead, handed over like the device path's (fastkd.data.prefetch: no host sync). Workers
+  default to every core but one (the training process's) when num_workers is not given
+  (`default_workers`, applied by build_loader).
+`batched_resize=` (TorchLoader option; default: True for device decode, False for host decode)
+picks `crop_resize_batch` or the per-image `crop_resize`; both give the same boxes and flips and
+pixel values within 1 level.
 
 Crops: transforms.py (torchvision's RandomResizedCrop algorithm; val centre square of
 0.875 * shorter side). Every random number comes from (seed, epoch, pack index), so the same
-seed gives the same order, crops and flips on any number of workers, CPU or GPU (pixel values
-then agree up to the decoder: nvJPEG vs libjpeg-turbo differ by a few levels), and a pass started
-at batch k (`set_epoch(e, start_batch=k)`) yields the same batches, pixels included, as the tail
-of the full pass, reading nothing before batch k.
+seed gives the same order, crops and flips on any number of workers, CPU or GPU, host or device
+decode (pixel values then agree up to the decoder: nvJPEG vs libjpeg-turbo differ by a few
+levels), and a pass started at batch k (`set_epoch(e, start_batch=k)`) yields the same batches,
+pixels included, as the tail of the full pass, reading nothing before batch k.
 
 Given crops (`set_crop_fn(fn)`, or `crop_fn=` at construction; a teacher cache's views, see
 fastkd.teacher_cache): train crops are `fn(epoch, index, height, width) -> (box, flip)` instead
@@ -32,6 +37,8 @@ the pixels the cache's teacher saw for that view (up to the decoder, as above).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -39,6 +46,43 @@ from fastkd.data.contract import Loader, LoaderSpec, PassSampler
 from fastkd.data.packed import ShardStore
 from fastkd.data.prefetch import prefetched
 from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
+from fastkd.errors import FastKDError
+
+DECODES = ("auto", "device", "host")
+
+
+def decode_where(device: torch.device, decode: str = "auto") -> str:
+    """"device" or "host": where the torch backend decodes for the `decode` option on `device`."""
+    if decode not in DECODES:
+        raise FastKDError(f"torch backend option decode must be one of {', '.join(DECODES)}, not {decode!r}")
+    if decode == "auto":
+        return "device" if device.type == "cuda" else "host"
+    if decode == "device" and device.type != "cuda":
+        raise FastKDError(f"torch backend option decode='device' decodes with nvJPEG on a CUDA device, but the "
+                          f"loader's device is {device}; use decode='host' (or 'auto') there")
+    return decode
+
+
+def default_workers(device: torch.device, decode: str = "auto") -> int | None:
+    """Decode workers when num_workers is not given: host decode on CUDA leaves one core to the
+    training process (it launches the GPU's work), so every core but one, at least 1; None:
+    LoaderSpec's default (every core)."""
+    if device.type != "cuda" or decode_where(device, decode) != "host":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def upload(images: torch.Tensor, labels: torch.Tensor, device: torch.device, normalize) -> tuple:
+    """A host-decoded batch -> (normalised images, int64 labels) on `device`.
+
+    images uint8 [B,3,r,r] (channels_last from the workers), labels [B]: pinned on CUDA, so both
+    copies are asynchronous on the current stream; `normalize` (Loader.normalize) then gives the
+    loader's dtype, channels_last, on the device (float32 arithmetic on CUDA).
+    """
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device=device, dtype=torch.int64, non_blocking=True)
+    return normalize(images), labels
 
 
 def _boxes(shapes, indices, seed: int, epoch: int, train: bool, crop_fn=None):
@@ -91,11 +135,12 @@ class TorchLoader(Loader):
     supports_crop_fn = True
 
     def __init__(self, spec: LoaderSpec, manifest: dict, shards: list, prefetch_factor: int = 2,
-                 batched_resize: bool | None = None, crop_fn=None):
+                 batched_resize: bool | None = None, crop_fn=None, decode: str = "auto"):
         super().__init__(spec, manifest)
+        self.decode = decode_where(spec.device, decode)  # "device" (nvJPEG) or "host" (the workers)
         self.store = ShardStore(shards, self.num_samples)
         self._gpu = spec.device.type == "cuda"
-        self.batched_resize = self._gpu if batched_resize is None else bool(batched_resize)
+        self.batched_resize = self.decode == "device" if batched_resize is None else bool(batched_resize)
         self._workers = 0 if spec.num_workers <= 1 and not self._gpu else spec.num_workers
         self._prefetch = prefetch_factor
         self._sampler = PassSampler()
@@ -107,13 +152,13 @@ class TorchLoader(Loader):
     def _make_loader(self) -> None:
         """The reader and its DataLoader (persistent workers copy the reader when they start, so
         a new crop_fn means a new DataLoader)."""
-        s, workers = self.spec, self._workers
-        self._reader = _BatchReader(self.store, s.seed, s.train, decode=not self._gpu,
+        s, workers, host = self.spec, self._workers, self.decode == "host"
+        self._reader = _BatchReader(self.store, s.seed, s.train, decode=host,
                                     batched=self.batched_resize, crop_fn=self.crop_fn)
         self._loader = torch.utils.data.DataLoader(
             self._reader, batch_size=None, sampler=self._sampler, num_workers=workers,
             persistent_workers=workers > 0, prefetch_factor=self._prefetch if workers else None,
-            collate_fn=_identity)
+            collate_fn=_identity, pin_memory=host and self._gpu)  # the pin thread: host -> pinned
 
     def _use_crop_fn(self, crop_fn) -> None:
         self.crop_fn = crop_fn
@@ -122,28 +167,47 @@ class TorchLoader(Loader):
     def _pass(self, epoch: int, start: int):
         # batches before `start` are never handed to the workers: not read, not decoded
         self._sampler.items = [(epoch, self.resolution, b) for b in self._pass_batches(epoch, start)]
-        if self._gpu:
-            yield from self._gpu_batches(iter(self._loader), epoch)
+        if not self._gpu:
+            for images, labels, indices in self._loader:
+                yield self._output(self.normalize(images), labels, indices)
             return
-        for images, labels, indices in self._loader:
-            yield self._output(self.normalize(images), labels, indices)
+        if self.decode == "host":
+            to_device, name = self._upload, "fastkd-h2d"
+        else:
+            to_device, name = self._device_decoder(epoch, self.resolution), "fastkd-nvjpeg"
+        yield from self._side_stream(iter(self._loader), to_device, name)
 
-    def _gpu_batches(self, raw, epoch: int):
-        """Decode + augment one batch ahead on a side stream, in a thread (nvJPEG holds the GIL
-        little); `fastkd.data.prefetch` hands each batch over without a host sync."""
-        s, device, r = self.spec, self.spec.device, self.resolution
+    def _upload(self, images, labels, indices):
+        """Host decode: the pinned uint8 batch -> normalised on the GPU (queued, not waited for)."""
+        return (*upload(images, labels, self.spec.device, self.normalize), indices)
+
+    def _device_decoder(self, epoch: int, resolution: int):
+        """Device decode: a batch's JPEG bytes -> nvJPEG (batched), crop/resize/flip and
+        normalisation on the GPU (nvJPEG holds the GIL little)."""
+        s, device = self.spec, self.spec.device
+
+        def to_device(data, labels, indices):
+            buffer, sizes = data
+            images = decode_jpeg(list(torch.split(buffer, sizes)), mode=ImageReadMode.RGB, device=device)
+            batch = augment(images, indices, s.seed, epoch, s.train, resolution, self.batched_resize, self.crop_fn)
+            return self.normalize(batch), labels.to(device, non_blocking=True), indices
+
+        return to_device
+
+    def _side_stream(self, raw, to_device, name: str):
+        """`to_device(*item) -> (images, labels, indices)` for each worker item, queued on a side
+        CUDA stream in a thread, two batches ahead of the step; `fastkd.data.prefetch` hands each
+        batch over without a host sync."""
+        device = self.spec.device
         stream = torch.cuda.Stream(device)
 
         def make():  # runs in the prefetch thread only
             with torch.cuda.device(device), torch.cuda.stream(stream):
-                for (buffer, sizes), labels, indices in raw:
-                    data = list(torch.split(buffer, sizes))
-                    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-                    batch = augment(images, indices, s.seed, epoch, s.train, r, self.batched_resize, self.crop_fn)
+                for item in raw:
+                    images, labels, indices = to_device(*item)
                     done = torch.cuda.Event()
-                    out, labels = self.normalize(batch), labels.to(device, non_blocking=True)
                     done.record(stream)
-                    yield out, labels, indices, done
+                    yield images, labels, indices, done
 
-        for images, labels, indices in prefetched(make(), depth=2, name="fastkd-nvjpeg"):
+        for images, labels, indices in prefetched(make(), depth=2, name=name):
             yield self._output(images, labels, indices)

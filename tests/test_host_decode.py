@@ -1,0 +1,175 @@
+"""The torch backend's `decode` option (host-core decode while training on CUDA, issue 11).
+
+On CPU: decode="host" is the CPU path itself (same batches, pixel for pixel), decode="device" is
+refused, the upload step of the CUDA host path (uint8 batch -> normalised channels_last batch of
+the loader's dtype) agrees with the float32 arithmetic the CUDA normalisation does, build_loader
+takes the option for torch only. The CUDA host path itself is marked `gpu` (skipped here, run by
+benchmarks/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd.data import auto, build_loader, nvimgcodec_loader
+from fastkd.data.spec import IMAGENET_MEAN, IMAGENET_STD
+from fastkd.data.torch_loader import TorchLoader, default_workers, upload
+from fastkd.errors import FastKDError
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    """2 classes x (6 train + 2 val) textured JPEGs of 48-120 px, packed in 4-sample shards."""
+    from PIL import Image
+
+    from fastkd.preprocess.pack import pack
+
+    root = tmp_path_factory.mktemp("host_decode")
+    rng = np.random.default_rng(1)
+    for split, per_class in (("train", 6), ("val", 2)):
+        for c in range(2):
+            folder = root / "src" / split / f"n0000000{c}"
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                h, w = (int(v) for v in rng.integers(48, 121, size=2))
+                y, x = np.mgrid[0:h, 0:w]
+                rgb = np.stack([x * 255 // w, y * 255 // h, (x + 3 * y) % 256], -1) + rng.integers(0, 30, (h, w, 3))
+                Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(folder / f"img{k:03d}.JPEG", quality=90)
+    pack(root / "src", root / "packed", classes="all", shard_size=4, workers=1, quality=90)
+    return root / "packed"
+
+
+def _load(packed, split, device="cpu", dtype="fp32", **kw):
+    kw.setdefault("num_workers", 1)
+    return build_loader(packed, split, "torch", 4, 32, device, dtype, return_indices=True, **kw)
+
+
+def _pass(loader):
+    out = [(x, y, i) for x, y, i in loader]
+    return tuple(torch.cat([b[k] for b in out]) for k in range(3))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_host_decode_on_cpu_is_the_default_path(packed, split, workers):
+    """decode="host" on a CPU device: the default (auto) batches exactly, for two epochs."""
+    ref, host = _load(packed, split, num_workers=workers), _load(packed, split, num_workers=workers, decode="host")
+    assert (ref.decode, host.decode) == ("host", "host") and host.batched_resize is False
+    for epoch in (0, 2):
+        ref.set_epoch(epoch)
+        host.set_epoch(epoch)
+        (x0, y0, i0), (x1, y1, i1) = _pass(ref), _pass(host)
+        assert torch.equal(i0, i1) and torch.equal(y0, y1)
+        assert x1.dtype == torch.float32 and x1.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x0, x1)
+
+
+def test_device_decode_on_cpu_is_refused(packed):
+    with pytest.raises(FastKDError, match=r"decode='device' decodes with nvJPEG on a CUDA device.*device is cpu"):
+        _load(packed, "train", decode="device")
+    with pytest.raises(FastKDError, match=r"decode must be one of auto, device, host, not 'gpu'"):
+        _load(packed, "train", decode="gpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_upload_normalises_like_the_cuda_arithmetic(packed, dtype):
+    """The CUDA host path's per-batch step on CPU tensors: a worker's uint8 channels_last batch ->
+    `dtype`, channels_last: the CPU path's values (Loader.normalize's table) and, up to the
+    float32 rounding of the arithmetic, (v - 255 mean) / (255 std) computed in float32 as
+    Loader.normalize does on CUDA: equal in bf16 and fp16; in fp32 within 5e-7, 2 ulps of the
+    largest values (the table rounds the exact value once; the arithmetic also rounds 255 mean
+    and 255 std, and v - 255 mean cancels near the mean)."""
+    loader = _load(packed, "train", dtype=dtype)
+    images = torch.arange(256, dtype=torch.uint8).repeat(3 * 3 * 2).view(3, 3, 16, 32)
+    images = images.contiguous(memory_format=torch.channels_last)  # every value in every channel
+    labels = torch.tensor([1, 0, 1], dtype=torch.int32)
+    out, y = upload(images, labels, torch.device("cpu"), loader.normalize)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, loader.normalize(images.contiguous()))  # any input layout
+    assert y.dtype == torch.int64 and torch.equal(y, labels.long())
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    cuda_arithmetic = ((images.float() - mean) / std).to(dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, cuda_arithmetic, rtol=0, atol=5e-7)
+    else:
+        assert torch.equal(out, cuda_arithmetic)
+
+
+def test_default_workers_leave_one_core(monkeypatch):
+    """Host decode on CUDA: every core but one (at least 1); everything else: LoaderSpec's default."""
+    import fastkd.data.torch_loader as tl
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(tl.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert default_workers(cuda, "host") == 15
+    assert default_workers(cuda, "auto") is None and default_workers(cuda, "device") is None
+    assert default_workers(cpu, "host") is None and default_workers(cpu, "auto") is None
+    monkeypatch.setattr(tl.os, "sched_getaffinity", lambda _: {0}, raising=False)
+    assert default_workers(cuda, "host") == 1
+
+
+def test_build_loader_takes_decode_for_torch_only(packed):
+    assert isinstance(_load(packed, "val", decode="auto"), TorchLoader)
+    with pytest.raises(FastKDError, match=r"backend 'ffcv' does not take option\(s\) \['decode'\]; it takes"):
+        build_loader(packed, "train", "ffcv", 4, 32, "cpu", "fp32", decode="host")
+
+
+def test_nvimgcodec_cpu_fallback_decodes_on_the_host(packed, monkeypatch, capsys):
+    """Without nvImageCodec, decoders="cpu" falls back to torch with decode="host" (torch's options
+    only: hw_decoder_load is dropped) and the note says where it decodes."""
+    monkeypatch.setattr(auto, "_said", set())
+    monkeypatch.setattr(nvimgcodec_loader, "available", lambda: "ModuleNotFoundError: no nvidia.nvimgcodec")
+    loader = build_loader(packed, "train", "nvimgcodec", 4, 32, "cpu", "fp32", num_workers=1,
+                          decoders="cpu", hw_decoder_load=0.5, batched_resize=True)
+    assert isinstance(loader, TorchLoader) and loader.decode == "host" and loader.batched_resize
+    assert "decoded by libjpeg-turbo on the host cores" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+def _cuda(packed, **kw):
+    return build_loader(packed, "train", "torch", 4, 32, "cuda", "bf16", num_workers=2, return_indices=True, **kw)
+
+
+@pytest.mark.gpu
+def test_gpu_host_decode_matches_device_decode(packed):
+    """On CUDA, decode="host" yields the device path's samples, labels, boxes and flips; pixels
+    differ only by the decoder (libjpeg-turbo vs nvJPEG) and the resize (per image vs batched)."""
+    device, host = _cuda(packed), _cuda(packed, decode="host")
+    assert (device.decode, host.decode) == ("device", "host") and not host.batched_resize
+    for epoch in (0, 1):
+        device.set_epoch(epoch)
+        host.set_epoch(epoch)
+        (x0, y0, i0), (x1, y1, i1) = _pass(device), _pass(host)
+        assert torch.equal(i0, i1) and torch.equal(y0, y1) and y1.is_cuda and y1.dtype == torch.int64
+        assert x1.is_cuda and x1.dtype == torch.bfloat16 and x1.is_contiguous(memory_format=torch.channels_last)
+        d = (x1.float() - x0.float()).abs()
+        assert d.mean() < 0.05, d.mean()  # ~3 grey levels / 58 (std * 255), averaged
+    cpu = _pass(_load(packed, "train", dtype="bf16"))  # the same workers' code on a CPU device
+    host.set_epoch(0)
+    x1, y1, i1 = _pass(host)
+    assert torch.equal(i1, cpu[2]) and torch.equal(y1.cpu(), cpu[1])
+    assert (x1.float().cpu() - cpu[0].float()).abs().max() < 0.02  # same pixels up to the float path
+
+
+@pytest.mark.gpu
+def test_gpu_host_decode_step_never_waits_on_the_host(packed):
+    """Taking host-decoded batches and using them on the current stream makes no host sync (the
+    copies come from pinned memory, queued on the side stream), and each batch is ready there."""
+    loader = _cuda(packed, decode="host")
+    ref = _pass(loader)[0].float().sum(dim=(1, 2, 3))
+    loader.set_epoch(0)
+    sums = []
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y, _ in loader:
+            sums.append(x.float().sum(dim=(1, 2, 3)) + y.float() * 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.allclose(torch.cat(sums), ref, rtol=1e-3, atol=1.0)
