@@ -74,7 +74,9 @@ class PrecisionConfig:
 
 @dataclass(kw_only=True)
 class CompileConfig:
-    mode: Literal["none", "inductor", "cudagraphs"] = "none"  # torch.compile of each network
+    mode: Literal["none", "inductor", "reduce-overhead", "cudagraphs"] = "none"  # torch.compile (alias --compile); reduce-overhead (inductor + CUDA graphs) and cudagraphs (no Triton) need CUDA
+    scope: Literal["step", "networks"] = "step"  # step: teacher + students + loss as one graph (backward compiled with it); networks: each network alone
+    warm: bool = True  # compile every train resolution before the first step (timed apart, logged as `compile` records)
 
 
 @dataclass(kw_only=True)

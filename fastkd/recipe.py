@@ -145,13 +145,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(students: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
     """`optim` (config.OptimConfig) over every student parameter with `param_groups`' weight
     decay: SGD (momentum, nesterov: as before these keys existed) or AdamW (betas, eps; weight
-    decay decoupled, the config's value) with the fused kernel when every parameter is on CUDA,
-    foreach kernels otherwise."""
+    decay decoupled, the config's value) with the fused kernel when every parameter is on CUDA
+    (a few kernel launches update every parameter of both students), torch's default kernels
+    otherwise (SGD: per tensor, as CPU runs always did; AdamW: foreach)."""
     groups = param_groups(students, optim.weight_decay)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov)
+        kernels = {"fused": True} if on_cuda else {}
+        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, **kernels)
     if optim.name == "adamw":
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
         kernels = {"fused": True} if on_cuda else {"foreach": True}
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, **kernels)
     raise ValueError(f"unknown optimizer {optim.name!r}")

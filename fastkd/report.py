@@ -135,6 +135,9 @@ def _markdown(report: Mapping[str, Any], plots: list[str]) -> str:
     ]
     if report.get("images_per_s") is not None:
         lines.append(f"- throughput: {report['images_per_s']:,.0f} images/s (training)")
+    if report.get("compile_s"):
+        parts = ", ".join(f"{sec:.1f} s at {res} px" for res, sec in report["compile_s"].items())
+        lines.append(f"- compiling the step (before training, not in the throughput): {parts}")
     if report.get("wall_time_s") is not None:
         lines.append(f"- wall time: {format_duration(report['wall_time_s'])} ({report['wall_time_s']:.1f} s)")
     lines += [
@@ -216,6 +219,7 @@ def run_summary(trainer, wall_time: float) -> dict:
         "teacher": teacher,
         "images_per_s": trainer._train_samples / trainer._train_time if trainer._train_time else None,
         "wall_time_s": wall_time,
+        "compile_s": {str(res): sec for res, sec in getattr(trainer, "compile_seconds", {}).items()} or None,
         "epochs": trainer.epoch,
         "total_epochs": cfg.schedule.epochs,
         "finished": trainer.epoch >= cfg.schedule.epochs,

@@ -25,7 +25,16 @@ from fastkd.distributed import local_device_index
 from fastkd.errors import FastKDError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-COMPILE_MODES = ("none", "inductor", "cudagraphs")
+COMPILE_MODES = ("none", "inductor", "reduce-overhead", "cudagraphs")
+# torch.compile arguments of each compile.mode. dynamic=False: one static graph per input shape
+# (each resolution of a progressive-resizing run), which is what CUDA graphs and inductor's
+# shape-specialised kernels need; the number of graphs is bounded by `allow_graphs`.
+COMPILE_ARGS = {
+    "inductor": {"dynamic": False},
+    "reduce-overhead": {"dynamic": False, "mode": "reduce-overhead"},  # inductor + CUDA graph trees
+    "cudagraphs": {"dynamic": False, "backend": "cudagraphs"},  # CUDA graphs of the FX graph, no Triton
+}
+CUDA_ONLY_MODES = ("reduce-overhead", "cudagraphs")
 
 
 def resolve_device(name: str, local_rank: int = 0, flag: str = "--run.device") -> torch.device:
@@ -79,16 +88,32 @@ def input_dtype(amp: str, device: torch.device) -> torch.dtype:
     return amp_dtype(amp, device) or torch.float32
 
 
-def compile_module(module: nn.Module, mode: str):
-    """`module` itself (none), or its torch.compile wrapper (inductor; cudagraphs: CUDA graphs of
-    the captured FX graph, no Triton)."""
+def compile_fn(fn, mode: str):
+    """`fn` (a module or a function) itself (mode none), or its torch.compile wrapper with the
+    arguments of COMPILE_ARGS[mode]."""
     if mode == "none":
-        return module
-    if mode == "inductor":
-        return torch.compile(module)
-    if mode == "cudagraphs":
-        return torch.compile(module, backend="cudagraphs")
-    raise FastKDError(f"compile.mode {mode!r}: use {', '.join(COMPILE_MODES)}")
+        return fn
+    if mode not in COMPILE_ARGS:
+        raise FastKDError(f"compile.mode {mode!r}: use {', '.join(COMPILE_MODES)}")
+    return torch.compile(fn, **COMPILE_ARGS[mode])
+
+
+def compile_module(module: nn.Module, mode: str):
+    """`module` itself (none), or its torch.compile wrapper (inductor; reduce-overhead: inductor
+    with CUDA graphs; cudagraphs: CUDA graphs of the captured FX graph, no Triton)."""
+    return compile_fn(module, mode)
+
+
+def allow_graphs(count: int) -> None:
+    """Let torch.compile keep `count` graphs per compiled function (one per resolution and step
+    variant) before it gives up and runs the function eagerly, which it does silently at its
+    default limit of 8: a 96 -> 256 px ramp in steps of 16 has 11 resolutions. Only raises the
+    limit, never lowers it."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and the one torch 2.x had
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < count:
+            setattr(dynamo_config, name, count)
 
 
 def seed_all(seed: int) -> None:

@@ -7,28 +7,36 @@
 
 What one call does, in order (the trainer, the benchmarks and the GPU check all run exactly this):
 MixUp / CutMix of the batch when augment.mixup / augment.cutmix is on (`fastkd.recipe`; drawn on
-the host from the step's seed), teacher forward in eval mode under inference_mode on the same
-(mixed) images (its logits cloned out of inference mode, fp32), students forward in train mode
-under autocast (in DDP when there are several ranks), student logits cast to fp32,
-`fastkd.losses.distillation_loss` (the fused op unless loss.fused is false), zero_grad,
+the host from the step's seed), then `forward_loss`: teacher forward in eval mode under no_grad on
+the same (mixed) images (fp32 logits), students forward in train mode under autocast (in DDP
+when there are several ranks), student logits cast to fp32, `fastkd.losses.distillation_loss`
+(the fused op unless loss.fused is false) and the per-student correct counts; then zero_grad,
 backward through the GradScaler (fp16 only), gradient clipping per student when
 optim.clip_grad_norm is set (after the scaler's unscale_), one optimizer update over both
-students (SGD or AdamW, weight decay on conv/linear weights only), the EMA update when ema.decay
-is set, and the per-student correct counts. Nothing is read back to the host: the loss parts,
+students (SGD or AdamW, weight decay on conv/linear weights only; fused kernels on CUDA), and
+the EMA update when ema.decay is set. Nothing is read back to the host: the loss parts,
 accuracies and w stay on the device until `StepMeter.read`, the loop's one sync every
 run.log_every steps.
 
+Compilation (compile.mode, compile.scope). Scope `step` (the default): `forward_loss` is compiled
+as one function, so teacher, students and loss are one graph whose backward AOTAutograd compiles
+with it, with static shapes (one graph per resolution; `warm` compiles a resolution ahead of
+training and times it). reduce-overhead adds inductor's CUDA graphs (a new iteration is marked
+each call, and the returned parts are copied out of the graph's memory). Scope `networks`: each
+network is compiled alone and the loss runs eagerly between them. The optimizer update is never
+traced: on CUDA it is torch's fused SGD / AdamW kernel, which a graph would not make faster.
+
 A mixed batch (lam, labels y_a and the rolled y_b): the loss is lam * L(y_a) + (1 - lam) * L(y_b)
-exactly. Only the CE term depends on labels, so it is computed as one distillation_loss call with
-a_ce scaled by lam (CE(y_a) plus the KD and peer terms, once) and one CE-only call with a_ce
-scaled by 1 - lam on y_b; `ce` reports the mixed CE, `kd`, `peer` and `w` are as without mixing,
-and `correct` counts top-1 hits against the dominant label (y_a when lam >= 0.5, else y_b).
+exactly. Only the CE term depends on labels, so it is computed as L(y_a) + (1 - lam) * (CE(y_b) -
+CE(y_a)) with lam a device tensor (a compiled step keeps one graph for every lam); `ce` reports
+the mixed CE, `kd`, `peer` and `w` are as without mixing, and `correct` counts top-1 hits
+against the dominant label (y_a when lam >= 0.5, else y_b).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import time
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +48,7 @@ from fastkd.models import build_model, network_names
 from fastkd.recipe import AugmentConfig, MixParams, StudentsEMA, apply_mix, build_optimizer, draw_mix, mix_rng
 from fastkd.recipe import param_groups  # noqa: F401 (re-exported: fastkd.train and tests import it here)
 from fastkd.runtime import amp_dtype as resolve_amp_dtype
-from fastkd.runtime import compile_module
+from fastkd.runtime import compile_fn, compile_module
 from fastkd.schedule import peak_lr
 
 
@@ -121,7 +129,7 @@ class TrainStep:
                  optimizer: torch.optim.Optimizer, device: torch.device, amp_dtype: torch.dtype | None,
                  model: nn.Module | None = None, *, clip_grad_norm: float | None = None,
                  ema: StudentsEMA | None = None, augment: AugmentConfig | None = None,
-                 mix_seed: int = 0):  # fmt: skip
+                 mix_seed: int = 0, compile_mode: str = "none", num_classes: int | None = None):  # fmt: skip
         self.students, self.teacher, self.loss = students, teacher, loss
         self.model = students if model is None else model
         self.optimizer, self.device, self.amp_dtype = optimizer, device, amp_dtype
@@ -131,6 +139,11 @@ class TrainStep:
         self.augment = augment if augment is not None and augment.mixing else None
         self._mix_rng = mix_rng(mix_seed)  # only for calls without a seed
         self.last_mix: MixParams | None = None  # the last call's mixing (None: not mixed)
+        self.num_classes = num_classes  # for `warm`'s synthetic labels
+        # compile.scope step: forward_loss (teacher, students, loss, correct counts) is one
+        # compiled graph; AOTAutograd compiles its backward with it
+        self.compile_mode = compile_mode
+        self._forward_loss = compile_fn(self.forward_loss, compile_mode)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -159,24 +172,22 @@ class TrainStep:
         if seed is not None:
             self.seed(seed)
         mix = self._draw_mix(seed, images)
-        labels_b = None
+        mixed = None
         if mix is not None:
             if teacher_logits is not None and self.loss.uses_teacher:
                 raise ValueError("a mixed batch needs the teacher's forward on it; the given teacher "
                                  "logits are of the unmixed images")
             images, labels_b = apply_mix(images, labels, mix)
+            mixed = self._mixed_inputs(labels_b, mix.lam)
         if teacher_logits is not None:
             teacher_logits = teacher_logits.float()
-        with self.autocast():
-            if self.teacher is not None and teacher_logits is None:
-                with torch.inference_mode():
-                    t = self.teacher(images)  # [B, C]
-                teacher_logits = t.float().clone()  # a normal tensor, usable outside inference mode
-            logits = self.model(images)  # [[B, C]] per student
-        logits = [s.float() for s in logits]
-        parts = self._loss(teacher_logits, logits, labels, labels_b, mix)
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last one's graph outputs are free
+        parts = self._forward_loss(images, labels, teacher_logits, mixed)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts["loss"]).backward()
+        if self.compile_mode == "reduce-overhead":  # outputs of a CUDA graph live until its next replay
+            parts = {k: v.detach().clone() for k, v in parts.items()}
         if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)  # true gradients (fp16); a no-op otherwise
             parts["grad_norm"] = torch.stack(
@@ -187,8 +198,29 @@ class TrainStep:
         if self.ema is not None:
             with torch.no_grad():
                 self.ema.update()
+        return parts
+
+    def forward_loss(self, images: Tensor, labels: Tensor, teacher_logits: Tensor | None,
+                     mixed: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:  # fmt: skip
+        """Everything of one step up to the loss, as one function (compile.scope step compiles
+        it whole): teacher forward unless `teacher_logits` [B, C] are given, students forward,
+        the loss on fp32 logits, the correct counts. `mixed`: (labels_b [B], lam [] fp32) of a
+        mixed batch (`_mixed_inputs`), else None. Returns the loss parts plus
+        `correct` [n_students]."""
+        with self.autocast():
+            if self.teacher is not None and teacher_logits is None:
+                with torch.no_grad():  # frozen; no_grad (not inference_mode) traces into one graph
+                    teacher_logits = self.teacher(images).float()  # [B, C]
+            logits = self.model(images)  # [[B, C]] per student
+        logits = [s.float() for s in logits]
+        if mixed is None:
+            parts = distillation_loss(teacher_logits, logits, labels, self.loss, fused=self.loss.fused)
+            target = labels
+        else:
+            labels_b, lam = mixed
+            parts = self._mixed_loss(teacher_logits, logits, labels, labels_b, lam)
+            target = torch.where(lam >= 0.5, labels, labels_b)  # the dominant label, chosen on the device
         with torch.no_grad():
-            target = labels if mix is None or mix.lam >= 0.5 else labels_b  # the dominant label
             parts["correct"] = torch.stack([(s.argmax(dim=1) == target).sum() for s in logits])
         return parts
 
@@ -201,22 +233,66 @@ class TrainStep:
         self.last_mix = mix
         return mix
 
-    def _loss(self, teacher_logits: Tensor | None, logits: list[Tensor], labels: Tensor,
-              labels_b: Tensor | None, mix: MixParams | None) -> dict[str, Tensor]:  # fmt: skip
-        """distillation_loss, or for a mixed batch lam * L(y_a) + (1 - lam) * L(y_b) (module doc)."""
+    def _mixed_inputs(self, labels_b: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+        """forward_loss's `mixed` for a batch mixed with weight `lam` (labels_b: the rolled
+        labels): lam as a device tensor made by a fill kernel (no host-to-device copy, and a
+        compiled step keeps one graph whatever lam is)."""
+        return labels_b, torch.full((), lam, dtype=torch.float32, device=labels_b.device)
+
+    def _mixed_loss(self, teacher_logits: Tensor | None, logits: list[Tensor], labels: Tensor,
+                    labels_b: Tensor, lam: Tensor) -> dict[str, Tensor]:  # fmt: skip
+        """lam * L(y_a) + (1 - lam) * L(y_b) (module doc) as L(y_a) + (1 - lam) * (CE(y_b) -
+        CE(y_a)): only CE depends on the labels, and lam stays a tensor."""
         fused = self.loss.fused
-        if mix is None:
-            return distillation_loss(teacher_logits, logits, labels, self.loss, fused=fused)
-        lam = mix.lam
-        own = dataclasses.replace(self.loss, a_ce=self.loss.a_ce * lam)
-        parts = distillation_loss(teacher_logits, logits, labels, own, fused=fused)
-        if lam < 1.0:
-            ce_b = LossConfig(method="ce", a_ce=self.loss.a_ce * (1.0 - lam),
-                              label_smoothing=self.loss.label_smoothing, fused=fused)  # fmt: skip
-            other = distillation_loss(None, logits, labels_b, ce_b, fused=fused)
-            parts["loss"] = parts["loss"] + other["loss"]
-            parts["ce"] = parts["ce"] + other["ce"]
+        parts = distillation_loss(teacher_logits, logits, labels, self.loss, fused=fused)
+        ce_only = LossConfig(method="ce", a_ce=self.loss.a_ce, label_smoothing=self.loss.label_smoothing, fused=fused)
+        ce_a = distillation_loss(None, logits, labels, ce_only, fused=fused)
+        ce_b = distillation_loss(None, logits, labels_b, ce_only, fused=fused)
+        other = 1.0 - lam
+        parts["loss"] = parts["loss"] + other * (ce_b["loss"] - ce_a["loss"])
+        parts["ce"] = parts["ce"] + other * (ce_b["ce"] - ce_a["ce"])
         return parts
+
+    def warm(self, batch_size: int, resolution: int, dtype: torch.dtype, channels_last: bool = True) -> float:
+        """Compile the step's graphs for [batch_size, 3, resolution, resolution] batches now,
+        not in the first training step at that size; returns the seconds it took (compile time,
+        reported apart from training speed). Runs forward_loss and its backward on random data,
+        once per kind of batch the run will see (unmixed, mixed), then puts everything back:
+        gradients cleared, BN statistics and the random generators restored, no optimizer
+        update, no EMA update. 0.0 when the step is not compiled as a whole."""
+        if self.compile_mode == "none":
+            return 0.0
+        if self.num_classes is None:
+            raise ValueError("TrainStep.warm needs num_classes (build_step sets it)")
+        start = time.perf_counter()
+        self.students.train()  # the mode training runs in (a graph is specialised on it)
+        buffers = [b.detach().clone() for b in self.students.buffers()]
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            images = torch.randn(batch_size, 3, resolution, resolution, device=self.device).to(dtype)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = torch.randint(0, self.num_classes, (batch_size,), device=self.device)
+            teacher_logits = None
+            if self.teacher is None and self.loss.uses_teacher:  # a teacher cache feeds the logits
+                teacher_logits = torch.randn(batch_size, self.num_classes, device=self.device)
+            kinds = []
+            if self.augment is None or self.augment.mix_prob < 1.0:
+                kinds.append(None)
+            if self.augment is not None:
+                kinds.append(self._mixed_inputs(labels.roll(1, dims=0), 0.7))
+            for mixed in kinds:
+                if self.compile_mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                parts = self._forward_loss(images, labels, teacher_logits, mixed)
+                parts["loss"].backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for live, saved in zip(self.students.buffers(), buffers, strict=True):
+                live.copy_(saved)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
 
 def build_students(cfg: TrainConfig, num_classes: int, device: torch.device, distributed_run: bool,
@@ -231,8 +307,19 @@ def build_students(cfg: TrainConfig, num_classes: int, device: torch.device, dis
     students = Students([net.to(device=device, memory_format=fmt) for net in nets])
     if cfg.model.sync_bn and distributed_run:
         students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
-    students.set_compile(cfg.compile.mode)
+    students.set_compile(network_compile_mode(cfg))
     return students
+
+
+def network_compile_mode(cfg: TrainConfig) -> str:
+    """compile.mode of each network alone: the mode with compile.scope networks; "none" with
+    scope step (the whole forward_loss is compiled instead, networks included)."""
+    return cfg.compile.mode if cfg.compile.scope == "networks" else "none"
+
+
+def step_compile_mode(cfg: TrainConfig) -> str:
+    """compile.mode of TrainStep.forward_loss: the mode with compile.scope step, else "none"."""
+    return cfg.compile.mode if cfg.compile.scope == "step" else "none"
 
 
 def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teacher: nn.Module | None = None,
@@ -251,7 +338,7 @@ def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teac
         if teacher is None:
             teacher = build_model(cfg.model.teacher, num_classes, channels_last=cfg.precision.channels_last)
             teacher.eval().requires_grad_(False)
-        teacher = compile_module(teacher.to(device), cfg.compile.mode)
+        teacher = compile_module(teacher.to(device), network_compile_mode(cfg))
     else:
         teacher = None
     model = students
@@ -265,4 +352,5 @@ def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teac
     return TrainStep(students, teacher, cfg.loss, optimizer, device,
                      resolve_amp_dtype(cfg.precision.amp, device), model=model,
                      clip_grad_norm=cfg.optim.clip_grad_norm, ema=ema, augment=cfg.augment,
-                     mix_seed=cfg.run.seed)  # fmt: skip
+                     mix_seed=cfg.run.seed, compile_mode=step_compile_mode(cfg),
+                     num_classes=num_classes)  # fmt: skip

@@ -41,7 +41,8 @@ from fastkd.metrics import MetricsLog, NullLog
 from fastkd.models import build_model, load_student_weights, load_teacher, network_names
 from fastkd.report import run_summary, summary_table, write_report
 from fastkd.resume import last_state, restore
-from fastkd.runtime import base_index, input_dtype, resolve_device, seed_all, set_determinism, step_seed, stop_signals
+from fastkd.runtime import CUDA_ONLY_MODES, allow_graphs, base_index, input_dtype, resolve_device, seed_all
+from fastkd.runtime import set_determinism, step_seed, stop_signals
 from fastkd.schedule import lr_at, peak_lr, resolution_at
 from fastkd.step import build_step, param_groups  # noqa: F401 (param_groups re-exported for callers)
 
@@ -78,8 +79,8 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.run_dir = Path(cfg.run.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if cfg.compile.mode == "cudagraphs" and self.device.type != "cuda":
-            raise FastKDError("compile.mode cudagraphs needs CUDA; use none or inductor on CPU")
+        if cfg.compile.mode in CUDA_ONLY_MODES and self.device.type != "cuda":
+            raise FastKDError(f"compile.mode {cfg.compile.mode} needs CUDA; use none or inductor on CPU")
         if cfg.model.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise FastKDError("model.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel)")
         set_determinism(cfg.run.deterministic)
@@ -132,6 +133,7 @@ class Trainer:
         self._stop_signum = signal.SIGINT  # the first stop signal this process got
         self._train_time = 0.0
         self._train_samples = 0
+        self.compile_seconds: dict[int, float] = {}  # train resolution -> seconds compiling the step (compile.warm)
         self.log = NullLog()
         if resume is not None:
             self._load(resume)
@@ -226,6 +228,7 @@ class Trainer:
             if self._resumed:  # where a resume starts: loggers drop what they had logged past it
                 self.log.write({"kind": "resume", "epoch": self.epoch, "step": self.global_step,
                                 "world_size": self.dist.world_size, "notes": self.resume_notes})  # fmt: skip
+            self._warm_compile(end_epoch, live)
             while self.epoch < end_epoch:
                 epoch = self.epoch
                 done = self._train_epoch(epoch, live)
@@ -249,6 +252,30 @@ class Trainer:
                 Console().print(summary_table(summary))
         distributed.barrier()
         return summary
+
+    def _warm_compile(self, end_epoch: int, live) -> None:
+        """A compiled step gets one graph per train resolution of epochs [epoch, end_epoch) (static
+        shapes: a progressive-resizing run has a few), and torch.compile may keep that many. With
+        compile.warm and compile.scope step, each is compiled now (`TrainStep.warm`), timed and
+        logged as a `compile` record, so no epoch's images/s carries a compile."""
+        cfg = self.cfg
+        if cfg.compile.mode == "none":
+            return
+        resolutions = sorted({self._resolution(e) for e in range(self.epoch, end_epoch)})
+        # per function: resolutions x (unmixed, mixed); scope networks: ResNet.forward serves the
+        # teacher and a ResNet student alike
+        allow_graphs(4 * len(resolutions) + 4)
+        if not cfg.compile.warm or self._step.compile_mode == "none":
+            return
+        dtype = input_dtype(cfg.precision.amp, self.device)
+        batch = int(getattr(self.train_loader, "batch_size", None) or cfg.data.batch_size)  # per rank
+        for res in resolutions:
+            seconds = self._step.warm(batch, res, dtype, cfg.precision.channels_last)
+            self.compile_seconds[res] = seconds
+            self.log.write({"kind": "compile", "epoch": self.epoch, "step": self.global_step, "resolution": res,
+                            "batch_size": batch, "seconds": seconds})  # fmt: skip
+            say(live, self.is_main, f"compiled the step ({cfg.compile.mode}) for batches of "
+                                    f"{batch} x {res} px in {seconds:.1f} s")  # fmt: skip
 
     def _train_epoch(self, epoch: int, live) -> int:
         """Steps of one epoch, from step_in_epoch (a Ctrl-C checkpoint's position) on; returns the
