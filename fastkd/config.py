@@ -41,6 +41,7 @@ class DataConfig:
     backend: Literal["ffcv", "dali", "torch", "folder", "nvimgcodec", "auto"] = "ffcv"  # loader; auto: fastest here, printed (alias --backend)
     batch_size: int = 256  # images per step per rank; optim.lr_per_256 scales with batch_size x ranks / 256
     num_workers: int | None = None  # loader workers; null = the backend's default
+    decode: Literal["auto", "device", "host"] = "auto"  # torch backend: JPEGs decoded by nvJPEG on the GPU (device) or by the loader workers on host cores (host); auto: device on CUDA
     resolution: int = 160  # train resolution (px) when progressive resizing is off
     val_resolution: int = 224  # val resolution (px)
     min_resolution: int | None = None  # progressive resizing: first-epoch resolution (set with max)
@@ -336,6 +337,8 @@ def validate(cfg: TrainConfig) -> None:
     d, m, s, r = cfg.data, cfg.model, cfg.schedule, cfg.run
     need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     need(d.resolution >= 8 and d.val_resolution >= 8, "data.resolution and data.val_resolution must be >= 8")
+    need(d.decode == "auto" or d.backend == "torch",
+         f"data.decode {d.decode} is an option of --backend torch, not {d.backend}")
     need(
         (d.min_resolution is None) == (d.max_resolution is None),
         "data.min_resolution and data.max_resolution must be set together (progressive resizing)",

@@ -174,10 +174,11 @@ class Trainer:
     def _build_loader(self, split: str, resolution: int, return_indices: bool = False):
         d = self.cfg.data
         dtype = input_dtype(self.cfg.precision.amp, self.device)
+        options = {"decode": d.decode} if d.decode != "auto" else {}  # torch backend only (config.validate)
         return build_loader(
             d.dir, split, d.backend, d.batch_size, resolution, self.device, dtype,
             rank=self.dist.rank, world_size=self.dist.world_size, seed=self.cfg.run.seed,
-            num_workers=d.num_workers, return_indices=return_indices,
+            num_workers=d.num_workers, return_indices=return_indices, **options,
         )  # fmt: skip
 
     # the step's parts, under the names the rest of fastkd (and tests) use
