@@ -129,7 +129,8 @@ class TrainStep:
                  optimizer: torch.optim.Optimizer, device: torch.device, amp_dtype: torch.dtype | None,
                  model: nn.Module | None = None, *, clip_grad_norm: float | None = None,
                  ema: StudentsEMA | None = None, augment: AugmentConfig | None = None,
-                 mix_seed: int = 0, compile_mode: str = "none", num_classes: int | None = None):  # fmt: skip
+                 mix_seed: int = 0, compile_mode: str = "none", num_classes: int | None = None,
+                 networks_compiled: bool = False):  # fmt: skip
         self.students, self.teacher, self.loss = students, teacher, loss
         self.model = students if model is None else model
         self.optimizer, self.device, self.amp_dtype = optimizer, device, amp_dtype
@@ -144,6 +145,7 @@ class TrainStep:
         # compiled graph; AOTAutograd compiles its backward with it
         self.compile_mode = compile_mode
         self._forward_loss = compile_fn(self.forward_loss, compile_mode)
+        self.compiled = compile_mode != "none" or networks_compiled  # something compiles at a new shape
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -259,8 +261,8 @@ class TrainStep:
         reported apart from training speed). Runs forward_loss and its backward on random data,
         once per kind of batch the run will see (unmixed, mixed), then puts everything back:
         gradients cleared, BN statistics and the random generators restored, no optimizer
-        update, no EMA update. 0.0 when the step is not compiled as a whole."""
-        if self.compile_mode == "none":
+        update, no EMA update. 0.0 when nothing in the step is compiled."""
+        if not self.compiled:
             return 0.0
         if self.num_classes is None:
             raise ValueError("TrainStep.warm needs num_classes (build_step sets it)")
@@ -353,4 +355,5 @@ def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teac
                      resolve_amp_dtype(cfg.precision.amp, device), model=model,
                      clip_grad_norm=cfg.optim.clip_grad_norm, ema=ema, augment=cfg.augment,
                      mix_seed=cfg.run.seed, compile_mode=step_compile_mode(cfg),
-                     num_classes=num_classes)  # fmt: skip
+                     num_classes=num_classes,
+                     networks_compiled=network_compile_mode(cfg) != "none")  # fmt: skip

@@ -257,7 +257,7 @@ class Trainer:
     def _warm_compile(self, end_epoch: int, live) -> None:
         """A compiled step gets one graph per train resolution of epochs [epoch, end_epoch) (static
         shapes: a progressive-resizing run has a few), and torch.compile may keep that many. With
-        compile.warm and compile.scope step, each is compiled now (`TrainStep.warm`), timed and
+        compile.warm, each is compiled now (`TrainStep.warm`, either scope), timed and
         logged as a `compile` record, so no epoch's images/s carries a compile."""
         cfg = self.cfg
         if cfg.compile.mode == "none":
@@ -266,7 +266,7 @@ class Trainer:
         # per function: resolutions x (unmixed, mixed); scope networks: ResNet.forward serves the
         # teacher and a ResNet student alike
         allow_graphs(4 * len(resolutions) + 4)
-        if not cfg.compile.warm or self._step.compile_mode == "none":
+        if not cfg.compile.warm or not self._step.compiled:
             return
         dtype = input_dtype(cfg.precision.amp, self.device)
         batch = int(getattr(self.train_loader, "batch_size", None) or cfg.data.batch_size)  # per rank

@@ -173,7 +173,8 @@ def test_eager_step_warm_is_a_no_op(tmp_path):
 def test_networks_scope_compiles_each_network(tmp_path, graphs):
     """compile.scope networks: teacher and each student are compiled alone, the loss runs eagerly."""
     step = tiny_step(tmp_path, "inductor", **{"compile.scope": "networks"})
-    assert step.compile_mode == "none"
+    assert step.compile_mode == "none" and step.compiled
+    assert step.warm(8, 16, torch.float32) > 0  # compiles the networks ahead, as the trainer does
     images, labels = batch(16)
     step(images, labels, seed=0)
     # the teacher's forward (eval mode), the students' (train mode; one graph serves both TinyNets)
