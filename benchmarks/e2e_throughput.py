@@ -25,6 +25,9 @@ baseline `synthetic`, ratio = value / synthetic's. Extras per row:
                    them): on a small benchmark set an epoch is a few batches, so its start-up
                    weighs far more than in a real epoch of thousands of batches
     ratio          value over the synthetic row's: 1.0 means data never held the step back
+    workers        the loader's decode workers (threads or processes)
+    imagenet100_epoch_min  126,689 (ImageNet-100's train images) / value / 60: the minutes an
+                   epoch would take at this rate (a projection from this run, not a measured epoch)
 
 The host clock is the right tool here, unlike in step_throughput.py: waiting for data is a host
 event. Work a backend enqueues on the GPU (nvJPEG decode, augmentation) is not "waiting"; it
@@ -32,7 +35,10 @@ shows up as a lower ratio instead. A backend whose package is missing or that ca
 on this machine is skipped with its message, and so is one build_loader replaced by another
 (nvimgcodec without the GPU's JPEG engines falls back to torch). --backends also takes
 loader_throughput.py's VARIANTS: nvimgcodec-gpu, nvimgcodec-cpu (host-core decode with
---workers threads, then the GPU resizes), dali-reader, auto (extra `ran_as`: the backend chosen).
+--workers threads, then the GPU resizes), torch-host (decode + crop + resize in the DataLoader
+workers, pinned copy to the GPU), dali-reader, auto (extra `ran_as`: the backend chosen), and its
+--workers rule: a list (`--workers 8,15`) gives the host-decode paths one row per count
+(`torch-host w8`). benchmarks/decode_table.py tabulates these rows per decode path.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import loader_throughput as lt  # noqa: E402
+from decode_table import IMAGENET100_TRAIN  # noqa: E402
 import step_throughput as st  # noqa: E402
 
 import torch  # noqa: E402
@@ -173,16 +180,16 @@ def run(args) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         return build_step(cfg, num_classes, torch.device(device), lr=1e-3)
 
-    for backend in backends:
-        extras: dict[str, Any] = dict(res=res, batch=batch, variant=variant)
+    for backend, path, workers in lt.runs(backends, args.workers):
+        extras: dict[str, Any] = dict(res=res, batch=batch, variant=variant, workers=workers)
         try:
-            name, opts = lt.resolve(backend)
+            name, opts = lt.resolve(path)
             loader = build_loader(str(data), "train", name, batch, res, device, dtype,
-                                  num_workers=args.workers, drop_last=True, **opts)
-            why = lt.substituted(backend, loader, device)
+                                  num_workers=workers, drop_last=True, **opts)
+            why = lt.substituted(path, loader, device)
             if why is not None:
                 raise RuntimeError(why)
-            extras["ran_as"] = loader.backend
+            extras["ran_as"], extras["workers"] = loader.backend, loader.spec.num_workers
             if step is None:
                 step = make_step(loader.num_classes)
             extras.update(measure(trainer_iteration(step), LoaderBatches(loader), args.steps, args.warmup, device))
@@ -193,8 +200,9 @@ def run(args) -> dict[str, Any]:
                                    error=message, **extras))
             print(f"  {backend:8s} skipped: {message}", flush=True)
             continue
-        rows.append(common.row(backend, case=case, unit="img/s", value=extras.pop("images_per_s"),
-                               baseline="synthetic", **extras))
+        rate = extras.pop("images_per_s")
+        rows.append(common.row(backend, case=case, unit="img/s", value=rate, baseline="synthetic",
+                               imagenet100_epoch_min=epoch_minutes(rate), **extras))
         r = rows[-1]
         print(f"  {backend:8s} {r['value']:10,.1f} img/s  waiting {r['wait_frac']:.1%} "
               f"({r['wait_frac_steady']:.1%} in-epoch, {r['epoch_starts']} epoch starts)", flush=True)
@@ -206,14 +214,16 @@ def run(args) -> dict[str, Any]:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, _num_classes(step), (batch,), device=device)
     synth = measure(trainer_iteration(step), lambda: (x, y), args.steps, args.warmup, device)
-    rows.append(common.row("synthetic", case=case, unit="img/s", value=synth.pop("images_per_s"),
-                           baseline="synthetic", res=res, batch=batch, variant=variant, **synth))
+    rate = synth.pop("images_per_s")
+    rows.append(common.row("synthetic", case=case, unit="img/s", value=rate, baseline="synthetic", res=res,
+                           batch=batch, variant=variant, imagenet100_epoch_min=epoch_minutes(rate), **synth))
     print(f"  {'synthetic':8s} {rows[-1]['value']:10,.1f} img/s", flush=True)
     common.fill_ratios(rows)
 
     columns = [("name", "data"), ("value", "img/s"), ("wait_frac", "waiting"),
                ("wait_frac_steady", "waiting in-epoch"), ("epoch_starts", "epoch starts"),
-               ("ratio", "x synthetic"), ("status", "status"), ("error", "note")]
+               ("ratio", "x synthetic"), ("imagenet100_epoch_min", "IN-100 epoch min"), ("status", "status"),
+               ("error", "note")]
     pct = ("wait_frac", "wait_frac_steady")
     shown = [dict(r, **{k: (f"{r[k]:.1%}" if k in r else None) for k in pct}) for r in rows]
     common.print_table(shown, columns, title=f"end-to-end, {variant}, {case}, {args.steps} steps")
@@ -241,6 +251,11 @@ def run(args) -> dict[str, Any]:
                                headline=headline, goals=goals, notes=[f"loss: {loss_desc}"])
 
 
+def epoch_minutes(images_per_s: float) -> float:
+    """Minutes of one ImageNet-100 train epoch (126,689 images) at `images_per_s`: a projection."""
+    return IMAGENET100_TRAIN / images_per_s / 60
+
+
 def _num_classes(step) -> int:
     """Classes of the step's students: the out_features of the first student's last Linear."""
     last = [m for m in step.students.nets[0].modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -266,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="default 256 on GPU, 8 on CPU")
     p.add_argument("--steps", type=int, default=50, help="timed steps per source")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per source")
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default: backend's)")
+    p.add_argument("--workers", type=common.parse_int_list, default=[],
+                   help="loader workers: one count for every source, or a list (8,15) swept over the "
+                        "host-decode paths (default: each backend's)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)

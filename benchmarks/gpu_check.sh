@@ -29,22 +29,28 @@
 #   data     16 x 384 synthetic photo-sized JPEGs -> `fastkd pack --formats dali` (or DATA=packed/dir)
 #   loader   benchmarks/loader_throughput.py, every decode path: torch (nvJPEG CUDA decoder),
 #            nvimgcodec (hardware JPEG engines, ROI), nvimgcodec-gpu (CUDA decoder, ROI),
-#            nvimgcodec-cpu (host cores, ROI, then GPU resize), auto (the rule's choice)
-#   e2e      benchmarks/e2e_throughput.py, the same decode paths vs synthetic data
+#            nvimgcodec-cpu (host cores, ROI, then GPU resize), auto (the rule's choice), torch-host
+#            (host cores: decode + crop + resize in DataLoader workers, pinned copy); the host-core
+#            paths once per count of HOST_WORKERS (8 and cores - 1); at 160 px, then DECODE_PATHS_192
+#            at 192 px with cores - 1 workers (GPU mode; the dry run: 32 px only)
+#   e2e      benchmarks/e2e_throughput.py, the same decode paths and sizes vs synthetic data
 #   step     benchmarks/step_throughput.py: the trainer's step (fastkd.step.build_step), 5 variants
 #            x 160/192/224 px x batch 128/256; the two compiled variants (reference and fused loss)
 #            at 160 px x 256 only; given the time left up to HARD_S (at most 200 s)
 #   losstest pytest of the loss tests (CPU reference, op under compile; GPU ones too)
-# Last: benchmarks/run_all.py --collect merges the JSONs into results.{json,md,png}, then a short
+# Last: benchmarks/run_all.py --collect merges the JSONs into results.{json,md,png},
+# benchmarks/decode_table.py tabulates the loader and e2e rows per decode path, then a short
 # table (stages + goals) is printed. Under $OUT (at most 8 files, none in sub-folders):
 #   gpu_check.log  this console output       summary.md   stage table + results.md
 #   results.json   all benchmark JSONs + stages + machine     results.png  bar chart
+#   decode_table.md  issue 11's table: per decode path loader / e2e / ImageNet-100 epoch at 160 + 192 px
 #   logs.tar.gz    every stage's full log, the JSONs and the results folder
 # Environment knobs: PY (python; default .venv/bin/python if present, else python3), BUDGET_S,
 # DATA (a packed dir), WORK (scratch dir), QUICK=1 (tiny sizes even on a GPU), FORCE_SHIM=1 (test
 # the shim), ONLY="kernel step" (rerun just these stages; env, install and wheels always run; a
 # stage that needs data needs `data` too, unless DATA is given), STEP_VARIANTS (dry run: the step
-# benchmark's --variants), DECODE_PATHS (the loader and e2e stages' --backends).
+# benchmark's --variants), DECODE_PATHS (the loader and e2e stages' --backends), HOST_WORKERS (their
+# --workers sweep of the host-core paths), DECODE_PATHS_192 (the 192 px pass's --backends).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -296,19 +302,47 @@ else
 fi
 
 # ------------------------------------------------------------------ loader benchmark (every decode path)
-DECODE_PATHS=${DECODE_PATHS:-torch,nvimgcodec,nvimgcodec-gpu,nvimgcodec-cpu,auto}
+DECODE_PATHS=${DECODE_PATHS:-torch,nvimgcodec,nvimgcodec-gpu,nvimgcodec-cpu,auto,torch-host}
+DECODE_PATHS_192=${DECODE_PATHS_192:-torch,nvimgcodec,torch-host}
+LAST_CORE=$(( $(nproc) - 1 )); [ "$LAST_CORE" -lt 1 ] && LAST_CORE=1
 if [ "$MODE" = gpu ]; then
-  LOADER_EXTRA=(--device cuda --batch-size 256 --resolution 160 --epochs 3)
+  # host-core paths once per count (torch-host w8, torch-host w15 on 16 cores), the GPU paths once
+  if [ "$LAST_CORE" -gt 8 ]; then HOST_WORKERS=${HOST_WORKERS:-8,$LAST_CORE}; else HOST_WORKERS=${HOST_WORKERS:-$LAST_CORE}; fi
+  LOADER_EXTRA=(--device cuda --batch-size 256 --epochs 2)
+  LOADER_RES=(160 192)
 else
-  LOADER_EXTRA=(--device cpu --batch-size 8 --resolution 32 --epochs 1)
+  HOST_WORKERS=${HOST_WORKERS:-}  # the dry run: each backend's default workers, names unchanged
+  LOADER_EXTRA=(--device cpu --batch-size 8 --epochs 1)
+  LOADER_RES=(32)
 fi
-stage loader 120 any "$PY" benchmarks/loader_throughput.py --data "$PACKED" --backends "$DECODE_PATHS" \
-  "${LOADER_EXTRA[@]}" --json "$W/json/loader.json"
+export PACKED DECODE_PATHS DECODE_PATHS_192 HOST_WORKERS LAST_CORE
+# decode_runs SCRIPT JSON_STEM ARGS...: SCRIPT at each resolution of LOADER_RES (the first with
+# every DECODE_PATHS and the HOST_WORKERS sweep, the next with DECODE_PATHS_192 on cores - 1
+# workers); one JSON each: STEM.json, STEM-192.json
+decode_runs() {
+  local script=$1 stem=$2 res rc=0 first=1
+  shift 2
+  for res in $LOADER_RES_LIST; do
+    if [ "$first" = 1 ]; then
+      "$PY" "$script" --data "$PACKED" --backends "$DECODE_PATHS" ${HOST_WORKERS:+--workers "$HOST_WORKERS"} \
+        "$@" "$RES_FLAG" "$res" --json "$W/json/$stem.json" || rc=1
+    else
+      "$PY" "$script" --data "$PACKED" --backends "$DECODE_PATHS_192" --workers "$LAST_CORE" \
+        "$@" "$RES_FLAG" "$res" --json "$W/json/$stem-$res.json" || rc=1
+    fi
+    first=0
+  done
+  return $rc
+}
+LOADER_RES_LIST="${LOADER_RES[*]}"
+export LOADER_RES_LIST
+export RES_FLAG=--resolution
+stage loader 150 any decode_runs benchmarks/loader_throughput.py loader "${LOADER_EXTRA[@]}"
 
 # ------------------------------------------------------------------ end to end (every decode path)
-if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 40 --warmup 5); else E2E_ARGS=(--res 32 --batch 4 --steps 2 --warmup 1); fi
-stage e2e 150 any "$PY" benchmarks/e2e_throughput.py --data "$PACKED" --backends "$DECODE_PATHS" "${E2E_ARGS[@]}" \
-  --json "$W/json/e2e.json"
+if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 30 --warmup 4); else E2E_ARGS=(--batch 4 --steps 2 --warmup 1); fi
+RES_FLAG=--res
+stage e2e 180 any decode_runs benchmarks/e2e_throughput.py e2e "${E2E_ARGS[@]}"
 
 # ------------------------------------------------------------------ step benchmark
 # Last of the benchmarks, with whatever time is left (at most 200 s of measuring): it writes its JSON
@@ -340,6 +374,9 @@ RESDIR="$W/results"
 "$PY" benchmarks/run_all.py --collect "$W/json" --stages "$STAGES" --out "$RESDIR" > "$W/logs/collect.log" 2>&1 \
   || { echo "run_all --collect failed:"; tail -5 "$W/logs/collect.log"; }
 for f in results.json results.png; do [ -f "$RESDIR/$f" ] && cp "$RESDIR/$f" "$OUT/$f"; done
+"$PY" benchmarks/decode_table.py "$W/json" --res "$(echo "$LOADER_RES_LIST" | tr ' ' ',')" \
+  --out "$OUT/decode_table.md" > "$W/logs/decode_table.log" 2>&1 \
+  || { echo "decode_table failed:"; tail -5 "$W/logs/decode_table.log"; }
 [ -f "$RESDIR/results.md" ] && cp "$RESDIR/results.md" "$OUT/summary.md"
 tar -czf "$OUT/logs.tar.gz" -C "$W" logs json results stages.tsv 2>/dev/null
 echo

@@ -9,18 +9,23 @@ split of the same packed data with the same augmentation (RandomResizedCrop 0.08
 --resolution), batches normalised in --dtype, channels_last, on --device, exactly what a training
 step receives. Per backend: one warm-up epoch (JIT compile, page cache, worker start-up) that is
 not timed, then --epochs timed epochs; reported: the median epoch's images/s and its ratio to
-`folder`. All backends get --workers decode workers (default: every core). On cuda the batch is
+`folder`. Workers: one --workers value goes to every backend; a list (`--workers 4,8,15`) sweeps
+the host-decode paths (HOST_DECODE: one row per count, named `torch-host w8`) and leaves the
+others their default; without --workers each backend takes build_loader's default (every core;
+torch-host on CUDA every core but one). Each row records its `workers`. On cuda the batch is
 synchronised at the end of each epoch; a backend whose package is missing is skipped with the
 reason, and so is one that build_loader replaced by another (nvimgcodec without the GPU's JPEG
 engines falls back to torch: that row would measure torch). Names with options (VARIANTS):
-nvimgcodec-gpu / nvimgcodec-cpu (nvImageCodec's CUDA decoder / host cores, ROI decode) and
-auto (`--backend auto`; extra `ran_as` = the backend it chose).
+nvimgcodec-gpu / nvimgcodec-cpu (nvImageCodec's CUDA decoder / host cores, ROI decode),
+torch-host (the torch backend with decode="host": libjpeg-turbo in the DataLoader workers, also
+when the device is CUDA) and auto (`--backend auto`; extra `ran_as` = the backend it chose).
 
 Data: --data PACKED_DIR (its `source` folder serves `folder`), or --images photo-like JPEGs
 (benchmarks/common.py's synthetic folder: 10 classes, 90 % train, longer side 300-400 px)
 generated once into --work and packed with `fastkd pack` (max side 400, quality 90); later runs
-reuse them. Rows follow benchmarks/common.py's schema: name = backend, unit img/s, baseline
-`folder`; extras build_s, warmup_epoch_s, epoch_rates, images_per_epoch, ran_as.
+reuse them. Rows follow benchmarks/common.py's schema: name = backend (`NAME wN` in a sweep),
+unit img/s, baseline `folder`; extras res, workers, build_s, warmup_epoch_s, epoch_rates,
+images_per_epoch, ran_as.
 """
 
 from __future__ import annotations
@@ -43,8 +48,27 @@ VARIANTS = {
     "dali-reader": ("dali", {"shuffle": "reader"}),  # fn.readers.webdataset buffer shuffle
     "nvimgcodec-gpu": ("nvimgcodec", {"decoders": "gpu"}),  # nvImageCodec's CUDA decoder, no engines
     "nvimgcodec-cpu": ("nvimgcodec", {"decoders": "cpu"}),  # libjpeg-turbo ROI decode on the host cores
+    "torch-host": ("torch", {"decode": "host"}),  # libjpeg-turbo in the DataLoader workers, on any device
     "auto": ("auto", {}),  # fastkd.data.auto's rule
 }
+
+# paths that decode on host cores whatever the device: a --workers list sweeps these
+HOST_DECODE = ("torch-host", "nvimgcodec-cpu", "ffcv", "folder")
+
+
+def runs(names: list[str], workers: list[int]) -> list[tuple[str, str, int | None]]:
+    """(row name, --backends name, workers) per measurement. No --workers: each backend's default
+    (None); one value: every path gets it, names unchanged; several: each host-decode path once
+    per count (`torch-host w8`), the other paths once with their default."""
+    out = []
+    for name in names:
+        if len(workers) <= 1:
+            out.append((name, name, workers[0] if workers else None))
+        elif name in HOST_DECODE:
+            out += [(f"{name} w{n}", name, n) for n in workers]
+        else:
+            out.append((name, name, None))
+    return out
 
 
 def resolve(name: str) -> tuple[str, dict]:
@@ -82,7 +106,7 @@ def prepare(work: Path, count: int) -> Path:
     return packed
 
 
-def build(packed: Path, backend: str, args):
+def build(packed: Path, backend: str, args, workers: int | None = None):
     """(loader, seconds to build) or (None, why it is skipped)."""
     from fastkd.data import build_loader
     from fastkd.errors import FastKDError
@@ -91,7 +115,7 @@ def build(packed: Path, backend: str, args):
     t0 = time.perf_counter()
     try:
         loader = build_loader(packed, "train", name, args.batch_size, args.resolution, args.device,
-                              args.dtype, num_workers=args.workers, seed=0, **opts)
+                              args.dtype, num_workers=workers, seed=0, **opts)
     except FastKDError as error:
         return None, str(error)
     why = substituted(backend, loader, args.device)
@@ -116,16 +140,16 @@ def measure_all(packed: Path, backends: list[str], args) -> list[dict]:
     """Warm-up epoch per backend, then timed epochs interleaved round-robin across backends, so
     that load from other processes on a shared machine hits every backend alike."""
     results, loaders = [], {}
-    for backend in backends:
-        loader, built = build(packed, backend, args)
+    for backend, path, workers in runs(backends, args.workers):
+        loader, built = build(packed, path, args, workers)
         if loader is None:
-            results.append({"backend": backend, "skipped": built})
+            results.append({"backend": backend, "skipped": built, "res": args.resolution, "workers": workers})
             print(f"  {backend}: skipped: {built}", flush=True)
             continue
         _, warm = run_epoch(loader, 0, args.device)
         loaders[backend] = loader
-        results.append({"backend": backend, "build_s": built, "warmup_epoch_s": warm, "epoch_rates": [],
-                        "ran_as": loader.backend})
+        results.append({"backend": backend, "res": args.resolution, "workers": loader.spec.num_workers,
+                        "build_s": built, "warmup_epoch_s": warm, "epoch_rates": [], "ran_as": loader.backend})
         print(f"  {backend}: built in {built:.1f} s, warm-up epoch {warm:.1f} s", flush=True)
     by_name = {r["backend"]: r for r in results}
     for epoch in range(1, args.epochs + 1):
@@ -150,7 +174,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="packed directory to read (default: generate)")
     parser.add_argument("--images", type=int, default=2000, help="generated images (90%% train)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
-    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: all cores)")
+    parser.add_argument("--workers", type=common.parse_int_list, default=[],
+                        help="decode workers: one count for every backend, or a list (4,8,15) swept over the "
+                             f"host-decode paths ({', '.join(HOST_DECODE)}); default: each backend's")
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help=f"comma list of {', '.join(BACKENDS + tuple(VARIANTS))}")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fastkd-loader-bench"))
@@ -160,11 +186,12 @@ def main(argv=None) -> int:
     args.device = common.pick_device(args.device)
     if args.quick:
         args.images, args.resolution, args.epochs, args.batch_size = 300, 64, 1, 32
-    args.workers = args.workers or len(os.sched_getaffinity(0))
 
     packed = args.data or prepare(args.work, args.images)
     info = common.machine_info(args.device)
-    print(f"{info['date_utc']}  {info['cpu']} ({args.workers} workers)  {info.get('gpu', 'no GPU')}  "
+    workers = ",".join(map(str, args.workers)) or "default"
+    print(f"{info['date_utc']}  {info['cpu']} ({len(os.sched_getaffinity(0))} cores, workers {workers})  "
+          f"{info.get('gpu', 'no GPU')}  "
           f"torch {info['torch']}")
     print(f"device={args.device} dtype={args.dtype} batch={args.batch_size} r={args.resolution} data={packed}",
           flush=True)
@@ -180,7 +207,7 @@ def main(argv=None) -> int:
     common.fill_ratios(rows)
     measured = [r for r in rows if r["status"] == "ok"]
     common.print_table(measured, [("name", "backend"), ("value", "img/s"), ("ratio", "x folder"),
-                                  ("build_s", "build s"), ("warmup_epoch_s", "warm-up s")],
+                                  ("workers", "workers"), ("build_s", "build s"), ("warmup_epoch_s", "warm-up s")],
                        title=f"train loaders, r={args.resolution}, batch {args.batch_size}, {args.device}")
     for r in rows:
         if r["status"] != "ok":

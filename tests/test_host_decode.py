@@ -1,14 +1,16 @@
-"""The torch backend's `decode` option (host-core decode while training on CUDA, issue 11).
+"""The torch backend's `decode` option (host-core decode while training on CUDA, issue 11) and
+benchmarks/decode_table.py's table.
 
 On CPU: decode="host" is the CPU path itself (same batches, pixel for pixel), decode="device" is
 refused, the upload step of the CUDA host path (uint8 batch -> normalised channels_last batch of
 the loader's dtype) agrees with the float32 arithmetic the CUDA normalisation does, build_loader
-takes the option for torch only. The CUDA host path itself is marked `gpu` (skipped here, run by
-benchmarks/gpu_check.sh).
+takes the option for torch only, and the table builder shows measured cells and `not measured`
+ones. The CUDA host path itself is marked `gpu` (skipped here, run by benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,9 @@ from fastkd.data import auto, build_loader, nvimgcodec_loader
 from fastkd.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from fastkd.data.torch_loader import TorchLoader, default_workers, upload
 from fastkd.errors import FastKDError
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> Path:
@@ -127,6 +132,62 @@ def test_nvimgcodec_cpu_fallback_decodes_on_the_host(packed, monkeypatch, capsys
                           decoders="cpu", hw_decoder_load=0.5, batched_resize=True)
     assert isinstance(loader, TorchLoader) and loader.decode == "host" and loader.batched_resize
     assert "decoded by libjpeg-turbo on the host cores" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- decode table
+
+
+def _result(benchmark: str, rows: list[dict], device: str) -> dict:
+    import common
+
+    return common.write_result(None, benchmark, common.fill_ratios(rows), machine=common.machine_info(device),
+                               params={"resolution": "160"})
+
+
+def test_decode_table_cells():
+    """Hand-made GPU results (a loader run at 160 px, e2e runs at 160 and 192 px) and a CPU e2e
+    result: measured cells carry their own figures, the rest say `not measured`, CPU rows are
+    labelled as such."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import common
+    import decode_table
+
+    def e2e(name, res, value, wait, workers=None):
+        return common.row(name, case=f"{res}px b256", unit="img/s", value=value, baseline="synthetic", res=res,
+                          batch=256, wait_frac=wait + 0.02, wait_frac_steady=wait, workers=workers)
+
+    loader = _result("loader_throughput", [
+        common.row("torch", unit="img/s", value=9000.0, baseline="folder", res=160, workers=16),
+        common.row("torch-host w8", unit="img/s", value=3000.0, baseline="folder", res=160, workers=8),
+        common.row("nvimgcodec", unit="img/s", status="skipped", baseline="folder", error="no engines")], "cuda")
+    e2e_160 = _result("e2e_throughput", [e2e("torch", 160, 5000.0, 0.01, 16), e2e("torch-host w8", 160, 2500.0, 0.4, 8),
+                                         e2e("synthetic", 160, 6000.0, 0.0)], "cuda")
+    e2e_192 = _result("e2e_throughput", [e2e("torch", 192, 4000.0, 0.02, 16), e2e("synthetic", 192, 4800.0, 0.0)],
+                      "cuda")
+    cpu = _result("e2e_throughput", [e2e("torch", 160, 3.0, 0.1, 2), e2e("synthetic", 160, 4.0, 0.0)], "cpu")
+    rows = decode_table.build([loader, e2e_160, e2e_192, cpu], gpu_note="no GPU here")
+    by = {r["path"]: r for r in rows}
+    assert list(by) == ["torch", "nvimgcodec", "nvimgcodec-gpu", "torch-host w8", "nvimgcodec-cpu", "ffcv",
+                        "torch w2 (CPU device)"]
+    torch_row, host = by["torch"], by["torch-host w8"]
+    assert torch_row["kind"] == "nvJPEG CUDA" and host["kind"] == "host cores"
+    assert torch_row["loader_160"] == "9,000" and torch_row["e2e_160"] == "5,000"
+    assert torch_row["x_synthetic_160"] == "0.83" and torch_row["waiting_160"] == "1.0 %"
+    assert torch_row["epoch_160"] == f"{126689 / 5000 / 60:.1f} min" == "0.4 min"
+    assert torch_row["epoch_192"] == f"{126689 / 4000 / 60:.1f} min" and torch_row["loader_192"] == "not measured"
+    assert host["e2e_160"] == "2,500" and host["waiting_160"] == "40.0 %" and host["epoch_192"] == "not measured"
+    assert by["nvimgcodec"]["kind"] == "hardware engines"
+    for key in ("loader_160", "e2e_160", "epoch_160", "epoch_192"):
+        assert by["nvimgcodec"][key] == "not measured" and by["ffcv"][key] == "not measured"  # a GPU run exists
+    cpu_row = by["torch w2 (CPU device)"]
+    assert cpu_row["kind"] == "host cores (CPU device)" and cpu_row["e2e_160"] == "3.0"
+    assert cpu_row["x_synthetic_160"] == "0.75" and cpu_row["epoch_160"] == f"{126689 / 3 / 3600:.1f} h"
+    assert cpu_row["loader_160"] == "not measured"
+    only_cpu = {r["path"]: r for r in decode_table.build([cpu], gpu_note="no GPU here")}
+    assert only_cpu["torch"]["e2e_160"] == "not measured (no GPU here)"
+    assert only_cpu["torch w2 (CPU device)"]["loader_160"] == "not measured"  # a CPU cell: no GPU note
+    text = decode_table.markdown(rows)
+    assert "| torch-host w8 | host cores | 3,000 | not measured |" in text
 
 
 # ----------------------------------------------------------------------------- GPU only
