@@ -302,7 +302,8 @@ def test_gpu_check_dry_run_measures_every_decode_path(tmp_path):
     for bench in ("loader", "e2e"):
         rows = {r["name"]: r for r in summary["benchmarks"][bench]["result"]["rows"]}
         assert [n for n in rows if n != "synthetic"] == ["torch", "nvimgcodec", "nvimgcodec-gpu", "nvimgcodec-cpu",
-                                                         "auto"]
+                                                         "auto", "torch-host"]
+        assert rows["torch-host"]["status"] == "ok" and rows["torch-host"]["value"] > 0
         for name in ("nvimgcodec", "nvimgcodec-gpu"):
             assert rows[name]["status"] == "skipped" and "needs a CUDA device" in rows[name]["error"]
         assert rows["nvimgcodec-cpu"]["status"] == "ok" and rows["nvimgcodec-cpu"]["ran_as"] == "nvimgcodec"
