@@ -15,7 +15,9 @@
 # Stages, each under its own `timeout`, each recorded pass/fail/skip, a failure never stops the rest;
 # a stage that would start after BUDGET_S seconds (default 360) is skipped and every stage's timeout
 # is cut to end by BUDGET_S + 120 s, so the check ends within 8 minutes whatever happens (a rerun
-# fits in the rest of a 15-minute lease only without the machine's start-up). Order = priority:
+# fits in the rest of a 15-minute lease only without the machine's start-up). Order = priority; on
+# an H200 the step stage's compiles take about 3 minutes, so the stages after e2e may be skipped
+# for the budget: rerun them with ONLY="gputest loss losstest" if the lease has time left:
 #   env      GPU (nvidia-smi), driver, torch/CUDA/cuDNN/Triton/torchvision, nvcc, ninja, cores
 #   install  make `fastkd` importable with no internet: `pip install --no-build-isolation --no-deps
 #            --no-index -e .` (setuptools maps preprocess/ -> fastkd.preprocess and kernels/ ->
@@ -24,8 +26,11 @@
 #            --target + PYTHONPATH), then whether the GPU's hardware JPEG engines decode (probe)
 #   kernel   build the CUDA loss kernel (torch.utils.cpp_extension, first use) and compare the fused
 #            op with the reference on random bf16/fp32 logits (relative error printed)
+#   step     benchmarks/step_throughput.py: the trainer's step (fastkd.step.build_step) at 160 px x
+#            256 (issue 11's goal shape): fp32 NCHW eager, bf16 + fused loss eager, the whole step
+#            compiled (inductor), and compiled with CUDA graphs (reduce-overhead); compile times
+#            apart; at most 200 s of measuring (STEP_VARIANTS: other variants, e.g. + _compiled_nets)
 #   gputest  pytest -m gpu tests/
-#   loss     benchmarks/loss_kernel.py --device cuda
 #   data     16 x 384 synthetic photo-sized JPEGs -> `fastkd pack --formats dali` (or DATA=packed/dir)
 #   loader   benchmarks/loader_throughput.py, every decode path: torch (nvJPEG CUDA decoder),
 #            nvimgcodec (hardware JPEG engines, ROI), nvimgcodec-gpu (CUDA decoder, ROI),
@@ -34,9 +39,7 @@
 #            paths once per count of HOST_WORKERS (8 and cores - 1); at 160 px, then DECODE_PATHS_192
 #            at 192 px with cores - 1 workers (GPU mode; the dry run: 32 px only)
 #   e2e      benchmarks/e2e_throughput.py, the same decode paths and sizes vs synthetic data
-#   step     benchmarks/step_throughput.py: the trainer's step (fastkd.step.build_step), 5 variants
-#            x 160/192/224 px x batch 128/256; the two compiled variants (reference and fused loss)
-#            at 160 px x 256 only; given the time left up to HARD_S (at most 200 s)
+#   loss     benchmarks/loss_kernel.py --device cuda
 #   losstest pytest of the loss tests (CPU reference, op under compile; GPU ones too)
 # Last: benchmarks/run_all.py --collect merges the JSONs into results.{json,md,png},
 # benchmarks/decode_table.py tabulates the loader and e2e rows per decode path, then a short
@@ -277,12 +280,28 @@ EOF
 }
 stage kernel 180 cuda kernel_check
 
+# ------------------------------------------------------------------ step benchmark
+# Right after the kernel: the trainer's step is issue 11's first goal. On the GPU, 160 px x 256
+# (the goal shape) only: fp32 NCHW eager (the baseline), bf16 + fused loss eager, the whole step
+# compiled (inductor) and compiled with CUDA graphs (reduce-overhead; cudagraphs without Triton),
+# each compile (about a minute) timed apart; STEP_VARIANTS adds bf16_cl_fused_compiled_nets (each
+# network compiled alone) or other variants. It writes its JSON after each shape and starts nothing
+# new after --max-seconds, so it always reports something.
+if [ "$MODE" = gpu ]; then
+  STEP_ARGS=(--res 160 --batch 256 --windows 5 --steps 3 --warmup 2 --max-seconds 200
+             --variants "${STEP_VARIANTS:-fp32_nchw,bf16_cl_fused,bf16_cl_fused_compiled,bf16_cl_fused_graphs}")
+  STEP_T=270
+else
+  # the compiled variant through cudagraphs (on CPU: dynamo + AOT autograd, ~40 s), not inductor's C++ (minutes)
+  STEP_ARGS=(--res 32 --batch 4 --steps 1 --windows 2 --warmup 1 --compile-mode cudagraphs
+             --variants "${STEP_VARIANTS:-fp32_nchw,bf16_cl,bf16_cl_fused,bf16_cl_compiled}")
+  STEP_T=300  # shared CPUs: tiny shapes can still take minutes
+fi
+stage step "$STEP_T" any "$PY" benchmarks/step_throughput.py "${STEP_ARGS[@]}" --json "$W/json/step.json"
+
+
 # ------------------------------------------------------------------ gpu tests
 stage gputest 150 any "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider --continue-on-collection-errors
-
-# ------------------------------------------------------------------ loss benchmark
-if [ "$MODE" = gpu ]; then LOSS_ARGS=(--device cuda); else LOSS_ARGS=(--device cpu --quick --warmup 1 --iters 3 --no-compile); fi
-stage loss 120 any "$PY" benchmarks/loss_kernel.py "${LOSS_ARGS[@]}" --json "$W/json/loss.json"
 
 # ------------------------------------------------------------------ data: synthetic folder -> pack
 if [ "$MODE" = gpu ]; then SYNTH="--classes 16 --train 384 --val 4 --size 400"; else SYNTH="--classes 4 --train 12 --val 2 --size 96"; fi
@@ -344,22 +363,9 @@ if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 30 --warmup 4); else E2E_ARGS=(--ba
 RES_FLAG=--res
 stage e2e 180 any decode_runs benchmarks/e2e_throughput.py e2e "${E2E_ARGS[@]}"
 
-# ------------------------------------------------------------------ step benchmark
-# Last of the benchmarks, with whatever time is left (at most 200 s of measuring): it writes its JSON
-# after each shape and starts no new measurement after --max-seconds, so it always reports something.
-STEP_MAX=$(( HARD_S - $(elapsed) - 45 ))
-[ "$STEP_MAX" -gt 200 ] && STEP_MAX=200
-[ "$STEP_MAX" -lt 30 ] && STEP_MAX=30
-if [ "$MODE" = gpu ]; then
-  STEP_ARGS=(--windows 5 --steps 3 --warmup 2 --max-seconds "$STEP_MAX")
-  STEP_T=270
-else
-  # the compiled variant through cudagraphs (on CPU: dynamo + AOT autograd, ~40 s), not inductor's C++ (minutes)
-  STEP_ARGS=(--res 32 --batch 4 --steps 1 --windows 2 --warmup 1 --compile-mode cudagraphs
-             --variants "${STEP_VARIANTS:-fp32_nchw,bf16_cl,bf16_cl_fused,bf16_cl_compiled}")
-  STEP_T=300  # shared CPUs: tiny shapes can still take minutes
-fi
-stage step "$STEP_T" any "$PY" benchmarks/step_throughput.py "${STEP_ARGS[@]}" --json "$W/json/step.json"
+# ------------------------------------------------------------------ loss benchmark
+if [ "$MODE" = gpu ]; then LOSS_ARGS=(--device cuda); else LOSS_ARGS=(--device cpu --quick --warmup 1 --iters 3 --no-compile); fi
+stage loss 120 any "$PY" benchmarks/loss_kernel.py "${LOSS_ARGS[@]}" --json "$W/json/loss.json"
 
 # ------------------------------------------------------------------ loss tests (CPU + GPU)
 LOSS_TESTS=$(ls tests/test_loss*.py tests/test_kernel*.py 2>/dev/null | tr '\n' ' ')

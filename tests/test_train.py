@@ -275,9 +275,16 @@ def test_compile_modes_checked(tmp_path):
 
     with pytest.raises(FastKDError, match="cudagraphs needs CUDA"):
         make_trainer(tmp_path, **{"compile.mode": "cudagraphs"})
-    trainer = make_trainer(tmp_path, **{"compile.mode": "inductor", "model.students": ["resnet18"]})
-    assert type(trainer.students._forwards[0]).__name__ == "OptimizedModule"  # compiled lazily, not run here
+    # scope networks: each network compiled alone (lazily, not run here)
+    trainer = make_trainer(tmp_path, **{"compile.mode": "inductor", "compile.scope": "networks",
+                                        "model.students": ["resnet18"]})  # fmt: skip
+    assert type(trainer.students._forwards[0]).__name__ == "OptimizedModule"
     assert list(trainer.students.state_dict())[0] == "nets.0.conv1.weight"  # torchvision keys kept
+    # scope step (the default): the networks run plain inside the one compiled forward_loss
+    trainer = make_trainer(tmp_path / "step", **{"compile.mode": "inductor", "model.students": ["resnet18"]})
+    assert trainer.students._forwards[0] is trainer.students.nets[0]
+    assert trainer._step.compile_mode == "inductor" and trainer._step._forward_loss != trainer._step.forward_loss
+    assert list(trainer.students.state_dict())[0] == "nets.0.conv1.weight"
 
 
 # ---------------------------------------------------------------- resume under change, seeding
