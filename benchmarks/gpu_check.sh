@@ -52,7 +52,8 @@
 # DATA (a packed dir), WORK (scratch dir), QUICK=1 (tiny sizes even on a GPU), FORCE_SHIM=1 (test
 # the shim), ONLY="kernel step" (rerun just these stages; env, install and wheels always run; a
 # stage that needs data needs `data` too, unless DATA is given), STEP_VARIANTS (dry run: the step
-# benchmark's --variants), DECODE_PATHS (the loader and e2e stages' --backends), HOST_WORKERS (their
+# benchmark's --variants), E2E_VARIANT (the e2e stage's step), DECODE_PATHS (the loader and e2e
+# stages' --backends), HOST_WORKERS (their
 # --workers sweep of the host-core paths), DECODE_PATHS_192 (the 192 px pass's --backends).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -359,7 +360,10 @@ export RES_FLAG=--resolution
 stage loader 150 any decode_runs benchmarks/loader_throughput.py loader "${LOADER_EXTRA[@]}"
 
 # ------------------------------------------------------------------ end to end (every decode path)
+# E2E_VARIANT: the step the loaders feed (default bf16_cl_fused, eager: a compiled one, e.g.
+# bf16_cl_fused_compiled, adds a compile of about a minute per resolution)
 if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 30 --warmup 4); else E2E_ARGS=(--batch 4 --steps 2 --warmup 1); fi
+[ -n "${E2E_VARIANT:-}" ] && E2E_ARGS+=(--variant "$E2E_VARIANT")
 RES_FLAG=--res
 stage e2e 180 any decode_runs benchmarks/e2e_throughput.py e2e "${E2E_ARGS[@]}"
 
