@@ -21,6 +21,7 @@ from fastkd.data import auto, build_loader, nvimgcodec_loader
 from fastkd.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from fastkd.data.torch_loader import TorchLoader, default_workers, upload
 from fastkd.errors import FastKDError
+from loader_checks import assert_pass_without_host_sync, one_pass
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,11 +53,6 @@ def _load(packed, split, device="cpu", dtype="fp32", **kw):
     return build_loader(packed, split, "torch", 4, 32, device, dtype, return_indices=True, **kw)
 
 
-def _pass(loader):
-    out = [(x, y, i) for x, y, i in loader]
-    return tuple(torch.cat([b[k] for b in out]) for k in range(3))
-
-
 @pytest.mark.parametrize("split", ["train", "val"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_host_decode_on_cpu_is_the_default_path(packed, split, workers):
@@ -66,7 +62,7 @@ def test_host_decode_on_cpu_is_the_default_path(packed, split, workers):
     for epoch in (0, 2):
         ref.set_epoch(epoch)
         host.set_epoch(epoch)
-        (x0, y0, i0), (x1, y1, i1) = _pass(ref), _pass(host)
+        (x0, y0, i0), (x1, y1, i1) = one_pass(ref), one_pass(host)
         assert torch.equal(i0, i1) and torch.equal(y0, y1)
         assert x1.dtype == torch.float32 and x1.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(x0, x1)
@@ -206,14 +202,14 @@ def test_gpu_host_decode_matches_device_decode(packed):
     for epoch in (0, 1):
         device.set_epoch(epoch)
         host.set_epoch(epoch)
-        (x0, y0, i0), (x1, y1, i1) = _pass(device), _pass(host)
+        (x0, y0, i0), (x1, y1, i1) = one_pass(device), one_pass(host)
         assert torch.equal(i0, i1) and torch.equal(y0, y1) and y1.is_cuda and y1.dtype == torch.int64
         assert x1.is_cuda and x1.dtype == torch.bfloat16 and x1.is_contiguous(memory_format=torch.channels_last)
         d = (x1.float() - x0.float()).abs()
         assert d.mean() < 0.05, d.mean()  # ~3 grey levels / 58 (std * 255), averaged
-    cpu = _pass(_load(packed, "train", dtype="bf16"))  # the same workers' code on a CPU device
+    cpu = one_pass(_load(packed, "train", dtype="bf16"))  # the same workers' code on a CPU device
     host.set_epoch(0)
-    x1, y1, i1 = _pass(host)
+    x1, y1, i1 = one_pass(host)
     assert torch.equal(i1, cpu[2]) and torch.equal(y1.cpu(), cpu[1])
     assert (x1.float().cpu() - cpu[0].float()).abs().max() < 0.02  # same pixels up to the float path
 
@@ -223,14 +219,4 @@ def test_gpu_host_decode_step_never_waits_on_the_host(packed):
     """Taking host-decoded batches and using them on the current stream makes no host sync (the
     copies come from pinned memory, queued on the side stream), and each batch is ready there."""
     loader = _cuda(packed, decode="host")
-    ref = _pass(loader)[0].float().sum(dim=(1, 2, 3))
-    loader.set_epoch(0)
-    sums = []
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for x, y, _ in loader:
-            sums.append(x.float().sum(dim=(1, 2, 3)) + y.float() * 0)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert torch.allclose(torch.cat(sums), ref, rtol=1e-3, atol=1.0)
+    assert_pass_without_host_sync(loader)
