@@ -3,6 +3,7 @@ synchronise with the host."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -27,3 +28,28 @@ def assert_pass_without_host_sync(loader) -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.allclose(torch.cat(sums), ref, rtol=1e-3, atol=1.0)
+
+
+def write_textured_jpegs(src, per_split: dict[str, int], classes: int, sides: tuple[int, int], seed: int,
+                         grey_every: int = 0, progressive_every: int = 0) -> None:
+    """An ImageNet-style folder src/<split>/n0000000<c>/imgKKK.JPEG of gradient-and-noise images
+    (sides: the inclusive range of each side in px). grey_every = k > 0: every k-th image (the
+    3rd of each k) is greyscale; progressive_every = k: every k-th one (the 1st) progressive."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    n = 0
+    for split, per_class in per_split.items():
+        for c in range(classes):
+            folder = src / split / f"n0000000{c}"
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                h, w = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
+                y, x = np.mgrid[0:h, 0:w]
+                rgb = np.stack([x * 255 // w, y * 255 // h, (x * y) % 256], -1) + rng.integers(0, 40, (h, w, 3))
+                image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+                if grey_every and n % grey_every == 3:
+                    image = image.convert("L")
+                progressive = bool(progressive_every) and n % progressive_every == 1
+                image.save(folder / f"img{k:03d}.JPEG", quality=90, progressive=progressive)
+                n += 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,7 +20,7 @@ from fastkd.data import auto, build_loader, nvimgcodec_loader
 from fastkd.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from fastkd.data.torch_loader import TorchLoader, default_workers, upload
 from fastkd.errors import FastKDError
-from loader_checks import assert_pass_without_host_sync, one_pass
+from loader_checks import assert_pass_without_host_sync, one_pass, write_textured_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,21 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> Path:
     """2 classes x (6 train + 2 val) textured JPEGs of 48-120 px, packed in 4-sample shards."""
-    from PIL import Image
-
     from fastkd.preprocess.pack import pack
 
     root = tmp_path_factory.mktemp("host_decode")
-    rng = np.random.default_rng(1)
-    for split, per_class in (("train", 6), ("val", 2)):
-        for c in range(2):
-            folder = root / "src" / split / f"n0000000{c}"
-            folder.mkdir(parents=True)
-            for k in range(per_class):
-                h, w = (int(v) for v in rng.integers(48, 121, size=2))
-                y, x = np.mgrid[0:h, 0:w]
-                rgb = np.stack([x * 255 // w, y * 255 // h, (x + 3 * y) % 256], -1) + rng.integers(0, 30, (h, w, 3))
-                Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(folder / f"img{k:03d}.JPEG", quality=90)
+    write_textured_jpegs(root / "src", {"train": 6, "val": 2}, classes=2, sides=(48, 120), seed=1)
     pack(root / "src", root / "packed", classes="all", shard_size=4, workers=1, quality=90)
     return root / "packed"
 

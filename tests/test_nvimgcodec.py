@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,7 +22,7 @@ from fastkd.data.nvimgcodec_loader import NvImgCodecLoader
 from fastkd.data.torch_loader import TorchLoader
 from fastkd.data.transforms import center_crop_box, train_params
 from fastkd.errors import FastKDError
-from loader_checks import assert_pass_without_host_sync, one_pass
+from loader_checks import assert_pass_without_host_sync, one_pass, write_textured_jpegs
 
 HAVE_NVIMGCODEC = nvimgcodec_loader.available() is None
 needs_package = pytest.mark.skipif(not HAVE_NVIMGCODEC, reason="nvidia-nvimgcodec-cu13 is not installed")
@@ -34,26 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 def packed(tmp_path_factory) -> Path:
     """3 classes x (8 train + 4 val) photo-like JPEGs of 64-160 px, packed with 8-sample shards
     (pack re-encodes every source, greyscale and progressive ones too, as baseline RGB JPEGs)."""
-    from PIL import Image
-
     from fastkd.preprocess.pack import pack
 
     root = tmp_path_factory.mktemp("nvimgcodec")
-    rng = np.random.default_rng(0)
-    n = 0
-    for split, per_class in (("train", 8), ("val", 4)):
-        for c in range(3):
-            folder = root / "src" / split / f"n0000000{c}"
-            folder.mkdir(parents=True)
-            for k in range(per_class):
-                h, w = (int(v) for v in rng.integers(64, 161, size=2))
-                y, x = np.mgrid[0:h, 0:w]
-                rgb = np.stack([x * 255 // w, y * 255 // h, (x * y) % 256], -1) + rng.integers(0, 40, (h, w, 3))
-                image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
-                if n % 7 == 3:
-                    image = image.convert("L")
-                image.save(folder / f"img{k:03d}.JPEG", quality=90, progressive=n % 5 == 1)
-                n += 1
+    write_textured_jpegs(root / "src", {"train": 8, "val": 4}, classes=3, sides=(64, 160), seed=0,
+                         grey_every=7, progressive_every=5)
     pack(root / "src", root / "packed", classes="all", shard_size=8, workers=1, quality=90)
     return root / "packed"
 
