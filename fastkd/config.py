@@ -143,11 +143,25 @@ def _sections() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
 
 
+def _class_body(cls: type) -> list[str]:
+    """The lines of `cls`'s body, read as text from its module's file. Not inspect.getsource: it
+    parses the whole module with ast, which CPython 3.11.7 can refuse ("AST constructor recursion
+    depth mismatch") in a process where deep recursion happened before, e.g. torch.compile's."""
+    lines = Path(inspect.getsourcefile(cls)).read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"class {cls.__name__}\b", line))
+    body = []
+    for line in lines[start + 1 :]:
+        if line and not line[0].isspace():  # the next top-level statement
+            break
+        body.append(line)
+    return body
+
+
 @lru_cache(maxsize=None)
 def _field_help(cls: type) -> dict[str, str]:
     """Field name -> its trailing `# comment` in the class source (the one-line doc)."""
     helps = {}
-    for line in inspect.getsource(cls).splitlines():
+    for line in _class_body(cls):
         match = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
         if match:
             helps[match.group(1)] = match.group(2).strip()

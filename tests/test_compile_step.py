@@ -206,15 +206,15 @@ def test_trainer_compiles_every_resolution_before_training(tmp_path, graphs):
     assert "compiling the step" in (tmp_path / "run/report.md").read_text()
 
 
-def test_allow_graphs_raises_the_limit_only(monkeypatch):
+def test_allow_graphs_raises_the_limit_only():
     import torch._dynamo.config as dynamo_config
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(dynamo_config, name, 8)
-    runtime.allow_graphs(48)
-    assert getattr(dynamo_config, name) == 48
-    runtime.allow_graphs(4)
-    assert getattr(dynamo_config, name) == 48
+    with dynamo_config.patch({name: 8}):  # restored afterwards, for the rest of the process
+        runtime.allow_graphs(48)
+        assert getattr(dynamo_config, name) == 48
+        runtime.allow_graphs(4)
+        assert getattr(dynamo_config, name) == 48
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "cudagraphs"])
