@@ -1,7 +1,6 @@
 """`fastkd quickstart` end to end on the digits demo, and its shipped configs."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -76,9 +75,12 @@ def _steps(run_dir):
 
 @pytest.fixture
 def user_threads():
-    """torch's threads as a user's process has them (one per core), whatever tests ran before."""
+    """torch's threads as a user's process has them (one per core; under pytest-xdist, one per core
+    of this worker's share), whatever tests ran before."""
+    from conftest import cores_per_worker
+
     before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(cores_per_worker())
     yield
     torch.set_num_threads(before)
 
