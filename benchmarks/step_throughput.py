@@ -330,19 +330,25 @@ def run(args) -> dict[str, Any]:
 
 
 def goals(rows: list[dict[str, Any]], machine: dict[str, Any]) -> list[dict[str, Any]]:
-    """The step goals of benchmarks/README.md against this run's rows at 160 px."""
+    """The step goals of benchmarks/README.md against this run's rows at 160 px (each goal is
+    listed, measured or not)."""
     fast = [r for r in rows if r["status"] == "ok" and r["res"] == 160 and r["name"] != BASELINE]
+    out = []
     text = "step >= 6,000 img/s at 160 px, bf16 channels_last"
+    text_4x = "step >= 4x the fp32 NCHW eager baseline, same run"
     if not fast:
-        return [common.goal(text, "not measured at 160 px", None, machine)]
-    batch = max(r["batch"] for r in fast)
-    best = max((r for r in fast if r["batch"] == batch), key=lambda r: r["value"])
-    out = [common.goal(text, f"{best['value']:,.0f} img/s ({best['name']}, b{batch})", best["value"] >= 6000, machine)]
-    text = "step >= 4x the fp32 NCHW eager baseline, same run"
-    if best["ratio"] is None:
-        out.append(common.goal(text, "no fp32_nchw row at that shape", None, machine))
+        out += [common.goal(text, "not measured at 160 px", None, machine),
+                common.goal(text_4x, "not measured at 160 px", None, machine)]
     else:
-        out.append(common.goal(text, f"{best['ratio']:.2f}x ({best['name']}, b{batch})", best["ratio"] >= 4, machine))
+        batch = max(r["batch"] for r in fast)
+        best = max((r for r in fast if r["batch"] == batch), key=lambda r: r["value"])
+        out.append(common.goal(text, f"{best['value']:,.0f} img/s ({best['name']}, b{batch})", best["value"] >= 6000,
+                               machine))
+        if best["ratio"] is None:
+            out.append(common.goal(text_4x, "no fp32_nchw row at that shape", None, machine))
+        else:
+            out.append(common.goal(text_4x, f"{best['ratio']:.2f}x ({best['name']}, b{batch})", best["ratio"] >= 4,
+                                   machine))
     # issue 11: the trainer's compiled step at 160 px, batch 256, on one H100/H200
     at_256 = [r for r in fast if r["batch"] == 256]
     for floor, text in ((12000, "step >= 12,000 img/s at 160 px b256 (issue 11)"),

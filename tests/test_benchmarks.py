@@ -114,6 +114,26 @@ def test_step_throughput_rows(step_result):
     assert goals and all(g["met"] is None and "not a GPU run" in g["measured"] for g in goals)
 
 
+def test_step_goals_judge_issue_11_on_a_gpu_row_and_list_every_goal_without_one():
+    """The 12,000 / 14,000 img/s goals (issue 11) take the fastest variant at 160 px b256; with no
+    row at 160 px every goal is still listed, as not measured."""
+    import step_throughput
+
+    gpu = {"device": "cuda:0"}
+
+    def row(name, value, ratio):
+        return dict(name=name, status="ok", res=160, batch=256, value=value, ratio=ratio)
+
+    rows = [row("fp32_nchw", 2600.0, 1.0), row("bf16_cl_fused", 6400.0, 2.46), row("bf16_cl_fused_graphs", 12500.0, 4.8)]
+    goals = {g["goal"]: g for g in step_throughput.goals(rows, gpu)}
+    assert goals["step >= 12,000 img/s at 160 px b256 (issue 11)"]["met"] is True
+    assert "12,500 img/s (bf16_cl_fused_graphs)" in goals["step >= 12,000 img/s at 160 px b256 (issue 11)"]["measured"]
+    assert goals["stretch: step >= 14,000 img/s at 160 px b256 (issue 11)"]["met"] is False
+    assert goals["step >= 4x the fp32 NCHW eager baseline, same run"]["met"] is True
+    empty = step_throughput.goals([], gpu)
+    assert len(empty) == 4 and all(g["met"] is None and "not measured" in g["measured"] for g in empty)
+
+
 def test_step_throughput_compiled_variants_skipped_off_compile_shapes(tmp_path):
     """A compiled variant at a shape outside --compile-shapes is a skipped row, not a missing one."""
     import step_throughput
