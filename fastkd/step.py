@@ -24,7 +24,8 @@ with it, with static shapes (one graph per resolution; `warm` compiles a resolut
 training and times it). reduce-overhead adds inductor's CUDA graphs (a new iteration is marked
 each call, and the returned parts are copied out of the graph's memory). Scope `networks`: each
 network is compiled alone and the loss runs eagerly between them. The optimizer update is never
-traced: on CUDA it is torch's fused SGD / AdamW kernel, which a graph would not make faster.
+traced: on CUDA it is torch's fused SGD / AdamW kernel (a few launches for every parameter;
+whether tracing it would be faster has not been measured).
 
 A mixed batch (lam, labels y_a and the rolled y_b): the loss is lam * L(y_a) + (1 - lam) * L(y_b)
 exactly. Only the CE term depends on labels, so it is computed as L(y_a) + (1 - lam) * (CE(y_b) -
