@@ -45,10 +45,20 @@ MEASURES = (("loader", "loader img/s"), ("e2e", "e2e img/s"), ("x_synthetic", "x
             ("waiting", "waiting"), ("epoch", "IN-100 epoch"))
 
 
+def epoch_minutes(images_per_s: float) -> float:
+    """Minutes of one ImageNet-100 train epoch (126,689 images) at `images_per_s`: a projection."""
+    return IMAGENET100_TRAIN / images_per_s / 60
+
+
+def _split_workers(name: str) -> tuple[str, int | None]:
+    """`torch-host w8` -> ("torch-host", 8); a name without a worker count -> (name, None)."""
+    base, _, count = name.rpartition(" w")
+    return (base, int(count)) if base and count.isdigit() else (name, None)
+
+
 def path_of(name: str) -> str:
     """Row name -> its decode path: `torch-host w8` -> `torch-host`."""
-    base, _, count = name.rpartition(" w")
-    return base if base and count.isdigit() else name
+    return _split_workers(name)[0]
 
 
 def label(row: dict[str, Any], gpu: bool) -> tuple[str, str]:
@@ -103,7 +113,7 @@ def _cells(cells: dict, res: int, blank: str) -> dict[str, str]:
             out[f"x_synthetic_{res}"] = f"{e2e['ratio']:.2f}"
         if e2e.get("wait_frac_steady") is not None:
             out[f"waiting_{res}"] = f"{100 * e2e['wait_frac_steady']:.1f} %"
-        minutes = IMAGENET100_TRAIN / e2e["value"] / 60
+        minutes = epoch_minutes(e2e["value"])
         out[f"epoch_{res}"] = f"{minutes:.1f} min" if minutes < 600 else f"{minutes / 60:.1f} h"
     return out
 
@@ -111,6 +121,11 @@ def _cells(cells: dict, res: int, blank: str) -> dict[str, str]:
 def build(results: list[dict[str, Any]], resolutions=(160, 192), gpu_note: str = "") -> list[dict[str, str]]:
     """The table's rows: {"path", "kind", "<measure>_<res>": cell} (measures: MEASURES)."""
     table, _, any_gpu = collect(results)
+    return table_rows(table, any_gpu, resolutions, gpu_note)
+
+
+def table_rows(table: dict, any_gpu: bool, resolutions, gpu_note: str) -> list[dict[str, str]]:
+    """build's rows from collect's table (and whether any input ran on a GPU)."""
     listed = {path_of(name) for name, _ in table if not name.endswith("(CPU device)")}
     for path in LISTED:  # the issue's paths on a GPU machine are always shown, measured or not
         if path not in listed:
@@ -132,8 +147,7 @@ def build(results: list[dict[str, Any]], resolutions=(160, 192), gpu_note: str =
 
 
 def _workers_of(label: str) -> int:
-    _, _, count = label.split(" (")[0].rpartition(" w")
-    return int(count) if count.isdigit() else 0
+    return _split_workers(label.split(" (")[0])[1] or 0
 
 
 def columns(resolutions=(160, 192)) -> list[tuple[str, str]]:
@@ -162,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(common.read_result(path))
         except ValueError as error:
             unread.append(str(error))
-    rows = build(results, args.res, args.gpu_note)
-    _, notes, _ = collect(results)
+    table, notes, any_gpu = collect(results)
+    rows = table_rows(table, any_gpu, args.res, args.gpu_note)
     sources = sorted({f"{r['machine'].get('gpu') or r['machine'].get('cpu')} ({r['machine'].get('date_utc')})"
                       for r in results if r.get("benchmark") in ("loader_throughput", "e2e_throughput")})
     text = "\n".join([markdown(rows, args.res), "",

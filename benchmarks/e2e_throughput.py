@@ -54,11 +54,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import loader_throughput as lt  # noqa: E402
-from decode_table import IMAGENET100_TRAIN  # noqa: E402
+from decode_table import epoch_minutes  # noqa: E402
 import step_throughput as st  # noqa: E402
 
 import torch  # noqa: E402
 
+from fastkd.runtime import CUDA_ONLY_MODES  # noqa: E402
 from fastkd.step import build_step  # noqa: E402
 
 BACKENDS = ("torch", "dali", "ffcv", "folder", "nvimgcodec")
@@ -150,12 +151,10 @@ def run(args) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
     variant = args.variant or ("bf16_cl_fused" if on_gpu else "fp32_nchw")
-    if variant not in st.VARIANTS:
-        raise SystemExit(f"--variant: unknown variant {variant!r}; choose from {', '.join(st.VARIANTS)}")
     mode = st.compile_mode("auto", device)
     cfg = st.variant_config(variant, mode=mode, temperature=4.0,
                             graphs_mode=st.compile_mode("auto", device, graphs=True))
-    if cfg.compile.mode in ("reduce-overhead", "cudagraphs") and not on_gpu:
+    if cfg.compile.mode in CUDA_ONLY_MODES and not on_gpu:
         raise SystemExit(f"--variant {variant}: CUDA graphs need a CUDA device")
     loss_desc = st.loss_impl(cfg, device)
     dtype = st.input_dtype(cfg, device)
@@ -268,11 +267,6 @@ def run(args) -> dict[str, Any]:
                   compile_mode=cfg.compile.mode, compile_s=compile_s[0] if compile_s else None)
     return common.write_result(args.json, "e2e_throughput", rows, machine=machine, params=params,
                                headline=headline, goals=goals, notes=[f"loss: {loss_desc}"])
-
-
-def epoch_minutes(images_per_s: float) -> float:
-    """Minutes of one ImageNet-100 train epoch (126,689 images) at `images_per_s`: a projection."""
-    return IMAGENET100_TRAIN / images_per_s / 60
 
 
 def _num_classes(step) -> int:

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from fastkd.cache_cmd import CacheWriter  # noqa: E402
 from fastkd.config import resolve_config  # noqa: E402
-from fastkd.runtime import amp_dtype  # noqa: E402
+from fastkd.runtime import COMPILE_MODES, amp_dtype  # noqa: E402
 from fastkd.step import build_step  # noqa: E402
 from fastkd.teacher_cache import CacheFeed, TeacherCache, storage_for  # noqa: E402
 
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="uadkd", help="a loss method with a teacher: kd uakd dual uadkd")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile-mode", default="none", choices=("none", "inductor", "cudagraphs"))
+    p.add_argument("--compile-mode", default="none", choices=COMPILE_MODES)
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--views", type=int, default=8, help="views per image of the synthetic cache")
     p.add_argument("--images", type=int, default=0, help="images in the synthetic cache (default 20 x batch)")
