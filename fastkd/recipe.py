@@ -4,6 +4,7 @@ MixUp / CutMix of the device batch. `fastkd.step.TrainStep` uses all three; the 
 (`recipe_problems`, run by config.validate) and the reading of pre-lr_per_256 configs.
 
     opt = build_optimizer(students, cfg.optim, lr=0.1)       # SGD (today's) or AdamW, same WD groups
+    load_optimizer_state(opt, ckpt["optimizer"])              # resume, keeping this device's kernels
     ema = StudentsEMA({"resnet18": net_a, "mobilenet_v2": net_b}, decay=0.9998)
     ema.update()                                   # after each optimizer step (every ema.every calls)
     ema.modules()["resnet18"]                      # the averaged copy: evaluate it, save best-*-ema.pt
@@ -157,6 +158,20 @@ def build_optimizer(students: nn.Module, optim, lr: float) -> torch.optim.Optimi
         kernels = {"fused": True} if on_cuda else {"foreach": True}
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, **kernels)
     raise ValueError(f"unknown optimizer {optim.name!r}")
+
+
+KERNEL_KEYS = ("fused", "foreach")  # an optimizer param group's kernel choice
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict(state), keeping the kernels build_optimizer chose for this
+    run's device: torch takes each group's `fused` / `foreach` from the saved state, so a
+    checkpoint written on CPU (or before SGD used the fused kernel) would silently turn the
+    fused CUDA kernel off on resume."""
+    chosen = [{key: group.get(key) for key in KERNEL_KEYS} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kernels in zip(optimizer.param_groups, chosen, strict=True):
+        group.update(kernels)
 
 
 # ----------------------------------------------------------------------------- EMA

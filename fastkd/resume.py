@@ -21,6 +21,7 @@ from __future__ import annotations
 from fastkd.checkpoint import build_last, check_same_classes
 from fastkd.config import config_to_dict
 from fastkd.errors import FastKDError
+from fastkd.recipe import load_optimizer_state
 from fastkd.schedule import lr_at, saved_peak_lr
 
 
@@ -140,7 +141,7 @@ def restore(trainer, ckpt: dict) -> None:
     check_resume(ckpt, trainer)
     for name, net in trainer.student_modules().items():
         net.load_state_dict(ckpt["models"][name])
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(trainer.optimizer, ckpt["optimizer"])
     trainer.scaler.load_state_dict(ckpt["scaler"])
     trainer.epoch, trainer.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
     trainer.global_step, trainer.samples_seen = ckpt["global_step"], resume_samples(ckpt)

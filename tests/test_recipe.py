@@ -77,6 +77,24 @@ def test_adamw_is_built_and_takes_adamw_steps():
     assert moved > 0
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_resumed_optimizer_keeps_this_devices_kernels(name):
+    """A state saved by an optimizer with other kernels (a CPU run, or SGD before the fused
+    kernel) loads its momentum and steps but not its kernel flags: the fused kernel stays on."""
+    from fastkd.recipe import load_optimizer_state
+
+    p = nn.Parameter(torch.randn(5))
+    cls, extra, key = ((torch.optim.SGD, {"momentum": 0.9}, "momentum_buffer") if name == "sgd"
+                       else (torch.optim.AdamW, {}, "exp_avg"))  # fmt: skip
+    saved = cls([p], lr=0.1, foreach=False, **extra)
+    p.grad = torch.randn(5)
+    saved.step()
+    fused = cls([p], lr=0.1, fused=True, **extra)
+    load_optimizer_state(fused, saved.state_dict())
+    assert fused.param_groups[0]["fused"] is True and not fused.param_groups[0]["foreach"]
+    assert torch.equal(fused.state[p][key], saved.state[p][key])  # the run's state itself is loaded
+
+
 def test_optimizer_flag_alias():
     from test_config import parse
 
