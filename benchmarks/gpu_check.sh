@@ -29,7 +29,7 @@
 #   step     benchmarks/step_throughput.py: the trainer's step (fastkd.step.build_step) at 160 px x
 #            256 (issue 11's goal shape): fp32 NCHW eager, bf16 + fused loss eager, the whole step
 #            compiled (inductor), and compiled with CUDA graphs (reduce-overhead); compile times
-#            apart; at most 200 s of measuring (STEP_VARIANTS: other variants, e.g. + _compiled_nets)
+#            apart; at most 200 s of measuring (STEP_VARIANTS: another list, e.g. with _compiled_nets)
 #   gputest  pytest -m gpu tests/
 #   data     16 x 384 synthetic photo-sized JPEGs -> `fastkd pack --formats dali` (or DATA=packed/dir)
 #   loader   benchmarks/loader_throughput.py, every decode path: torch (nvJPEG CUDA decoder),
@@ -51,8 +51,8 @@
 # Environment knobs: PY (python; default .venv/bin/python if present, else python3), BUDGET_S,
 # DATA (a packed dir), WORK (scratch dir), QUICK=1 (tiny sizes even on a GPU), FORCE_SHIM=1 (test
 # the shim), ONLY="kernel step" (rerun just these stages; env, install and wheels always run; a
-# stage that needs data needs `data` too, unless DATA is given), STEP_VARIANTS (dry run: the step
-# benchmark's --variants), E2E_VARIANT (the e2e stage's step), DECODE_PATHS (the loader and e2e
+# stage that needs data needs `data` too, unless DATA is given), STEP_VARIANTS (the step
+# benchmark's --variants, replacing the mode's list), E2E_VARIANT (the e2e stage's step), DECODE_PATHS (the loader and e2e
 # stages' --backends), HOST_WORKERS (their
 # --workers sweep of the host-core paths), DECODE_PATHS_192 (the 192 px pass's --backends).
 set -u -o pipefail
@@ -285,8 +285,8 @@ stage kernel 180 cuda kernel_check
 # Right after the kernel: the trainer's step is issue 11's first goal. On the GPU, 160 px x 256
 # (the goal shape) only: fp32 NCHW eager (the baseline), bf16 + fused loss eager, the whole step
 # compiled (inductor) and compiled with CUDA graphs (reduce-overhead; cudagraphs without Triton),
-# each compile (about a minute) timed apart; STEP_VARIANTS adds bf16_cl_fused_compiled_nets (each
-# network compiled alone) or other variants. It writes its JSON after each shape and starts nothing
+# each compile (about a minute) timed apart; STEP_VARIANTS replaces the list (e.g. with
+# bf16_cl_fused_compiled_nets added: each network compiled alone). It writes its JSON after each shape and starts nothing
 # new after --max-seconds, so it always reports something.
 if [ "$MODE" = gpu ]; then
   STEP_ARGS=(--res 160 --batch 256 --windows 5 --steps 3 --warmup 2 --max-seconds 200
