@@ -1,4 +1,4 @@
-"""The decode-path table of issue 11: per decode path, the loader alone and end to end, and the
+"""The decode-path table: per decode path, the loader alone and end to end, and the
 projected ImageNet-100 epoch, from loader_throughput.py and e2e_throughput.py results.
 
     python benchmarks/decode_table.py loader-160.json loader-192.json e2e-160.json e2e-192.json \
@@ -6,7 +6,9 @@ projected ImageNet-100 epoch, from loader_throughput.py and e2e_throughput.py re
     python benchmarks/decode_table.py RESULTS_DIR/ --res 160,192     # every *.json in the folder
 
 Inputs: schema-2 results (benchmarks/common.py) of `loader_throughput` and `e2e_throughput`, any
-number, at any resolutions; other benchmarks' files are ignored. A row's resolution is its `res`
+number, at any resolutions; a `jpeg_engines` result (jpeg_engines.py) labels each GPU path's kind
+by whether the JPEG engines ran (`nvJPEG CUDA, engines: no`), with the utilisation measured in
+lines under the table; other benchmarks' files are ignored. A row's resolution is its `res`
 extra (loader rows: else the run's --resolution). Rows (decode paths):
 
     measured on a GPU    torch = nvJPEG CUDA, nvimgcodec = hardware engines, nvimgcodec-gpu =
@@ -102,6 +104,31 @@ def collect(results: list[dict[str, Any]]) -> tuple[dict, list[str], bool]:
     return table, notes, any_gpu
 
 
+def engines(results: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
+    """From jpeg_engines.py results: {decode path: "yes"/"no"/"unknown"}, whether the JPEG
+    engines ran while it decoded (GPU runs only: a CPU run measured nothing), and footnote lines
+    with the utilisation behind each verdict, wrapped at 60 columns (the table's cells stay short)."""
+    import textwrap
+
+    verdicts, lines = {}, []
+    for result in results:
+        if result.get("benchmark") != "jpeg_engines":
+            continue
+        gpu = common.on_gpu(result["machine"])
+        where = result["machine"].get("gpu") if gpu else "no GPU"
+        lines.append(f"JPEG engines while decoding (jpeg_engines.py, {where}):")
+        for row in result["rows"]:
+            if row["status"] == "ok" and gpu:
+                verdicts[row["name"]] = row.get("engines") or "unknown"
+                jpg = "-" if row.get("jpg_util_max") is None else f"{row['jpg_util_max']:.0f} %"
+                sm = "-" if row.get("sm_util_max") is None else f"{row['sm_util_max']:.0f} %"
+                text = f"{row['name']}: {verdicts[row['name']]} (jpg max {jpg}, sm max {sm})"
+            else:
+                text = f"{row['name']}: not measured ({row['status']}: {row.get('error') or ''})"
+            lines += textwrap.wrap(text, 60, initial_indent="- ", subsequent_indent="  ")
+    return verdicts, lines
+
+
 def _cells(cells: dict, res: int, blank: str) -> dict[str, str]:
     loader, e2e = cells.get(("loader", res)), cells.get(("e2e", res))
     out = {f"{m}_{res}": blank for m, _ in MEASURES}
@@ -121,11 +148,13 @@ def _cells(cells: dict, res: int, blank: str) -> dict[str, str]:
 def build(results: list[dict[str, Any]], resolutions=(160, 192), gpu_note: str = "") -> list[dict[str, str]]:
     """The table's rows: {"path", "kind", "<measure>_<res>": cell} (measures: MEASURES)."""
     table, _, any_gpu = collect(results)
-    return table_rows(table, any_gpu, resolutions, gpu_note)
+    return table_rows(table, any_gpu, resolutions, gpu_note, engines(results)[0])
 
 
-def table_rows(table: dict, any_gpu: bool, resolutions, gpu_note: str) -> list[dict[str, str]]:
-    """build's rows from collect's table (and whether any input ran on a GPU)."""
+def table_rows(table: dict, any_gpu: bool, resolutions, gpu_note: str,
+               used: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """build's rows from collect's table (and whether any input ran on a GPU); `used`: engines()'s
+    verdicts, which label a GPU row's kind with what ran (`nvJPEG CUDA, engines: no`)."""
     listed = {path_of(name) for name, _ in table if not name.endswith("(CPU device)")}
     for path in LISTED:  # the issue's paths on a GPU machine are always shown, measured or not
         if path not in listed:
@@ -139,7 +168,10 @@ def table_rows(table: dict, any_gpu: bool, resolutions, gpu_note: str) -> list[d
         if not gpu_row and not table[key]:
             continue  # a path that cannot run on a CPU device: its reason is in the notes
         blank = f"{NOT_MEASURED} ({gpu_note})" if gpu_note and gpu_row and not any_gpu else NOT_MEASURED
-        row = {"path": key[0], "kind": key[1]}
+        kind = key[1]
+        if gpu_row and (used or {}).get(path_of(key[0])):
+            kind = f"{kind}, engines: {used[path_of(key[0])]}"
+        row = {"path": key[0], "kind": kind}
         for res in resolutions:
             row.update(_cells(table[key], res, blank))
         rows.append(row)
@@ -177,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             unread.append(str(error))
     table, notes, any_gpu = collect(results)
-    rows = table_rows(table, any_gpu, args.res, args.gpu_note)
+    used, engine_lines = engines(results)
+    rows = table_rows(table, any_gpu, args.res, args.gpu_note, used)
     sources = sorted({f"{r['machine'].get('gpu') or r['machine'].get('cpu')} ({r['machine'].get('date_utc')})"
                       for r in results if r.get("benchmark") in ("loader_throughput", "e2e_throughput")})
     text = "\n".join([markdown(rows, args.res), "",
                       f"Measured on: {'; '.join(sources) or 'nothing'}. Waiting = in-epoch time blocked in "
                       f"next(); IN-100 epoch = {IMAGENET100_TRAIN:,} images / e2e img/s (a projection)."]
-                     + [f"- skipped: {n}" for n in notes] + [f"- not read: {u}" for u in unread]) + "\n"
+                     + [f"- skipped: {n}" for n in notes] + [f"- not read: {u}" for u in unread]
+                     + ([""] + engine_lines if engine_lines else [])) + "\n"
     print(text, end="")
     if args.out:
         common.write_text_atomic(args.out, text)

@@ -9,6 +9,12 @@ fastkd` stays light).
 
 __version__ = "0.1.0"
 
+from fastkd import nvjpeg_library as _nvjpeg_library  # noqa: E402  (ctypes only, ~10 ms)
+
+# Before any fastkd module imports torchvision (whose bundled nvJPEG 13.0 would otherwise take the
+# libnvjpeg.so.13 soname): map the carried nvidia-nvjpeg wheel's, 13.2 or newer, see that module.
+_nvjpeg_library.preload()
+
 __all__ = ["fit", "Trainer", "TrainConfig", "make_config"]
 
 

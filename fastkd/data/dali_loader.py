@@ -2,7 +2,7 @@
 
 Pipeline (one per pass, built for that epoch and resolution):
   JPEG bytes (reader, see below) -> train, shuffle="global": decoders.image_slice of the box
-  transforms.train_params draws from (seed, epoch, pack index) (the torch backend's boxes and
+  transforms.train_boxes draws from (seed, epoch, pack index) (the torch backend's boxes and
   flips; the image size comes from the JPEG header, `jpeg_size`), fed with the bytes;
   train, shuffle="reader": decoders.image_random_crop (DALI's RNG; area 0.08-1, aspect
   3/4-4/3); both decode only the window -> resize r x r;  val:
@@ -50,7 +50,7 @@ from fastkd.data.contract import Loader, LoaderSpec
 from fastkd.data.spec import FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO, TRAIN_SCALE, VAL_CROP_RATIO
 from fastkd.data.packed import ShardStore
 from fastkd.data.sharding import derive_seed
-from fastkd.data.transforms import train_params
+from fastkd.data.transforms import train_boxes
 from fastkd.errors import FastKDError
 
 _LABEL_BYTES = 12  # .cls holds an ASCII decimal label; padded to this many bytes for a dense batch
@@ -227,13 +227,11 @@ class DALILoader(Loader):
             if not s.train:
                 yield out
                 continue
-            anchors, sizes, flips = [], [], []
-            for i, d in zip(batch, data):
-                (top, left, h, w), flip = train_params(s.seed, epoch, int(i), *jpeg_size(d))
-                anchors.append(np.array([left, top], np.int32))
-                sizes.append(np.array([w, h], np.int32))
-                flips.append(np.array(flip, np.int32))
-            yield out + (anchors, sizes, flips)
+            hw = np.array([jpeg_size(d) for d in data], np.int64).reshape(-1, 2)  # [B, (H, W)]
+            boxes, flips = train_boxes(s.seed, epoch, batch, hw[:, 0], hw[:, 1])  # the whole batch at once
+            anchors = list(np.ascontiguousarray(boxes[:, [1, 0]], np.int32))  # (x, y) = (left, top) per sample
+            sizes = list(np.ascontiguousarray(boxes[:, [3, 2]], np.int32))  # (w, h); DALI takes dense rows only
+            yield out + (anchors, sizes, [np.array(f, np.int32) for f in flips])
 
     def _pass(self, epoch: int, start: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

@@ -8,8 +8,9 @@ Decoding, `decode=` ("auto": "device" on a CUDA device, "host" on CPU):
 - "device" (cuda only): DataLoader workers (`num_workers` processes) only read bytes; a
   background thread decodes each batch with one `torchvision.io.decode_jpeg(list, device="cuda")`
   call (nvJPEG, batched), then crops/resizes/flips the whole batch on the GPU
-  (`transforms.crop_resize_batch`: a few kernels per chunk of similar-size crops, not a few per
-  image) and normalises, on a side CUDA stream, one batch ahead of the training step.
+  (`transforms.crop_resize_batch`: a fixed number of kernels per chunk of similar-size crops,
+  whatever the batch size; its parameters and the labels reach the GPU as one asynchronous copy
+  each, from pinned memory) and normalises, on a side CUDA stream, one batch ahead of the training step.
 - "host": the workers decode (libjpeg-turbo), crop and resize (uint8 antialiased bilinear, image
   by image: faster on CPU than the batched matmuls) and return a uint8 batch. On CPU it is
   normalised in the main process. On CUDA (the GPU computes while the host cores decode) the
@@ -22,8 +23,9 @@ Decoding, `decode=` ("auto": "device" on a CUDA device, "host" on CPU):
 picks `crop_resize_batch` or the per-image `crop_resize`; both give the same boxes and flips and
 pixel values within 1 level.
 
-Crops: transforms.py (torchvision's RandomResizedCrop algorithm; val centre square of
-0.875 * shorter side). Every random number comes from (seed, epoch, pack index), so the same
+Crops: transforms.py (torchvision's RandomResizedCrop algorithm, drawn for the whole batch with
+numpy array ops; val centre square of 0.875 * shorter side). Every random number is a hash of
+(seed, epoch, pack index, draw), so the same
 seed gives the same order, crops and flips on any number of workers, CPU or GPU, host or device
 decode (pixel values then agree up to the decoder: nvJPEG vs libjpeg-turbo differ by a few
 levels), and a pass started at batch k (`set_epoch(e, start_batch=k)`) yields the same batches,
@@ -45,7 +47,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from fastkd.data.contract import Loader, LoaderSpec, PassSampler
 from fastkd.data.packed import ShardStore
 from fastkd.data.prefetch import prefetched
-from fastkd.data.transforms import center_crop_box, crop_resize, crop_resize_batch, train_params
+from fastkd.data.transforms import crop_params, crop_resize, crop_resize_batch, to_device
 from fastkd.errors import FastKDError
 
 DECODES = ("auto", "device", "host")
@@ -85,23 +87,16 @@ def upload(images: torch.Tensor, labels: torch.Tensor, device: torch.device, nor
     return normalize(images), labels
 
 
-def _boxes(shapes, indices, seed: int, epoch: int, train: bool, crop_fn=None):
-    if train and crop_fn is not None:
-        return [crop_fn(epoch, int(i), h, w) for (h, w), i in zip(shapes, indices)]
-    if train:
-        return [train_params(seed, epoch, i, h, w) for (h, w), i in zip(shapes, indices)]
-    return [(center_crop_box(h, w), False) for h, w in shapes]
-
-
 def augment(images: list, indices, seed: int, epoch: int, train: bool, resolution: int,
             batched: bool, crop_fn=None) -> torch.Tensor:
     """Decoded uint8 [3,H,W] images (one device) -> uint8 [B,3,r,r] channels_last: each sample's
     crop and flip from (seed, epoch, pack index), or from crop_fn(epoch, index, H, W) when given
     (train only), resized batched or image by image."""
-    params = _boxes([im.shape[1:] for im in images], indices, seed, epoch, train, crop_fn)
+    boxes, flips = crop_params([im.shape[1:] for im in images], indices, seed, epoch, train, crop_fn)
     if batched:
-        return crop_resize_batch(images, [b for b, _ in params], [f for _, f in params], resolution)
-    return torch.cat([crop_resize(im, box, resolution, flip) for im, (box, flip) in zip(images, params)])
+        return crop_resize_batch(images, boxes, flips, resolution)
+    return torch.cat([crop_resize(im, tuple(box), resolution, flip)
+                      for im, box, flip in zip(images, boxes.tolist(), flips.tolist())])
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -172,10 +167,10 @@ class TorchLoader(Loader):
                 yield self._output(self.normalize(images), labels, indices)
             return
         if self.decode == "host":
-            to_device, name = self._upload, "fastkd-h2d"
+            prepare, name = self._upload, "fastkd-h2d"
         else:
-            to_device, name = self._device_decoder(epoch, self.resolution), "fastkd-nvjpeg"
-        yield from self._side_stream(iter(self._loader), to_device, name)
+            prepare, name = self._device_decoder(epoch, self.resolution), "fastkd-nvjpeg"
+        yield from self._side_stream(iter(self._loader), prepare, name)
 
     def _upload(self, images, labels, indices):
         """Host decode: the pinned uint8 batch -> normalised on the GPU (queued, not waited for)."""
@@ -186,16 +181,16 @@ class TorchLoader(Loader):
         normalisation on the GPU (nvJPEG holds the GIL little)."""
         s, device = self.spec, self.spec.device
 
-        def to_device(data, labels, indices):
+        def decode_batch(data, labels, indices):
             buffer, sizes = data
             images = decode_jpeg(list(torch.split(buffer, sizes)), mode=ImageReadMode.RGB, device=device)
             batch = augment(images, indices, s.seed, epoch, s.train, resolution, self.batched_resize, self.crop_fn)
-            return self.normalize(batch), labels.to(device, non_blocking=True), indices
+            return self.normalize(batch), to_device(labels, device), indices  # labels: pinned, then async
 
-        return to_device
+        return decode_batch
 
-    def _side_stream(self, raw, to_device, name: str):
-        """`to_device(*item) -> (images, labels, indices)` for each worker item, queued on a side
+    def _side_stream(self, raw, prepare, name: str):
+        """`prepare(*item) -> (images, labels, indices)` for each worker item, queued on a side
         CUDA stream in a thread, two batches ahead of the step; `fastkd.data.prefetch` hands each
         batch over without a host sync."""
         device = self.spec.device
@@ -204,7 +199,7 @@ class TorchLoader(Loader):
         def make():  # runs in the prefetch thread only
             with torch.cuda.device(device), torch.cuda.stream(stream):
                 for item in raw:
-                    images, labels, indices = to_device(*item)
+                    images, labels, indices = prepare(*item)
                     done = torch.cuda.Event()
                     done.record(stream)
                     yield images, labels, indices, done
