@@ -254,7 +254,7 @@ def run(args) -> dict[str, Any]:
     else:
         goals.append(common.goal(text, "nvimgcodec or torch not measured", None, machine))
     fed = [r for r in rows if r["status"] == "ok" and r["name"] != "synthetic" and r.get("ratio") is not None]
-    text = "issue 11: best decode path >= 0.95x synthetic, waiting <= 2 %"
+    text = "best decode path >= 0.95x synthetic, waiting <= 2 %"
     if fed:
         best = max(fed, key=lambda r: r["ratio"])
         goals.append(common.goal(text, f"{best['name']}: {best['ratio']:.2f}x synthetic, waiting "

@@ -15,9 +15,9 @@
 # Stages, each under its own `timeout`, each recorded pass/fail/skip, a failure never stops the rest;
 # a stage that would start after BUDGET_S seconds (default 360) is skipped and every stage's timeout
 # is cut to end by BUDGET_S + 120 s, so the check ends within 8 minutes whatever happens (a rerun
-# fits in the rest of a 15-minute lease only without the machine's start-up). Order = priority; on
-# an H200 the step stage's compiles take about 3 minutes, so the stages after e2e may be skipped
-# for the budget: rerun them with ONLY="gputest loss losstest" if the lease has time left:
+# fits in the rest of a 15-minute lease only without the machine's start-up). Order = priority:
+# kernel, the default step, end to end with the default step, the GPU tests, then the rest (what
+# the budget leaves out can be rerun with ONLY="profile loader fold cache e2e192 loss losstest"):
 #   env      GPU (nvidia-smi), driver, torch/CUDA/cuDNN/Triton/torchvision, nvcc, ninja, cores
 #   install  make `fastkd` importable with no internet: `pip install --no-build-isolation --no-deps
 #            --no-index -e .` (setuptools maps preprocess/ -> fastkd.preprocess and kernels/ ->
@@ -26,19 +26,29 @@
 #            --target + PYTHONPATH), then whether the GPU's hardware JPEG engines decode (probe)
 #   kernel   build the CUDA loss kernel (torch.utils.cpp_extension, first use) and compare the fused
 #            op with the reference on random bf16/fp32 logits (relative error printed)
-#   step     benchmarks/step_throughput.py: the trainer's step (fastkd.step.build_step) at 160 px x
-#            256 (issue 11's goal shape): fp32 NCHW eager, bf16 + fused loss eager, the whole step
-#            compiled (inductor), and compiled with CUDA graphs (reduce-overhead); compile times
-#            apart; at most 200 s of measuring (STEP_VARIANTS: another list, e.g. with _compiled_nets)
-#   gputest  pytest -m gpu tests/
+#   step     benchmarks/step_throughput.py at 160 px x 256: fp32 NCHW eager (the baseline), bf16 +
+#            fused loss eager, and `default`: the trainer's default step (the whole step in CUDA
+#            graphs, teacher BN folded in bf16), its compile timed apart (STEP_VARIANTS: another list)
 #   data     16 x 384 synthetic photo-sized JPEGs -> `fastkd pack --formats dali` (or DATA=packed/dir)
+#   e2e      benchmarks/e2e_throughput.py at 160 px: the default step fed by E2E_PATHS (default
+#            torch-host, nvimgcodec, torch) with cores - 1 workers, against synthetic device data
+#   gputest  pytest -m gpu tests/ (failing names in the short summary and printed last)
+#   profile  benchmarks/step_profile.py: GPU time per part of the step (eager, ranges) and the
+#            default step's top kernels and GPU-busy share
 #   loader   benchmarks/loader_throughput.py, every decode path: torch (nvJPEG CUDA decoder),
 #            nvimgcodec (hardware JPEG engines, ROI), nvimgcodec-gpu (CUDA decoder, ROI),
 #            nvimgcodec-cpu (host cores, ROI, then GPU resize), auto (the rule's choice), torch-host
 #            (host cores: decode + crop + resize in DataLoader workers, pinned copy); the host-core
 #            paths once per count of HOST_WORKERS (8 and cores - 1); at 160 px, then DECODE_PATHS_192
 #            at 192 px with cores - 1 workers (GPU mode; the dry run: 32 px only)
-#   e2e      benchmarks/e2e_throughput.py, the same decode paths and sizes vs synthetic data
+#   engines  benchmarks/jpeg_engines.py: 256 synthetic 400 px JPEGs decoded by torchvision's batched
+#            nvJPEG, nvImageCodec's CUDA decoder and its hardware decoder while nvidia-smi dmon
+#            samples the JPEG engines: whether each path used them (labels decode_table.md)
+#   fold     the default step with the teacher's BatchNorm not folded (default_unfolded): what
+#            folding buys, against the step stage's `default` row (GPU only)
+#   cache    benchmarks/teacher_cache_step.py: the default step with a teacher cache vs the live
+#            teacher (GPU only)
+#   e2e192   end to end at 192 px, DECODE_PATHS_192, the default step
 #   loss     benchmarks/loss_kernel.py --device cuda
 #   losstest pytest of the loss tests (CPU reference, op under compile; GPU ones too)
 # Last: benchmarks/run_all.py --collect merges the JSONs into results.{json,md,png},
@@ -46,14 +56,15 @@
 # table (stages + goals) is printed. Under $OUT (at most 8 files, none in sub-folders):
 #   gpu_check.log  this console output       summary.md   stage table + results.md
 #   results.json   all benchmark JSONs + stages + machine     results.png  bar chart
-#   decode_table.md  issue 11's table: per decode path loader / e2e / ImageNet-100 epoch at 160 + 192 px
+#   decode_table.md  per decode path: loader / e2e / ImageNet-100 epoch at 160 + 192 px
 #   logs.tar.gz    every stage's full log, the JSONs and the results folder
 # Environment knobs: PY (python; default .venv/bin/python if present, else python3), BUDGET_S,
 # DATA (a packed dir), WORK (scratch dir), QUICK=1 (tiny sizes even on a GPU), FORCE_SHIM=1 (test
 # the shim), ONLY="kernel step" (rerun just these stages; env, install and wheels always run; a
 # stage that needs data needs `data` too, unless DATA is given), STEP_VARIANTS (the step
-# benchmark's --variants, replacing the mode's list), E2E_VARIANT (the e2e stage's step), DECODE_PATHS (the loader and e2e
-# stages' --backends), HOST_WORKERS (their
+# benchmark's --variants, replacing the mode's list), E2E_VARIANT (the e2e stages' step, default
+# `default`), E2E_PATHS (the first e2e stage's --backends), DECODE_PATHS (the loader stage's
+# --backends), HOST_WORKERS (its
 # --workers sweep of the host-core paths), DECODE_PATHS_192 (the 192 px pass's --backends).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -282,27 +293,23 @@ EOF
 stage kernel 180 cuda kernel_check
 
 # ------------------------------------------------------------------ step benchmark
-# Right after the kernel: the trainer's step is issue 11's first goal. On the GPU, 160 px x 256
-# (the goal shape) only: fp32 NCHW eager (the baseline), bf16 + fused loss eager, the whole step
-# compiled (inductor) and compiled with CUDA graphs (reduce-overhead; cudagraphs without Triton),
-# each compile (about a minute) timed apart; STEP_VARIANTS replaces the list (e.g. with
-# bf16_cl_fused_compiled_nets added: each network compiled alone). It writes its JSON after each shape and starts nothing
-# new after --max-seconds, so it always reports something.
+# Right after the kernel: the trainer's default step (what `fastkd train` runs: compile.mode auto =
+# the whole step in CUDA graphs, teacher BN folded in bf16) against the eager steps, at 160 px x 256
+# (the goal shape); the default step's compile (about 1.5 minutes on an H200) is timed apart.
+# STEP_VARIANTS replaces the list. It writes its JSON after each shape and starts nothing new after
+# --max-seconds, so it always reports something.
 if [ "$MODE" = gpu ]; then
-  STEP_ARGS=(--res 160 --batch 256 --windows 5 --steps 3 --warmup 2 --max-seconds 200
-             --variants "${STEP_VARIANTS:-fp32_nchw,bf16_cl_fused,bf16_cl_fused_compiled,bf16_cl_fused_graphs}")
-  STEP_T=270
+  STEP_ARGS=(--res 160 --batch 256 --windows 5 --steps 3 --warmup 2 --max-seconds 150
+             --variants "${STEP_VARIANTS:-fp32_nchw,bf16_cl_fused,default}")
+  STEP_T=210
 else
-  # the compiled variant through cudagraphs (on CPU: dynamo + AOT autograd, ~40 s), not inductor's C++ (minutes)
+  # the dry run: tiny shapes; the default step is eager on a CPU, the compiled one goes through
+  # cudagraphs (on CPU: dynamo + AOT autograd, ~40 s), not inductor's C++ (minutes)
   STEP_ARGS=(--res 32 --batch 4 --steps 1 --windows 2 --warmup 1 --compile-mode cudagraphs
-             --variants "${STEP_VARIANTS:-fp32_nchw,bf16_cl,bf16_cl_fused,bf16_cl_compiled}")
+             --variants "${STEP_VARIANTS:-fp32_nchw,bf16_cl_fused,default,bf16_cl_compiled}")
   STEP_T=300  # shared CPUs: tiny shapes can still take minutes
 fi
 stage step "$STEP_T" any "$PY" benchmarks/step_throughput.py "${STEP_ARGS[@]}" --json "$W/json/step.json"
-
-
-# ------------------------------------------------------------------ gpu tests
-stage gputest 150 any "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider --continue-on-collection-errors
 
 # ------------------------------------------------------------------ data: synthetic folder -> pack
 if [ "$MODE" = gpu ]; then SYNTH="--classes 16 --train 384 --val 4 --size 400"; else SYNTH="--classes 4 --train 12 --val 2 --size 96"; fi
@@ -354,18 +361,65 @@ decode_runs() {
   done
   return $rc
 }
+# ------------------------------------------------------------------ end to end, the default step
+# The loaders feed the trainer's default step (E2E_VARIANT replaces it); first at 160 px with the
+# decode paths most likely to keep up (E2E_PATHS), the loader table and 192 px come later.
+if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 30 --warmup 4); else E2E_ARGS=(--batch 4 --steps 2 --warmup 1); fi
+E2E_ARGS+=(--variant "${E2E_VARIANT:-default}")
+E2E_PATHS=${E2E_PATHS:-torch-host,nvimgcodec,torch}
+e2e_first() {
+  "$PY" benchmarks/e2e_throughput.py --data "$PACKED" --backends "$E2E_PATHS" --workers "$LAST_CORE" \
+    "$@" --res "${LOADER_RES_LIST%% *}" --json "$W/json/e2e.json"
+}
+export E2E_PATHS
 LOADER_RES_LIST="${LOADER_RES[*]}"
 export LOADER_RES_LIST
+stage e2e 200 any e2e_first "${E2E_ARGS[@]}"
+
+# ------------------------------------------------------------------ gpu tests
+# -rfEs: failures and errors are named in the short summary (a bare -rs hid them); -p no:logging:
+# no captured log records (torch's compile logs at DEBUG filled a failure's report); the failing
+# names are printed last, so the stage's tail shows them.
+gpu_tests() {
+  "$PY" -m pytest -q -rfEs --tb=short -p no:logging -p no:cacheprovider -m gpu tests \
+    --continue-on-collection-errors --junitxml "$W/json/gputest.xml"
+  local rc=$?
+  grep -o 'classname="[^"]*" name="[^"]*"[^>]*>[[:space:]]*<\(failure\|error\)' "$W/json/gputest.xml" 2>/dev/null |
+    sed 's/classname="\([^"]*\)" name="\([^"]*\)".*/FAILED \1::\2/' || true
+  return $rc
+}
+stage gputest 150 any gpu_tests
+
+# ------------------------------------------------------------------ the rest, by priority
+if [ "$MODE" = gpu ]; then PROFILE_ARGS=(--steps 5); else PROFILE_ARGS=(--steps 1 --no-default); fi
+stage profile 150 any "$PY" benchmarks/step_profile.py "${PROFILE_ARGS[@]}" --json "$W/json/profile.json"
+
 export RES_FLAG=--resolution
 stage loader 150 any decode_runs benchmarks/loader_throughput.py loader "${LOADER_EXTRA[@]}"
+# whether each GPU decode path (torchvision's batched nvJPEG above all) ran on the JPEG engines:
+# dmon's jpg column while it decodes; decode_table.py labels the GPU rows with the verdicts
+stage engines 60 cuda "$PY" benchmarks/jpeg_engines.py --seconds 4 --json "$W/json/engines.json"
 
-# ------------------------------------------------------------------ end to end (every decode path)
-# E2E_VARIANT: the step the loaders feed (default bf16_cl_fused, eager: a compiled one, e.g.
-# bf16_cl_fused_compiled, adds a compile of about a minute per resolution)
-if [ "$MODE" = gpu ]; then E2E_ARGS=(--steps 30 --warmup 4); else E2E_ARGS=(--batch 4 --steps 2 --warmup 1); fi
-[ -n "${E2E_VARIANT:-}" ] && E2E_ARGS+=(--variant "$E2E_VARIANT")
-RES_FLAG=--res
-stage e2e 180 any decode_runs benchmarks/e2e_throughput.py e2e "${E2E_ARGS[@]}"
+if [ "$MODE" = gpu ]; then
+  stage fold 150 any "$PY" benchmarks/step_throughput.py --res 160 --batch 256 --windows 5 --steps 3 --warmup 2 \
+    --variants default_unfolded --json "$W/json/step-unfolded.json"
+fi
+
+if [ "$MODE" = gpu ]; then  # the teacher cache's speed-up with the default step
+  stage cache 150 any "$PY" benchmarks/teacher_cache_step.py --device cuda --json "$W/json/cache.json"
+fi
+
+# e2e at the other resolutions (192 px), every DECODE_PATHS_192 path
+if [ "${LOADER_RES_LIST#* }" != "$LOADER_RES_LIST" ]; then
+  e2e_rest() {
+    local res
+    for res in ${LOADER_RES_LIST#* }; do
+      "$PY" benchmarks/e2e_throughput.py --data "$PACKED" --backends "$DECODE_PATHS_192" --workers "$LAST_CORE" \
+        "$@" --res "$res" --json "$W/json/e2e-$res.json" || return 1
+    done
+  }
+  stage e2e192 180 any e2e_rest "${E2E_ARGS[@]}"
+fi
 
 # ------------------------------------------------------------------ loss benchmark
 if [ "$MODE" = gpu ]; then LOSS_ARGS=(--device cuda); else LOSS_ARGS=(--device cpu --quick --warmup 1 --iters 3 --no-compile); fi

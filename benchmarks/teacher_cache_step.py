@@ -40,7 +40,7 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fastkd.cache_cmd import CacheWriter  # noqa: E402
+from fastkd.cache_writer import CacheWriter  # noqa: E402
 from fastkd.config import resolve_config  # noqa: E402
 from fastkd.runtime import COMPILE_MODES, amp_dtype  # noqa: E402
 from fastkd.step import build_step  # noqa: E402
@@ -62,7 +62,9 @@ def synthetic_cache(root: Path, images: int, views: int, num_classes: int, resol
             "pack": {"dir": None, "manifest_sha256": "synthetic", "count": images},
             "classes": [f"n{i:08d}" for i in range(num_classes)], "views": views, "seed": seed,
             "resolution": resolution, "amp": "synthetic", "entropy_temperature": 1.0}
-    writer.finish(info)
+    writer.flush()
+    digests = [writer.chunk_digest(start, min(images, start + 4096)) for start in range(0, images, 4096)]
+    writer.finish(info, 4096, digests)  # one chunk per write above
     return TeacherCache.open(root)
 
 
@@ -112,8 +114,8 @@ def run(args) -> dict:
             feed.teacher_logits(0, torch.from_numpy(rng.choice(images, size=batch, replace=False)))
 
         fns = {"live_teacher": live, "teacher_cache": cached}
-        for fn in fns.values():  # warm-up, untimed (allocator, cuDNN autotuning)
-            for _ in range(args.warmup):
+        for fn in fns.values():  # warm-up, untimed (allocator, cuDNN autotuning, compiling and
+            for _ in range(max(args.warmup, 3 if step.compiled else 0)):  # recording each graph)
                 fn()
         step.meter.read()
         windows = {name: [] for name in fns}
@@ -144,12 +146,14 @@ def run(args) -> dict:
              f"({cache.bytes_per_image:,.0f} B/image) written in {made_s:.1f} s",
              f"mean loss over the timed steps {loss:.3f} (sanity)"]
     params = dict(device=device, res=res, batch=batch, teacher=args.teacher, students=args.students.split(","),
-                  method=args.method, amp=amp, compile_mode=args.compile_mode, num_classes=args.num_classes,
+                  method=args.method, amp=amp, compile_mode=args.compile_mode, compiled=step.compiled, num_classes=args.num_classes,
                   views=args.views, images=images, steps=args.steps, windows=args.windows, warmup=args.warmup,
                   threads=torch.get_num_threads())
     headline = [common.head(f"step with teacher cache {case}", rows[1]["value"], "img/s", speedup)]
+    goal = common.goal(f"teacher cache >= 1.4x the live teacher, compile.mode {args.compile_mode}",
+                       f"{speedup:.2f}x at {case}", speedup >= 1.4, machine)
     return common.write_result(args.json, "teacher_cache_step", rows, machine=machine, params=params,
-                               headline=headline, notes=notes)
+                               headline=headline, goals=[goal], notes=notes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="uadkd", help="a loss method with a teacher: kd uakd dual uadkd")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile-mode", default="none", choices=COMPILE_MODES)
+    p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
+                   help="the step's compile.mode (auto: the trainer's default, CUDA graphs on one GPU)")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--views", type=int, default=8, help="views per image of the synthetic cache")
     p.add_argument("--images", type=int, default=0, help="images in the synthetic cache (default 20 x batch)")

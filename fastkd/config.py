@@ -57,6 +57,7 @@ class ModelConfig:
     students: list[str] = field(default_factory=lambda: ["resnet18", "mobilenet_v2"])  # 1 or 2 archs, named as the teacher
     student_weights: list[str] = field(default_factory=list)  # initial weights NET=PATH (NET: resnet18, resnet18-2; PATH as teacher_weights)
     sync_bn: bool = False  # SyncBatchNorm in the students across ranks (CUDA only)
+    fold_teacher_bn: bool = True  # on CUDA: the frozen teacher's BatchNorm folded into its convolutions, its weights in the autocast dtype
 
 
 @dataclass(kw_only=True)
@@ -75,7 +76,7 @@ class PrecisionConfig:
 
 @dataclass(kw_only=True)
 class CompileConfig:
-    mode: Literal["none", "inductor", "reduce-overhead", "cudagraphs"] = "none"  # torch.compile (alias --compile); reduce-overhead (inductor + CUDA graphs) and cudagraphs (no Triton) need CUDA
+    mode: Literal["auto", "none", "inductor", "reduce-overhead", "cudagraphs"] = "auto"  # torch.compile (alias --compile); auto: reduce-overhead (the whole step in CUDA graphs) on one CUDA device, none on CPU and under DDP; reduce-overhead and cudagraphs (no Triton) need CUDA
     scope: Literal["step", "networks"] = "step"  # step: teacher + students + loss as one graph (backward compiled with it); networks: each network alone
     warm: bool = True  # compile every train resolution before the first step (timed apart, logged as `compile` records)
 

@@ -20,14 +20,16 @@ rolled alike. The draws come from a numpy generator seeded by the step's seed (`
 resumed run mixes exactly as the uninterrupted one would; nothing is drawn when both alphas are
 0, so a run without mixing is bit-identical to one made before these keys existed.
 
-EMA: `torch.optim.swa_utils.AveragedModel` per student with use_buffers=True (BN running
-statistics averaged too; integer buffers such as num_batches_tracked copied). Its first update
-copies the weights, each later one does ema = decay * ema + (1 - decay) * weights (the documented
-`get_ema_multi_avg_fn` rule). The averaged copies never run forward during training.
+EMA: `AveragedNet` per student, the rule of torch's AveragedModel with use_buffers=True and
+`get_ema_multi_avg_fn` (BN running statistics averaged too; integer buffers such as
+num_batches_tracked copied; the first update copies the weights, each later one does ema = decay
+* ema + (1 - decay) * weights) in two foreach kernels per update and without its host-to-device
+copy of the update count. The averaged copies never run forward during training.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,7 +37,6 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from fastkd.errors import FastKDError
 
@@ -177,42 +178,66 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 # ----------------------------------------------------------------------------- EMA
 
 
-def _ema_update(decay: float):
-    """AveragedModel's multi_avg_fn: float tensors lerp towards the weights by 1 - decay (as
-    get_ema_multi_avg_fn), integer buffers (BN num_batches_tracked) take the live value."""
+class AveragedNet:
+    """One student's EMA: a frozen copy of the network (`module`) whose floating parameters and
+    buffers are lerped towards the live network's, integer buffers (BN num_batches_tracked)
+    copied. Nothing here reads a device value or copies from the host: the update count is a
+    Python int, and one update is two `torch._foreach_*` calls over precomputed tensor lists
+    (torch's AveragedModel instead copies its CPU `n_averaged` to the device at each update,
+    a host-to-device copy per call). state_dict keys are AveragedModel's ("module.<key>",
+    "n_averaged"), so EMA states saved by earlier versions load unchanged."""
+
+    def __init__(self, net: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(net).requires_grad_(False)
+        self.updates = 0
+        pairs = [*zip(self.module.parameters(), net.parameters(), strict=True),
+                 *zip(self.module.buffers(), net.buffers(), strict=True)]  # fmt: skip
+        # (averaged, live) tensor lists, split by kind once: per update no Python work per tensor
+        self._float = tuple(map(list, zip(*[p for p in pairs if p[0].is_floating_point()], strict=True)))
+        ints = [p for p in pairs if not p[0].is_floating_point()]
+        self._int = tuple(map(list, zip(*ints, strict=True))) if ints else ([], [])
 
     @torch.no_grad()
-    def update(averaged: list[Tensor], current: list[Tensor], _n_averaged) -> None:
-        if torch.is_floating_point(averaged[0]):
-            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+    def update(self) -> None:
+        """ema = decay * ema + (1 - decay) * live (the first update copies)."""
+        averaged, live = self._float
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, live)
         else:
-            for a, c in zip(averaged, current, strict=True):
-                a.copy_(c)
+            torch._foreach_lerp_(averaged, live, 1.0 - self.decay)
+        if self._int[0]:
+            torch._foreach_copy_(*self._int)
+        self.updates += 1
 
-    return update
+    def state_dict(self) -> dict:
+        state = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        state["n_averaged"] = torch.tensor(self.updates, dtype=torch.long)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict({k[len("module."):]: v for k, v in state.items() if k.startswith("module.")})
+        self.updates = int(state["n_averaged"])  # a CPU tensor in every saved state
 
 
 class StudentsEMA:
-    """Exponential moving averages of the students, one AveragedModel each (see the module doc).
+    """Exponential moving averages of the students, one AveragedNet each (see the module doc).
     `nets`: name -> the live student module (not a DDP or compiled wrapper); the copies live on
     the same device. `update()` is called once per optimizer step and averages every `every`-th
-    call. state_dict / load_state_dict carry the averages and the call count (last.pt)."""
+    call; it never syncs with the device. state_dict / load_state_dict carry the averages and
+    the call count (last.pt)."""
 
     def __init__(self, nets: dict[str, nn.Module], decay: float, every: int = 1):
         if not 0.0 < decay < 1.0 or every < 1:
             raise ValueError(f"EMA decay must be in (0, 1) and every >= 1, got {decay}, {every}")
         self.nets, self.decay, self.every, self.calls = dict(nets), decay, every, 0
-        # n_averaged stays on the CPU (no device argument): reading it never syncs with a GPU
-        self.averaged = {
-            name: AveragedModel(net, multi_avg_fn=_ema_update(decay), use_buffers=True).requires_grad_(False)
-            for name, net in self.nets.items()
-        }
+        self.averaged = {name: AveragedNet(net, decay) for name, net in self.nets.items()}
 
     def update(self) -> None:
         self.calls += 1
         if self.calls % self.every == 0:
-            for name, averaged in self.averaged.items():
-                averaged.update_parameters(self.nets[name])
+            for averaged in self.averaged.values():
+                averaged.update()
 
     def modules(self) -> dict[str, nn.Module]:
         """name -> the averaged network (same architecture and state_dict keys as the student)."""

@@ -48,8 +48,9 @@ from fastkd.losses import LossConfig, distillation_loss
 from fastkd.models import build_model, network_names
 from fastkd.recipe import AugmentConfig, MixParams, StudentsEMA, apply_mix, build_optimizer, draw_mix, mix_rng
 from fastkd.recipe import param_groups  # noqa: F401 (re-exported: fastkd.train and tests import it here)
+from fastkd.frozen_teacher import as_frozen_teacher
+from fastkd.runtime import CUDA_ONLY_MODES, compile_fn, compile_module, resolve_compile_mode
 from fastkd.runtime import amp_dtype as resolve_amp_dtype
-from fastkd.runtime import compile_fn, compile_module
 from fastkd.schedule import peak_lr
 
 
@@ -145,6 +146,7 @@ class TrainStep:
         # compile.scope step: forward_loss (teacher, students, loss, correct counts) is one
         # compiled graph; AOTAutograd compiles its backward with it
         self.compile_mode = compile_mode
+        self.graphs = compile_mode in CUDA_ONLY_MODES  # forward_loss replays CUDA graphs
         self._forward_loss = compile_fn(self.forward_loss, compile_mode)
         self.compiled = compile_mode != "none" or networks_compiled  # something compiles at a new shape
 
@@ -184,12 +186,12 @@ class TrainStep:
             mixed = self._mixed_inputs(labels_b, mix.lam)
         if teacher_logits is not None:
             teacher_logits = teacher_logits.float()
-        if self.compile_mode == "reduce-overhead":
+        if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last one's graph outputs are free
         parts = self._forward_loss(images, labels, teacher_logits, mixed)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts["loss"]).backward()
-        if self.compile_mode == "reduce-overhead":  # outputs of a CUDA graph live until its next replay
+        if self.graphs:  # outputs of a CUDA graph live until its next replay
             parts = {k: v.detach().clone() for k, v in parts.items()}
         if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)  # true gradients (fp16); a no-op otherwise
@@ -284,11 +286,14 @@ class TrainStep:
                 kinds.append(None)
             if self.augment is not None:
                 kinds.append(self._mixed_inputs(labels.roll(1, dims=0), 0.7))
+            # CUDA graph trees run a new graph eagerly once, record it on the second call and
+            # replay it from the third: warm takes the first two, so training only replays
             for mixed in kinds:
-                if self.compile_mode == "reduce-overhead":
-                    torch.compiler.cudagraph_mark_step_begin()
-                parts = self._forward_loss(images, labels, teacher_logits, mixed)
-                parts["loss"].backward()
+                for _ in range(2 if self.graphs else 1):
+                    if self.graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    parts = self._forward_loss(images, labels, teacher_logits, mixed)
+                    parts["loss"].backward()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for live, saved in zip(self.students.buffers(), buffers, strict=True):
@@ -299,10 +304,11 @@ class TrainStep:
 
 
 def build_students(cfg: TrainConfig, num_classes: int, device: torch.device, distributed_run: bool,
-                   nets: list[nn.Module] | None = None) -> Students:  # fmt: skip
+                   nets: list[nn.Module] | None = None, compile_mode: str = "none") -> Students:  # fmt: skip
     """The students on `device` (channels_last per config): `nets` when given (the user's
     modules, or networks with loaded weights), else randomly initialised model.students; SyncBN
-    when asked and several ranks run, forwards compiled per compile.mode."""
+    when asked and several ranks run, forwards compiled with `compile_mode` (resolved) under
+    compile.scope networks."""
     cl = cfg.precision.channels_last
     if nets is None:
         nets = [build_model(a, num_classes, channels_last=cl) for a in cfg.model.students]
@@ -310,19 +316,19 @@ def build_students(cfg: TrainConfig, num_classes: int, device: torch.device, dis
     students = Students([net.to(device=device, memory_format=fmt) for net in nets])
     if cfg.model.sync_bn and distributed_run:
         students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
-    students.set_compile(network_compile_mode(cfg))
+    students.set_compile(network_compile_mode(cfg, compile_mode))
     return students
 
 
-def network_compile_mode(cfg: TrainConfig) -> str:
-    """compile.mode of each network alone: the mode with compile.scope networks; "none" with
-    scope step (the whole forward_loss is compiled instead, networks included)."""
-    return cfg.compile.mode if cfg.compile.scope == "networks" else "none"
+def network_compile_mode(cfg: TrainConfig, mode: str) -> str:
+    """The compile mode of each network alone: `mode` (compile.mode resolved) with compile.scope
+    networks; "none" with scope step (the whole forward_loss is compiled instead)."""
+    return mode if cfg.compile.scope == "networks" else "none"
 
 
-def step_compile_mode(cfg: TrainConfig) -> str:
-    """compile.mode of TrainStep.forward_loss: the mode with compile.scope step, else "none"."""
-    return cfg.compile.mode if cfg.compile.scope == "step" else "none"
+def step_compile_mode(cfg: TrainConfig, mode: str) -> str:
+    """The compile mode of TrainStep.forward_loss: `mode` with compile.scope step, else "none"."""
+    return mode if cfg.compile.scope == "step" else "none"
 
 
 def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teacher: nn.Module | None = None,
@@ -335,13 +341,20 @@ def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teac
     clipping, EMA, MixUp / CutMix, scaler and loss as `fastkd train` builds them. ddp=True wraps
     the students in DistributedDataParallel (a process group must exist). `nets`: the student
     networks to train instead of new model.students. live_teacher=False: no teacher at all (its
-    logits come with each batch, from a teacher cache)."""
-    students = build_students(cfg, num_classes, device, ddp, nets)
+    logits come with each batch, from a teacher cache). compile.mode auto is resolved here
+    (`fastkd.runtime.resolve_compile_mode`: CUDA graphs of the whole step on one CUDA device).
+    On CUDA with model.fold_teacher_bn the teacher's BatchNorm is folded into its convolutions
+    and its weights kept in the autocast dtype (`fastkd.frozen_teacher`)."""
+    mode, _ = resolve_compile_mode(cfg.compile.mode, device, ddp)
+    amp = resolve_amp_dtype(cfg.precision.amp, device)
+    students = build_students(cfg, num_classes, device, ddp, nets, mode)
     if cfg.loss.uses_teacher and live_teacher:
         if teacher is None:
             teacher = build_model(cfg.model.teacher, num_classes, channels_last=cfg.precision.channels_last)
             teacher.eval().requires_grad_(False)
-        teacher = compile_module(teacher.to(device), network_compile_mode(cfg))
+        if device.type == "cuda" and cfg.model.fold_teacher_bn:
+            teacher = as_frozen_teacher(teacher, device, amp, cfg.precision.channels_last)
+        teacher = compile_module(teacher.to(device), network_compile_mode(cfg, mode))
     else:
         teacher = None
     model = students
@@ -352,9 +365,8 @@ def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teac
     ema = None
     if cfg.ema.decay is not None:
         ema = StudentsEMA(dict(zip(network_names(cfg.model.students), students.nets)), cfg.ema.decay, cfg.ema.every)
-    return TrainStep(students, teacher, cfg.loss, optimizer, device,
-                     resolve_amp_dtype(cfg.precision.amp, device), model=model,
+    return TrainStep(students, teacher, cfg.loss, optimizer, device, amp, model=model,
                      clip_grad_norm=cfg.optim.clip_grad_norm, ema=ema, augment=cfg.augment,
-                     mix_seed=cfg.run.seed, compile_mode=step_compile_mode(cfg),
+                     mix_seed=cfg.run.seed, compile_mode=step_compile_mode(cfg, mode),
                      num_classes=num_classes,
-                     networks_compiled=network_compile_mode(cfg) != "none")  # fmt: skip
+                     networks_compiled=network_compile_mode(cfg, mode) != "none")  # fmt: skip

@@ -114,9 +114,10 @@ def test_step_throughput_rows(step_result):
     assert goals and all(g["met"] is None and "not a GPU run" in g["measured"] for g in goals)
 
 
-def test_step_goals_judge_issue_11_on_a_gpu_row_and_list_every_goal_without_one():
-    """The 12,000 / 14,000 img/s goals (issue 11) take the fastest variant at 160 px b256; with no
-    row at 160 px every goal is still listed, as not measured."""
+def test_step_goals_judge_the_default_step_on_a_gpu_row_and_list_every_goal_without_one():
+    """The 12,000 / 15,000 img/s goals judge the trainer's default step at 160 px b256 (not the
+    fastest variant: a faster non-default variant does not meet them); with no row at 160 px
+    every goal is still listed, as not measured."""
     import step_throughput
 
     gpu = {"device": "cuda:0"}
@@ -124,11 +125,12 @@ def test_step_goals_judge_issue_11_on_a_gpu_row_and_list_every_goal_without_one(
     def row(name, value, ratio):
         return dict(name=name, status="ok", res=160, batch=256, value=value, ratio=ratio)
 
-    rows = [row("fp32_nchw", 2600.0, 1.0), row("bf16_cl_fused", 6400.0, 2.46), row("bf16_cl_fused_graphs", 12500.0, 4.8)]
+    rows = [row("fp32_nchw", 2600.0, 1.0), row("bf16_cl_fused", 6400.0, 2.46), row("default", 12500.0, 4.8),
+            row("bf16_cl_fused_graphs", 15500.0, 5.9)]
     goals = {g["goal"]: g for g in step_throughput.goals(rows, gpu)}
-    assert goals["step >= 12,000 img/s at 160 px b256 (issue 11)"]["met"] is True
-    assert "12,500 img/s (bf16_cl_fused_graphs)" in goals["step >= 12,000 img/s at 160 px b256 (issue 11)"]["measured"]
-    assert goals["stretch: step >= 14,000 img/s at 160 px b256 (issue 11)"]["met"] is False
+    assert goals["default step >= 12,000 img/s at 160 px b256"]["met"] is True
+    assert "12,500 img/s" in goals["default step >= 12,000 img/s at 160 px b256"]["measured"]
+    assert goals["stretch: default step >= 15,000 img/s at 160 px b256"]["met"] is False
     assert goals["step >= 4x the fp32 NCHW eager baseline, same run"]["met"] is True
     empty = step_throughput.goals([], gpu)
     assert len(empty) == 4 and all(g["met"] is None and "not measured" in g["measured"] for g in empty)
@@ -352,3 +354,101 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         assert common.validate_result(summary["benchmarks"][name]["result"]) == []
     names = [r["name"] for r in summary["benchmarks"]["step"]["result"]["rows"]]
     assert names == ["fp32_nchw", "bf16_cl_fused"]
+
+
+# A recorded `nvidia-smi dmon -s u` sample (the format of 5xx drivers): the header repeats, and a
+# counter the driver does not report reads "-".
+DMON_SAMPLE = """\
+# gpu    sm   mem   enc   dec   jpg   ofa
+# Idx     %     %     %     %     %     %
+    0    35     4     0     0    62     0
+    0    12     2     0     0     -     0
+# gpu    sm   mem   enc   dec   jpg   ofa
+# Idx     %     %     %     %     %     %
+    0    41     5     0     0    70     0
+    0    4"""
+
+
+def test_jpeg_engines_parses_dmon_and_judges_the_engines():
+    import jpeg_engines as je
+
+    columns, rows = je.parse_dmon(DMON_SAMPLE.splitlines())
+    assert columns == ["gpu", "sm", "mem", "enc", "dec", "jpg", "ofa"]
+    assert len(rows) == 3  # repeated header skipped, the cut last line dropped
+    assert rows[1]["jpg"] is None and rows[1]["sm"] == 12.0
+    s = je.summarise(columns, rows)
+    assert s["engines"] == "yes" and s["jpg_util_max"] == 70.0 and s["jpg_util_mean"] == pytest.approx(66.0)
+    assert s["sm_util_max"] == 41.0 and s["jpg_samples"] == [62.0, 70.0] and s["samples"] == 3
+    idle = DMON_SAMPLE.replace("   62 ", "    0 ").replace("   70 ", "    0 ")
+    assert je.summarise(*je.parse_dmon(idle.splitlines()))["engines"] == "no"
+    # an older driver without the JPEG column: the engines are unknown, never "no"
+    old = ["# gpu    sm   mem   enc   dec", "# Idx     %     %     %     %", "    0    50     3     0     0"]
+    s = je.summarise(*je.parse_dmon(old))
+    assert s["engines"] == "unknown" and s["jpg_util_max"] is None and s["sm_util_max"] == 50.0
+    assert je.summarise(*je.parse_dmon(["nvidia-smi: command failed"]))["engines"] == "unknown"
+
+
+def test_jpeg_engines_loop_samples_while_decoding_and_reads_subsampling():
+    """sampled_loop with a stand-in dmon that prints the recorded sample after 0.3 s: the loop
+    decodes until the stand-in has exited, and the summary comes from its output."""
+    import io
+
+    import jpeg_engines as je
+    from PIL import Image
+
+    calls = []
+    fake = ["bash", "-c", f"sleep 0.3; printf '%s\\n' {' '.join(repr(x) for x in DMON_SAMPLE.splitlines())}"]
+    result = je.sampled_loop(lambda: calls.append(1) or 4, lambda: None, 0.0, fake)
+    assert result["dmon_error"] is None and result["engines"] == "yes" and result["samples"] == 3
+    assert result["images"] == 4 * len(calls) and result["seconds"] >= 0.3 and result["rate"] > 0
+    missing = je.sampled_loop(lambda: 1, lambda: None, 0.05, ["/nonexistent/nvidia-smi"])
+    assert missing["engines"] == "unknown" and "nvidia-smi" in missing["dmon_error"]
+    assert je.smi_gpu_id(0) in (__import__("os").environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip(), "0")
+    for sub, want in ((2, "4:2:0"), (0, "4:4:4")):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 24), (200, 30, 90)).save(buf, format="JPEG", quality=90, subsampling=sub)
+        assert je.jpeg_subsampling(buf.getvalue()) == want
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU run: a GPU would measure")
+def test_jpeg_engines_cpu_run_records_skipped_paths(tmp_path):
+    import jpeg_engines as je
+
+    out = tmp_path / "engines.json"
+    assert je.main(["--device", "cpu", "--json", str(out)]) == 0
+    payload = common.read_result(out)
+    assert common.validate_result(payload) == [] and payload["benchmark"] == "jpeg_engines"
+    assert [r["name"] for r in payload["rows"]] == ["torch", "nvimgcodec-gpu", "nvimgcodec"]
+    for r in payload["rows"]:
+        assert r["status"] == "skipped" and "CUDA" in r["error"] and r["engines"] == "unknown"
+    with pytest.raises(SystemExit):
+        je.main(["--device", "cpu", "--paths", "torch,bogus"])
+
+
+def test_decode_table_labels_gpu_paths_by_the_engines_that_ran():
+    import decode_table
+    import jpeg_engines as je
+
+    gpu = {"device": "cuda", "gpu": "NVIDIA H200"}
+    rows = [common.row("torch", case="400px b256", unit="img/s", value=3000.0, engines="no",
+                       jpg_util_max=0.0, sm_util_max=88.0),
+            common.row("nvimgcodec", case="400px b256", unit="img/s", value=5000.0, engines="yes",
+                       jpg_util_max=62.0, sm_util_max=5.0),
+            common.row("nvimgcodec-gpu", case="400px b256", unit="img/s", status="skipped",
+                       error="nvImageCodec is not importable (ModuleNotFoundError: No module named 'nvidia')")]
+    result = common.write_result(None, "jpeg_engines", rows, machine=gpu, params={})
+    loader = common.write_result(None, "loader_throughput",
+                                 [common.row("torch", unit="img/s", value=2500.0, res=160)],
+                                 machine=gpu, params={"resolution": 160})
+    kinds = {r["path"]: r["kind"] for r in decode_table.build([loader, result], resolutions=(160,))}
+    assert kinds["torch"] == "nvJPEG CUDA, engines: no"
+    assert kinds["nvimgcodec"] == "hardware engines, engines: yes"
+    assert kinds["nvimgcodec-gpu"] == "nvImageCodec CUDA"  # not measured: no label
+    used, lines = decode_table.engines([result])
+    assert used == {"torch": "no", "nvimgcodec": "yes"}
+    assert all(len(line) <= 60 for line in lines) and any("nvimgcodec-gpu: not measured" in x for x in lines)
+    # a CPU run measured nothing: no GPU row is labelled
+    cpu = common.write_result(None, "jpeg_engines", [dict(r, status="skipped", value=None) for r in rows[:1]],
+                              machine={"device": "cpu"}, params={})
+    assert decode_table.engines([cpu])[0] == {}
+    assert je.PATHS[0] == "torch"  # measured first: no earlier engine work can show in its samples

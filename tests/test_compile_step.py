@@ -248,14 +248,20 @@ def cuda_step(tmp_path, mode: str):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["inductor", "reduce-overhead", "cudagraphs"])
+@pytest.mark.parametrize("mode", ["auto", "inductor", "reduce-overhead", "cudagraphs"])
 def test_compiled_step_on_cuda_matches_eager(tmp_path, mode):
     """bf16 channels_last, fused loss, fused SGD on CUDA: the compiled step (warmed) gives the
-    eager step's losses within bf16 noise over 3 steps, makes no host sync once compiled, and
-    its parts outlive the next step (copied out of the CUDA graph's memory)."""
+    eager step's losses within bf16 noise over 3 steps, makes no host sync once compiled (the
+    graphs were recorded by warm: training only replays), and its parts outlive the next step
+    (copied out of the CUDA graph's memory). auto is the CUDA-graph step; the teacher is
+    BN-folded in bf16 in both steps."""
+    from fastkd.frozen_teacher import has_batchnorm
+
     torch._dynamo.reset()
     eager, compiled = cuda_step(tmp_path, "none"), cuda_step(tmp_path, mode)
     assert compiled.optimizer.defaults.get("fused") is True
+    assert compiled.compile_mode == (runtime.resolve_compile_mode("auto", torch.device("cuda"))[0] if mode == "auto" else mode)
+    assert not has_batchnorm(compiled.teacher) and next(compiled.teacher.parameters()).dtype == torch.bfloat16
     assert compiled.warm(32, 32, torch.bfloat16) > 0
     g = torch.Generator(device="cuda").manual_seed(1)
     images = torch.randn(32, 3, 32, 32, device="cuda", generator=g).to(torch.bfloat16)
@@ -272,3 +278,85 @@ def test_compiled_step_on_cuda_matches_eager(tmp_path, mode):
     for le, lc in kept:  # every step's loss is still readable, and close to eager's
         torch.testing.assert_close(lc, le, rtol=3e-2, atol=3e-2)
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- the default mode
+
+CUDA = torch.device("cuda")  # a device name only: nothing below allocates on it
+
+
+@pytest.mark.parametrize("triton, expected", [(True, "reduce-overhead"), (False, "cudagraphs")])
+def test_auto_is_the_cuda_graph_step_on_one_gpu(monkeypatch, triton, expected):
+    monkeypatch.setattr(runtime, "triton_available", lambda: triton)
+    mode, note = runtime.resolve_compile_mode("auto", CUDA)
+    assert mode == expected
+    assert (note is None) == triton  # falling back to the Triton-free mode is said, in one line
+    assert note is None or ("Triton" in note and "\n" not in note)
+
+
+def test_auto_is_eager_on_cpu_and_under_ddp_with_one_line_saying_why(monkeypatch):
+    monkeypatch.setattr(runtime, "triton_available", lambda: True)
+    assert runtime.resolve_compile_mode("auto", torch.device("cpu")) == ("none", None)
+    mode, note = runtime.resolve_compile_mode("auto", CUDA, ddp=True)
+    assert mode == "none" and "DDP" in note and "--compile reduce-overhead" in note and "\n" not in note
+    for explicit in ("none", "inductor", "reduce-overhead", "cudagraphs"):  # a chosen mode is kept
+        assert runtime.resolve_compile_mode(explicit, CUDA, ddp=True) == (explicit, None)
+    with pytest.raises(ValueError, match="resolved first"):
+        runtime.compile_fn(lambda x: x, "auto")
+
+
+def test_cpu_trainer_keeps_its_eager_default_and_reports_the_mode(tmp_path):
+    from fastkd.train import Trainer
+
+    cfg = tiny_config(tmp_path / "run", **{"loss.method": "uadkd", "run.log": "none", "run.summary": False})
+    assert cfg.compile.mode == "auto"
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, *loaders(n=32, batch_size=16), students={"a": TinyNet(), "b": TinyNet()},
+                      teacher=TinyNet().eval().requires_grad_(False))  # fmt: skip
+    assert trainer.compile_mode == "none" and trainer._step.compile_mode == "none" and not trainer._step.compiled
+    trainer.fit()
+    assert json.loads((tmp_path / "run/report.json").read_text())["compile_mode"] == "none"
+    assert not [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if r["kind"] == "compile"]
+
+
+def test_graph_modes_warm_until_the_graph_is_recorded(tmp_path, graphs, monkeypatch):
+    """CUDA graph trees run a new graph once, record it on its second call, replay from the
+    third: warm runs each kind of batch twice in a CUDA-graph mode (once otherwise), so the
+    first training steps replay instead of recording; each call marks a new iteration."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    mix = {"augment.mixup": 0.4, "augment.mix_prob": 0.5}
+    calls = {}
+    for graphed in (False, True):
+        step = tiny_step(tmp_path, "inductor", **mix)
+        step.graphs = graphed  # what compile_mode reduce-overhead / cudagraphs set on CUDA
+        seen = []
+        inner = step._forward_loss
+        step._forward_loss = lambda *a, inner=inner, seen=seen: seen.append(a[3] is not None) or inner(*a)
+        step.warm(8, 16, torch.float32)
+        calls[graphed] = seen
+    assert calls[False] == [False, True]  # unmixed, mixed: once each
+    assert calls[True] == [False, False, True, True]  # twice each
+    assert len(marks) == 4
+
+
+def test_both_cuda_graph_modes_mark_iterations_and_copy_parts_out(tmp_path, graphs, monkeypatch):
+    """cudagraphs (dynamo's CUDA-graph backend, also graph trees) keeps its outputs in graph
+    memory like reduce-overhead: both must mark each step and copy the parts out, or a part
+    kept past the next step is overwritten."""
+    for mode in runtime.CUDA_ONLY_MODES:
+        step = tiny_step(tmp_path, mode)  # torch.compile wraps lazily: nothing compiles on this CPU
+        assert step.graphs and step.compile_mode == mode
+        marks = []
+        monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+        returned = {}
+
+        def spy(*args, inner=step.forward_loss):  # the eager function stands in for the graph
+            returned.update(inner(*args))
+            return returned
+
+        step._forward_loss = spy
+        images, labels = batch(16)
+        parts = step(images, labels, seed=0)
+        assert marks == [1]
+        assert all(parts[k] is not returned[k] for k in returned)  # copies, not the graph's outputs

@@ -35,7 +35,7 @@ def shipped_configs() -> list[Path]:
 def test_defaults_match_contract():
     cfg = TrainConfig()
     assert cfg.model.students == ["resnet18", "mobilenet_v2"] and cfg.model.teacher == "resnet50"
-    assert cfg.loss.method == "uadkd" and cfg.compile.mode == "none"
+    assert cfg.loss.method == "uadkd" and cfg.compile.mode == "auto" and cfg.model.fold_teacher_bn
     # the peak lr: neither optim.lr nor optim.lr_per_256 set = 0.5 per 256 images; SGD, no clipping
     assert cfg.optim.lr is None and cfg.optim.lr_per_256 is None and cfg.optim.name == "sgd"
     assert cfg.optim.clip_grad_norm is None and cfg.schedule.min_lr == 0.0 and cfg.ema.decay is None
