@@ -227,18 +227,20 @@ def markdown_table(rows: Iterable[dict], columns: Sequence[tuple[str, str]]) -> 
 
 
 def print_table(rows: Iterable[dict], columns: Sequence[tuple[str, str]], title: str = "") -> None:
-    """One table on stdout: rich when it is importable, aligned plain text otherwise."""
+    """One table on stdout: rich (through fastkd) when importable, aligned plain text otherwise;
+    either way at the width its cells need, whatever the terminal's."""
     cells = table_cells(rows, columns)
     try:
-        from rich.console import Console
         from rich.table import Table
+
+        from fastkd.tables import print_table as print_rich  # at the cells' width, never cut
 
         table = Table(title=title or None)
         for i, header in enumerate(cells[0]):
             table.add_column(header, justify="left" if i == 0 else "right")
         for r in cells[1:]:
             table.add_row(*r)
-        Console(width=max(100, sum(len(h) + 5 for h in cells[0]))).print(table)
+        print_rich(table)
         return
     except ImportError:
         pass

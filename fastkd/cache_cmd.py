@@ -17,8 +17,10 @@ images, C = 100) with K = 8: 1.8 KB per image, 225 MB. ImageNet-1k (1,281,167) w
 per image, 21 GB.
 
 Resumable: images are taken in chunks of --chunk-size; a chunk's rows go into the memory-mapped
-arrays, are flushed, and only then is its marker OUT/.build/chunk-NNNNNN written (atomically).
-Run the same command again after a crash or Ctrl-C and it skips the marked chunks; other settings
+arrays, are flushed, and only then is its marker OUT/.build/chunk-NNNNNN written (atomically),
+holding the sha256 of the chunk's rows (fastkd/cache_chunks.py). Run the same command again after
+a crash or Ctrl-C and it keeps each marked chunk whose rows still match that checksum (a chunk
+of a truncated or damaged array is made again, with a note) and does the rest; other settings
 on an unfinished OUT are refused (or --overwrite starts over). manifest.json, with every array's
 sha256, is written last: until then `--teacher-cache OUT` refuses the folder as incomplete.
 """
@@ -39,14 +41,15 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from fastkd.atomic import atomic_write_bytes
+from fastkd.cache_chunks import chunk_range, num_chunks
+from fastkd.cache_writer import CacheWriter
 from fastkd.data.packed import ShardStore, open_packed, shard_paths
 from fastkd.data.spec import IMAGENET_MEAN, IMAGENET_STD, parse_device
-from fastkd.data.transforms import crop_resize, crop_resize_batch, normalize_uint8_cpu, train_params
+from fastkd.data.transforms import crop_resize, crop_resize_batch, normalize_uint8_cpu, train_boxes
 from fastkd.errors import FastKDError
 from fastkd.losses import confidence_weight
 from fastkd.packformat import sha256_file
-from fastkd.teacher_cache import (BUILD_DIR, FORMAT, FULL_MAX_CLASSES, MANIFEST, TOPK, VERSION,
-                                  array_specs, identity_of, pack_fingerprint, storage_for)
+from fastkd.teacher_cache import BUILD_DIR, FULL_MAX_CLASSES, MANIFEST, TOPK, array_specs, pack_fingerprint, storage_for
 
 STATE = "state.json"
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -94,74 +97,6 @@ def _size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:,.1f} {unit}"
     return f"{n:,.0f} B"
-
-
-# ----------------------------------------------------------------------------- writing the arrays
-
-
-def compress_logits(logits: torch.Tensor, storage: dict) -> dict[str, np.ndarray]:
-    """fp32 logits [..., C] -> the stored arrays of those rows (see the module docstring)."""
-    logits = logits.float()
-    if storage["kind"] == "full":
-        return {"logits": logits.half().cpu().numpy()}
-    k, c = storage["k"], logits.shape[-1]
-    values, index = logits.topk(k, dim=-1)
-    lse = logits.logsumexp(dim=-1)
-    top_mass = (values - lse.unsqueeze(-1)).exp().sum(-1)
-    rest_mass = (1.0 - top_mass).clamp(min=1e-30)
-    rest = lse + torch.log(rest_mass / (c - k))
-    return {"logits": values.half().cpu().numpy(), "topk_index": index.int().cpu().numpy(),
-            "rest": rest.half().cpu().numpy()}
-
-
-class CacheWriter:
-    """The arrays of a cache being built, memory-mapped for writing (a resumed build reopens
-    them in place), then `finish` hashes them and writes manifest.json."""
-
-    def __init__(self, root: str | Path, n: int, views: int, num_classes: int, storage: dict, resume: bool):
-        self.root, self.storage, self.num_classes = Path(root), storage, num_classes
-        self.specs = array_specs(n, views, num_classes, storage)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.arrays = {}
-        for name, (shape, dtype) in self.specs.items():
-            path = self.root / f"{name}.npy"
-            if resume and path.is_file():
-                arr = np.load(path, mmap_mode="r+")
-                if arr.shape != shape or arr.dtype != np.dtype(dtype):
-                    raise RuntimeError(f"{path}: {arr.shape} {arr.dtype}, expected {shape} {dtype}")
-            else:
-                arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-            self.arrays[name] = arr
-
-    def write(self, start: int, logits: torch.Tensor, boxes, flips, w, sizes) -> None:
-        """Rows start..start+b: logits fp32 [b,K,C], boxes [b,K,4], flips [b,K], w [b,K], sizes [b,2]."""
-        end = start + logits.shape[0]
-        rows = compress_logits(logits, self.storage)
-        rows.update(boxes=np.asarray(boxes, np.int32), flips=np.asarray(flips, bool),
-                    w=np.asarray(w, np.float32), sizes=np.asarray(sizes, np.int32))
-        for name, value in rows.items():
-            self.arrays[name][start:end] = value
-
-    def flush(self) -> None:
-        for arr in self.arrays.values():
-            arr.flush()
-
-    def finish(self, info: dict) -> dict:
-        """Flush, hash, write manifest.json (atomically, last); returns the manifest."""
-        self.flush()
-        arrays, total = {}, 0
-        for name, (shape, dtype) in self.specs.items():
-            path = self.root / f"{name}.npy"
-            size = path.stat().st_size
-            total += int(np.prod(shape)) * np.dtype(dtype).itemsize
-            arrays[name] = {"file": path.name, "shape": list(shape), "dtype": dtype, "size": size,
-                            "sha256": sha256_file(path)}
-        n = self.specs["sizes"][0][0]
-        manifest = {"format": FORMAT, "version": VERSION, **info, "num_classes": self.num_classes,
-                    "storage": self.storage, "arrays": arrays, "bytes_per_image": total / max(n, 1)}
-        manifest["identity"] = identity_of(manifest)
-        atomic_write_bytes(self.root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-        return manifest
 
 
 # ----------------------------------------------------------------------------- plan and folder
@@ -262,8 +197,9 @@ def _identity(item):
 
 def view_params(images: list, indices, seed: int, views: int) -> list[list]:
     """Per image, its K (box, flip): view k is the torch loader's crop of epoch k."""
-    return [[train_params(seed, k, int(i), im.shape[1], im.shape[2]) for k in range(views)]
-            for im, i in zip(images, indices)]
+    hw = np.array([im.shape[1:] for im in images], np.int64).reshape(-1, 2)  # [b, (H, W)]
+    drawn = [train_boxes(seed, k, indices, hw[:, 0], hw[:, 1]) for k in range(views)]  # a batch per view
+    return [[(tuple(boxes[j].tolist()), bool(flips[j])) for boxes, flips in drawn] for j in range(len(hw))]
 
 
 def _decode_on_device(item, device, seed: int, views: int, resolution: int):
@@ -350,9 +286,10 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
     if any(not (out / f"{name}.npy").is_file() for name in specs):  # arrays gone: no marker can be trusted
         for mark in marks.glob("chunk-*"):
             mark.unlink()
-    writer = CacheWriter(out, n, views, len(classes), storage, resume=mode == "resume")
-    done = {int(p.name.split("-")[1]) for p in marks.glob("chunk-*")}
-    chunks = [(c, c * chunk_size, min(n, (c + 1) * chunk_size)) for c in range(-(-n // chunk_size)) if c not in done]
+    say = console.print if console is not None else print
+    writer = CacheWriter(out, n, views, len(classes), storage, resume=mode == "resume", note=say)
+    digests = _kept_chunks(marks, writer, chunk_size, n, say)  # chunk -> digest of its rows
+    chunks = [(c, *chunk_range(c, chunk_size, n)) for c in range(num_chunks(chunk_size, n)) if c not in digests]
 
     net = load_teacher(weights, teacher, pack, channels_last=True).to(dev)
     in_dtype = _AMP[amp] or torch.float32
@@ -384,14 +321,38 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
             bar.advance(b)
             if int(indices[-1]) + 1 == chunk_end[c]:
                 writer.flush()  # the rows on disk before the marker that says so
-                atomic_write_bytes(marks / f"chunk-{c:06d}", f"{chunk_end[c]}\n".encode())
+                digests[c] = writer.chunk_digest(*chunk_range(c, chunk_size, n))
+                mark = {"end": chunk_end[c], "sha256": digests[c]}
+                atomic_write_bytes(marks / f"chunk-{c:06d}", json.dumps(mark).encode())
                 if on_chunk is not None:
                     on_chunk(c)
     info = {k: v for k, v in plan.items() if k not in ("chunk_size", "storage")}
     info["created"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    manifest = writer.finish(info)
+    manifest = writer.finish(info, chunk_size, [digests[c] for c in range(num_chunks(chunk_size, n))])
     shutil.rmtree(marks, ignore_errors=True)
     return manifest
+
+
+def _kept_chunks(marks: Path, writer: CacheWriter, rows: int, n: int, say) -> dict[int, str]:
+    """{chunk: digest} of the finished chunks an interrupted build may keep: those whose marker
+    holds a checksum their rows on disk still match. Any other marker (damaged rows, a truncated
+    array made anew, a marker without a checksum) is removed and its chunk made again."""
+    kept, redo = {}, []
+    for path in sorted(marks.glob("chunk-*")):
+        c = int(path.name.split("-")[1])
+        try:
+            digest = json.loads(path.read_text())["sha256"]
+        except (OSError, ValueError, TypeError, KeyError):
+            digest = None
+        if c < num_chunks(rows, n) and digest == writer.chunk_digest(*chunk_range(c, rows, n)):
+            kept[c] = digest
+        else:
+            path.unlink()
+            redo.append(c)
+    if redo:
+        say(f"fastkd teacher-cache: {len(redo)} finished chunk(s) no longer match their checksums "
+            f"({redo[:8]}); making them again")
+    return kept
 
 
 def _check_finite(logits: torch.Tensor, indices, plan: dict) -> None:

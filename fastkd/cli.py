@@ -2,7 +2,7 @@
 
     fastkd demo-data OUT                 # ImageNet-style folder from scikit-learn's digits
     fastkd pack SRC OUT                  # FFCV .beton + DALI WebDataset shards, one manifest
-    fastkd verify OUT                    # re-hash a packed directory against its manifest
+    fastkd verify OUT                    # re-hash a packed directory (or a teacher cache) against its manifest
     fastkd train --data OUT ...          # teacher + two students, uncertainty-aware dual KD
     fastkd eval CHECKPOINT --data OUT    # top-1/top-5 of a checkpoint
     fastkd teacher-cache --data OUT ...  # the teacher's logits over K views per image, once
@@ -25,7 +25,7 @@ from fastkd.errors import FastKDError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("fastkd.preprocess.demo", "write the embedded digits demo as an ImageNet-style folder"),
     "pack": ("fastkd.preprocess.pack_cmd", "pack an ImageNet-style folder, or any folder with a labels CSV, into FFCV and DALI formats"),
-    "verify": ("fastkd.preprocess.verify", "re-hash a packed directory against its manifest"),
+    "verify": ("fastkd.preprocess.verify", "re-hash a packed directory or teacher cache against its manifest"),
     "train": ("fastkd.train_cmd", "train a teacher or two students with (uncertainty-aware) distillation"),
     "eval": ("fastkd.eval_cmd", "evaluate a checkpoint on a packed directory"),
     "teacher-cache": ("fastkd.cache_cmd", "run the teacher once over K augmented views of every train image"),

@@ -82,10 +82,19 @@ def arch_of_best(path: Path, config: dict) -> str:
     return net.rsplit("-", 1)[0] if net.rsplit("-", 1)[-1].isdigit() else net
 
 
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+def pick_network(nets: dict, name: str, path: Path) -> dict:
+    """The one network --arch names among a checkpoint's several (said on stderr); FastKDError
+    listing them when none is that one: evaluating them all would answer another question."""
+    import sys
 
+    if name not in nets:
+        raise FastKDError(f"--arch {name}: {path} holds the networks {', '.join(nets)} and no {name}, and there is no "
+                          f"best-{name}.pt beside it; pass --arch with one of those names, or that network's weights")
+    print(f"fastkd eval: no best-{name}.pt in {path.parent}; evaluating network {name} of {path}", file=sys.stderr)
+    return {name: nets[name]}
+
+
+def run(args: argparse.Namespace) -> int:
     from fastkd.checkpoint import resolve_weights_path
     from fastkd.data import build_loader
     from fastkd.evaluate import evaluate
@@ -97,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     path = resolve_weights_path(args.checkpoint, network_names([args.arch])[0] if args.arch else None)
     manifest = load_manifest(args.data)
     nets, config = load_networks(path, args.arch, manifest)
+    if args.arch and len(nets) > 1:  # a run folder without best-<arch>.pt resolved to last.pt
+        nets = pick_network(nets, network_names([args.arch])[0], path)
     data_cfg = config.get("data", {})
     backend = args.backend or data_cfg.get("backend", "ffcv")
     resolution = args.resolution or data_cfg.get("val_resolution", 224)
@@ -106,11 +117,22 @@ def run(args: argparse.Namespace) -> int:
     nets = {name: net.to(device) for name, net in nets.items()}
     res = evaluate(nets, loader)
 
-    table = Table(title=f"{path} on {args.data} (val, {resolution} px)")
+    print_results(path, args.data, resolution, {name: res[name] for name in nets})
+    return 0
+
+
+def print_results(weights, data, resolution: int, res: dict[str, dict]) -> None:
+    """The weights and data paths, whole on their own lines (in a title or cell, a narrow terminal
+    would wrap them), then one table row per network of `res` (fastkd.evaluate's results)."""
+    from rich.table import Table
+
+    from fastkd.tables import print_table
+
+    print(f"weights: {weights}")
+    print(f"data: {data}")
+    table = Table(title=f"val, {resolution} px")
     for column in ("network", "top-1 %", "top-5 %", "loss", "ECE %", "images"):
         table.add_column(column, justify="left" if column == "network" else "right")
-    for name in nets:
-        r = res[name]
+    for name, r in res.items():
         table.add_row(name, f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['loss']:.4f}", f"{100 * r['ece']:.2f}", str(r["n"]))
-    Console().print(table)
-    return 0
+    print_table(table)

@@ -170,7 +170,8 @@ class LiveDisplay:
         if not self.enabled:
             return
         if self._progress is not None:
-            self._progress.console.print(message, highlight=False, markup=False)
+            # soft_wrap: no newline inserted at the terminal width (a path stays copy-pasteable)
+            self._progress.console.print(message, highlight=False, markup=False, soft_wrap=True)
         else:
             print(message, file=self.file, flush=True)
 

@@ -281,7 +281,7 @@ def fit_weights(model: nn.Module, spec: str, arch: str, manifest: dict, network:
     model = _bare(model)
     if _is_pretrained_spec(spec):
         source, path = pretrained_model(resolve_arch(arch), spec)
-        slice_head(source, imagenet_indices(manifest))
+        slice_head(source, imagenet_indices(manifest, source=spec))  # messages name `imagenet` or timm:NAME
         state = source.state_dict()
         if hasattr(source, "transform_input"):  # torchvision's googlenet/inception weights expect it
             model.transform_input = source.transform_input

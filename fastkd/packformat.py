@@ -1,6 +1,6 @@
 """The on-disk format of a packed directory: what `fastkd pack` writes and every loader reads.
 
-    manifest = load_manifest(OUT)                          # FastKDError if missing/invalid
+    manifest = load_manifest(OUT)                          # FastKDError if missing/invalid/edited
     problems = check_outputs(OUT, manifest, full_hash=True)   # [] when every file matches
     tars = split_files(OUT, manifest, "train", "dali")     # shard tars in order
     is_pack_folder(OUT)                                    # True: OUT holds a manifest of ours
@@ -35,6 +35,7 @@ from fastkd.errors import FastKDError
 FORMAT = "fastkd-pack"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+DIGEST_KEY = "digest"  # sha256 of the manifest without this key (manifest_digest)
 FORMATS = ("ffcv", "dali")  # canonical order; also the top-level folder of each format's files
 _HASH_CHUNK = 1 << 22
 
@@ -79,8 +80,24 @@ def file_entry(root: Path, path: Path, size: int | None = None, sha256: str | No
             "sha256": sha256_file(path) if sha256 is None else sha256}
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content without its own "digest" key (canonical JSON: sorted
+    keys), so a hand edit of any value (a split's count, a file's size) is caught."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def digest_state(manifest: dict) -> str:
+    """"ok" | "absent" (written before manifests carried a digest) | "mismatch" (edited since)."""
+    if DIGEST_KEY not in manifest:
+        return "absent"
+    return "ok" if manifest[DIGEST_KEY] == manifest_digest(manifest) else "mismatch"
+
+
 def write_manifest(root: Path, manifest: dict) -> Path:
-    """Write atomically (temporary name, fsync, rename): its presence means a complete pack."""
+    """Write atomically (temporary name, fsync, rename): its presence means a complete pack. The
+    written manifest carries its own digest (`manifest_digest`)."""
+    manifest = {**manifest, DIGEST_KEY: manifest_digest(manifest)}
     text = json.dumps(manifest, indent=1) + "\n"
     return atomic_write_bytes(Path(root) / MANIFEST_NAME, text.encode("utf-8"))
 
@@ -111,6 +128,9 @@ def load_manifest(root) -> dict:
     for key in ("params", "classes", "splits", "files"):
         if key not in manifest:
             raise FastKDError(f"{path}: manifest has no '{key}'")
+    if digest_state(manifest) == "mismatch":
+        raise FastKDError(f"{path}: its content does not match its digest (edited after packing?); restore "
+                          "the manifest `fastkd pack` wrote, or re-pack")
     return manifest
 
 

@@ -154,18 +154,16 @@ def _extra(train_args: list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from fastkd.live import format_duration
     from fastkd.report import summary_table
+    from fastkd.tables import print_table
 
     report = run_quickstart(args.out, args.backend, args.teacher_epochs, args.epochs, args.fresh,
                             args.train_args)
     teacher_run = report["teacher_report"]
     t_name, t_net = next(iter(teacher_run["networks"].items()))
-    console = Console()
-    console.print()
-    console.print(summary_table(report))
+    print()
+    print_table(summary_table(report))
     # plain prints: paths stay on one line (copy-pasteable), whatever the terminal width
     print(
         f"teacher {t_name} trained with ce: val top-1 {t_net.get('top1') or float('nan'):.2f} % in "

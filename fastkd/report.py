@@ -1,11 +1,11 @@
 """The end of a run: the summary table and report.json, report.md, plots/*.png.
 
     write_report(run_dir, summary)     # report.json, report.md, plots/*.png
-    Console().print(summary_table(summary))
+    print_table(summary_table(summary))  # fastkd.tables: at its natural width
 
 `summary` (input of write_report / summary_table):
-`{"method", "networks": {name: {"arch", "params", "compression", "top1", "top5", "best_top1"}},
-"teacher": {"arch", "params", "top1", "top5"} | None, "images_per_s", "wall_time_s",
+`{"method", "networks": {name: {"arch", "params", "compression", "top1", "top5", "best_top1"}
+(+ "ema_top1", "ema_top5", "ema_best_top1" with an EMA of the students)}, "teacher": {"arch", "params", "top1", "top5"} | None, "images_per_s", "wall_time_s",
 "config": {...}}` plus whatever else the trainer adds (kept as is in report.json); a missing
 "compression" is computed as teacher params / network params. The plots come from the run's
 metrics.jsonl (schema and reader in fastkd.metrics; drawing in fastkd.report_plots).
@@ -33,7 +33,7 @@ from fastkd.metrics import MetricsLog, eval_networks, read_metrics, teacher_w_of
 
 __all__ = [
     "PLOT_NAMES", "LiveDisplay", "MetricsLog", "config_digest", "eval_networks", "fill_compression",
-    "format_duration", "format_metrics", "format_params", "read_metrics", "summary_table",
+    "format_duration", "format_metrics", "format_params", "has_ema", "read_metrics", "summary_table",
     "teacher_w_of", "to_jsonable", "write_report",
 ]
 
@@ -78,9 +78,16 @@ def fill_compression(summary: Mapping[str, Any]) -> dict:
     return summary
 
 
+def has_ema(summary: Mapping[str, Any]) -> bool:
+    """Whether the run averaged its students (the EMA columns are shown then only)."""
+    return any("ema_top1" in net for net in summary.get("networks", {}).values())
+
+
 def summary_table(summary: Mapping[str, Any]) -> Table:
-    """rich Table: network, arch, params, compression vs teacher, top-1, top-5, best top-1 (%)."""
+    """rich Table: network, arch, params, compression vs teacher, top-1, top-5, best top-1 (%),
+    and with an EMA, its top-1 and best top-1. Print it with fastkd.tables.print_table."""
     summary = fill_compression(summary)
+    ema = has_ema(summary)
     title = f"fastkd {summary.get('method', '')}".strip()
     extra = []
     if summary.get("images_per_s"):
@@ -96,6 +103,9 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table.add_column("top-1", justify="right")
     table.add_column("top-5", justify="right")
     table.add_column("best", justify="right")
+    if ema:
+        table.add_column("EMA top-1", justify="right")
+        table.add_column("EMA best", justify="right")
     teacher = summary.get("teacher")
     if teacher:
         table.add_row(
@@ -105,7 +115,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             "1.00x",
             _pct(teacher.get("top1")),
             _pct(teacher.get("top5")),
-            "-",
+            *["-"] * (3 if ema else 1),
             style="dim",
         )
     for name, net in summary.get("networks", {}).items():
@@ -118,6 +128,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             _pct(net.get("top1")),
             _pct(net.get("top5")),
             _pct(net.get("best_top1")),
+            *([_pct(net.get("ema_top1")), _pct(net.get("ema_best_top1"))] if ema else []),
         )
     return table
 
@@ -135,30 +146,37 @@ def _markdown(report: Mapping[str, Any], plots: list[str]) -> str:
     ]
     if report.get("images_per_s") is not None:
         lines.append(f"- throughput: {report['images_per_s']:,.0f} images/s (training)")
+    if report.get("compile_mode"):
+        lines.append(f"- step: compile mode `{report['compile_mode']}`")
     if report.get("compile_s"):
         parts = ", ".join(f"{sec:.1f} s at {res} px" for res, sec in report["compile_s"].items())
         lines.append(f"- compiling the step (before training, not in the throughput): {parts}")
     if report.get("wall_time_s") is not None:
         lines.append(f"- wall time: {format_duration(report['wall_time_s'])} ({report['wall_time_s']:.1f} s)")
+    ema = has_ema(report)
+    ema_heads = " EMA top-1 % | EMA best top-1 % |" if ema else ""
     lines += [
         "",
-        "| network | arch | params | compression vs teacher | top-1 % | top-5 % | best top-1 % |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| network | arch | params | compression vs teacher | top-1 % | top-5 % | best top-1 % |" + ema_heads,
+        "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if ema else ""),
     ]
     if teacher:
         lines.append(
             f"| teacher | {teacher.get('arch', '-')} | {format_params(teacher.get('params'))} | 1.00x"
-            f" | {_pct(teacher.get('top1'))} | {_pct(teacher.get('top5'))} | - |"
+            f" | {_pct(teacher.get('top1'))} | {_pct(teacher.get('top5'))} | - |" + (" - | - |" if ema else "")
         )
     for name, net in nets.items():
         comp = net.get("compression")
+        ema_cells = f" {_pct(net.get('ema_top1'))} | {_pct(net.get('ema_best_top1'))} |" if ema else ""
         lines.append(
             f"| {name} | {net.get('arch', '-')} | {format_params(net.get('params'))}"
             f" | {f'{comp:.2f}x' if comp else '-'} | {_pct(net.get('top1'))} | {_pct(net.get('top5'))}"
-            f" | {_pct(net.get('best_top1'))} |"
+            f" | {_pct(net.get('best_top1'))} |" + ema_cells
         )
     lines.append("")
     lines.append("Compression = teacher parameters / network parameters. Accuracies on the val split.")
+    if ema:
+        lines.append("EMA: the exponential moving average of each student's weights, evaluated alike.")
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in plots]
@@ -208,6 +226,10 @@ def run_summary(trainer, wall_time: float) -> dict:
         r = res.get(name, {})
         networks[name] = {"arch": _arch(trainer.archs[name]), "params": count_params(net), "top1": r.get("top1"),
                           "top5": r.get("top5"), "ece": r.get("ece"), "best_top1": trainer.best_top1[name]}  # fmt: skip
+        if trainer.ema is not None:  # evaluated as "<name>-ema" (Trainer.eval_modules)
+            e = res.get(f"{name}-ema", {})
+            networks[name].update(ema_top1=e.get("top1"), ema_top5=e.get("top5"),
+                                  ema_best_top1=trainer.best_top1.get(f"{name}-ema"))  # fmt: skip
     teacher = None
     if trainer.teacher is not None:
         t = (trainer.teacher_eval or {}).get("teacher", {})
@@ -220,6 +242,7 @@ def run_summary(trainer, wall_time: float) -> dict:
         "images_per_s": trainer._train_samples / trainer._train_time if trainer._train_time else None,
         "wall_time_s": wall_time,
         "compile_s": {str(res): sec for res, sec in getattr(trainer, "compile_seconds", {}).items()} or None,
+        "compile_mode": getattr(trainer, "compile_mode", None),  # compile.mode as resolved for this run
         "epochs": trainer.epoch,
         "total_epochs": cfg.schedule.epochs,
         "finished": trainer.epoch >= cfg.schedule.epochs,

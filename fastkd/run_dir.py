@@ -1,11 +1,14 @@
-"""The rules of a run directory (`--out`), applied by `fastkd train` before it trains:
+"""The rules of a run directory (`--out`), applied by every training (Trainer.fit: `fastkd train`
+and `fastkd.fit` alike) before it writes anything:
+
+    with claim(out, resumed_at=None, overwrite=False):   # RunLock + prepare_fresh, or on resume
+        ... train ...                                     # truncate_metrics past the checkpoint
 
     with RunLock(out):                          # one training per run dir at a time
         if resuming:
             truncate_metrics(out / "metrics.jsonl", ckpt_global_step, ckpt_epoch)  # fastkd.metrics
         else:
             prepare_fresh(out, overwrite)         # refuse to mix two runs in one dir
-        ... train ...
 
 classify(out) says what a dir holds: "empty" (nothing of a run; unrelated files allowed),
 "run" (config.yaml, metrics.jsonl or checkpoints/last.pt of a previous run) or "finished"
@@ -24,21 +27,29 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastkd.errors import FastKDError
-from fastkd.metrics import read_metrics
+from fastkd.metrics import read_metrics, truncate_metrics
 
 LOCK_NAME = ".lock"
+# set by a process that holds a run dir's lock (fastkd train --gpus N) for the ranks it launches
+LOCK_ENV = "FASTKD_RUN_LOCK_HELD"
 TRASH_PREFIX = ".old-"  # RUN/.old-<pid>: a replaced run on its way out (see prepare_fresh)
 
 # What a fastkd run writes into its dir; --overwrite removes these and nothing else. Order
 # matters: the markers of a finished run (report.json) and of a resumable run (checkpoints/) go
 # first, so a crash halfway leaves at worst an unfinished, checkpoint-less run, which a fresh
-# run refuses again rather than mixing with it.
+# run refuses again rather than mixing with it. In checkpoints/ and plots/ only the files the run
+# names are its own (`_owned_in`); the logger folders are written whole by TensorBoard / W&B.
 RUN_FILES = ("report.json", "checkpoints", "report.md", "plots", "tensorboard", "tb", "wandb", "metrics.jsonl",
              "config.yaml")
+SHARED_DIRS = ("checkpoints", "plots")  # may hold a user's own files next to the run's
+# the plots fastkd.report_plots.render_plots draws (it imports matplotlib, so the names are
+# restated here; tests/test_run_dir.py checks that the two agree)
+PLOT_NAMES = ("loss", "accuracy", "w_hist", "reliability")
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints/last.pt")
 
 # run dirs this process holds: a POSIX lock is per process, so a second RunLock of the same dir
@@ -214,17 +225,61 @@ def describe_run(run_dir: str | os.PathLike) -> str:
     return f"{epochs} epochs, last step {last_step}"
 
 
-def _run_entries(run_dir: Path) -> list[Path]:
-    """What a fastkd run wrote into run_dir, in removal order: RUN_FILES, TensorBoard event files
-    and atomic-write temporaries of those names (.report.json.<random>.tmp)."""
-    entries = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+def _networks(run_dir: Path) -> set[str]:
+    """Names of the networks the run in run_dir evaluated (best-<name>.pt is saved right after
+    its eval record): keys of its eval records and of report.json's "networks" (+ their -ema)."""
+    names = set()
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        if record.get("kind") == "eval":
+            names |= {k for k, v in record.items() if isinstance(v, dict) and "top1" in v}
+    networks = (_report(run_dir) or {}).get("networks")
+    if isinstance(networks, dict):
+        names |= set(networks) | {f"{name}-ema" for name in networks}
+    return names - {"teacher"}
+
+
+def _own_names(run_dir: Path, folder: str) -> set[str]:
+    """File names the run lists as its own in checkpoints/ or plots/."""
+    if folder == "checkpoints":
+        return {"last.pt"} | {f"best-{name}.pt" for name in _networks(run_dir)}
+    plots = (_report(run_dir) or {}).get("plots")
+    listed = {Path(p).name for p in plots if isinstance(p, str)} if isinstance(plots, list) else set()
+    return listed | {f"{name}.png" for name in PLOT_NAMES}
+
+
+def _is_own(name: str, own: set[str]) -> bool:
+    """One of `own`, or an atomic-write temporary of one (.last.pt.<random>.tmp)."""
+    return name in own or (name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in own))
+
+
+def _owned_in(run_dir: Path, folder: str) -> tuple[list[Path], list[Path]]:
+    """(the run's files in run_dir/folder, last.pt first; the files it did not write)."""
+    own = _own_names(run_dir, folder)
+    children = sorted((run_dir / folder).iterdir(), key=lambda p: (p.name != "last.pt", p.name))
+    mine = [c for c in children if c.is_file() and _is_own(c.name, own)]
+    return mine, [c for c in children if c not in mine]
+
+
+def _run_entries(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(what a fastkd run wrote into run_dir, in removal order; what it did not write inside the
+    folders it shares). RUN_FILES (checkpoints/ and plots/ whole when nothing else is in them,
+    else only the run's files), TensorBoard event files and atomic-write temporaries of those
+    names (.report.json.<random>.tmp)."""
+    entries, strangers = [], []
+    for name in RUN_FILES:
+        path = run_dir / name
+        if name in SHARED_DIRS and path.is_dir():
+            mine, others = _owned_in(run_dir, name)
+            entries += mine if others else [path]
+            strangers += others
+        elif path.exists():
+            entries.append(path)
     if run_dir.is_dir():
         for child in sorted(run_dir.iterdir()):
-            if child.name.startswith("events.out.tfevents."):
+            temporary = child.name.endswith(".tmp") and _is_own(child.name, set(RUN_FILES))
+            if child.name.startswith("events.out.tfevents.") or temporary:
                 entries.append(child)
-            elif child.name.endswith(".tmp") and any(child.name.startswith(f".{n}.") for n in RUN_FILES):
-                entries.append(child)
-    return entries
+    return entries, strangers
 
 
 def _remove_stale_trash(run_dir: Path) -> None:
@@ -244,8 +299,10 @@ def prepare_fresh(run_dir: str | os.PathLike, overwrite: bool) -> None:
     A dir that holds a run ("run" or "finished") is refused unless `overwrite`:
     FastKDError "run dir X already holds a run (N epochs, last step S); continue it with
     --resume auto, replace it with --overwrite, or choose another --out". With overwrite, only
-    what a fastkd run writes goes (config.yaml, metrics.jsonl, checkpoints/, report.json/.md,
-    plots/, tensorboard/, tb/, events.out.tfevents.*); other files stay. The entries are first
+    what a fastkd run writes goes (config.yaml, metrics.jsonl, report.json/.md, tensorboard/, tb/,
+    events.out.tfevents.*, and in checkpoints/ and plots/ exactly the files the run names: last.pt,
+    best-<net>.pt of the networks it evaluated, the plots it draws or report.json lists); other files stay,
+    and the ones inside checkpoints/ or plots/ are named on stderr. The entries are first
     renamed into RUN/.old-<pid> (one rename each, markers of a finished or resumable run first)
     and then deleted, so a crash never leaves a half-deleted checkpoint or report; a later call
     deletes such a leftover folder. Call it while holding the RunLock.
@@ -256,13 +313,59 @@ def prepare_fresh(run_dir: str | os.PathLike, overwrite: bool) -> None:
     if state != "empty" and not overwrite:
         what = "a finished run" if state == "finished" else "a run"
         raise FastKDError(f"run dir {run_dir} already holds {what} ({describe_run(run_dir)}); continue it "
-                          "with --resume auto, replace it with --overwrite, or choose another --out")
+                          "with --resume auto, replace it with --overwrite, or choose another --out (fastkd.fit: "
+                          "config keys run.resume, run.overwrite, run.out)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    entries = _run_entries(run_dir) if overwrite else []  # without a run, leftovers (plots/) stay
+    entries, strangers = _run_entries(run_dir) if overwrite else ([], [])  # without a run, leftovers stay
+    if strangers:
+        _note(f"fastkd: --overwrite of {run_dir} keeps {len(strangers)} file(s) the run did not write: "
+              + ", ".join(str(p.relative_to(run_dir)) for p in strangers[:10]))
     if not entries:
         return
     trash = run_dir / f"{TRASH_PREFIX}{os.getpid()}"
     trash.mkdir(exist_ok=True)
-    for entry in entries:
-        os.replace(entry, trash / entry.name)
+    for i, entry in enumerate(entries):  # numbered: checkpoints/x and plots/x never collide
+        os.replace(entry, trash / f"{i:03d}-{entry.name}")
     shutil.rmtree(trash)
+
+
+def _held_for_us(run_dir: Path) -> bool:
+    """This process holds run_dir's lock already, or the launcher that started it does."""
+    held = os.environ.get(LOCK_ENV)
+    return run_dir.resolve() in _HELD or (held is not None and Path(held).resolve() == run_dir.resolve())
+
+
+def _remove_if_bare(run_dir: Path) -> None:
+    """Remove run_dir when it holds nothing but an empty .lock (made by a call that then failed)."""
+    try:
+        if [p.name for p in run_dir.iterdir()] == [LOCK_NAME] and (run_dir / LOCK_NAME).stat().st_size == 0:
+            (run_dir / LOCK_NAME).unlink()
+        run_dir.rmdir()  # fails, harmlessly, when anything else is in it
+    except OSError:
+        pass
+
+
+@contextmanager
+def claim(run_dir: str | os.PathLike, *, resumed_at: tuple[int, int] | None, overwrite: bool,
+          enabled: bool = True) -> Iterator[None]:  # fmt: skip
+    """Hold run_dir for one training: RunLock, then prepare_fresh (a fresh run) or drop the
+    metrics.jsonl records past `resumed_at` = (global_step, epoch) of the checkpoint resumed.
+    Nothing when not `enabled` (ranks > 0) or when the lock is already held for this process
+    (`fastkd train --gpus N` takes it before it starts the ranks). A dir this call created is
+    removed again when the training fails before writing anything into it."""
+    run_dir = Path(run_dir)
+    if not enabled or _held_for_us(run_dir):
+        yield
+        return
+    created = not run_dir.exists()
+    try:
+        with RunLock(run_dir):
+            if resumed_at is None:
+                prepare_fresh(run_dir, overwrite)
+            else:
+                truncate_metrics(run_dir / "metrics.jsonl", *resumed_at)
+            yield
+    except BaseException:
+        if created:
+            _remove_if_bare(run_dir)
+        raise

@@ -1,10 +1,11 @@
-"""Teacher once, students many times: a per-view cache of the teacher's logits (issue 12).
+"""Teacher once, students many times: a per-view cache of the teacher's logits.
 
     fastkd teacher-cache --data PACKED --teacher resnet50 --teacher-weights W --views 8 --out CACHE
     cache = TeacherCache.open(CACHE, expect={"pack": PACKED, "classes": wnids, "resolution": 160})
     loader = build_loader(PACKED, "train", "torch", ..., **cache_loader_options(cache))
     feed = CacheFeed(cache, device)
     feed.attach(loader)                                    # train crops = the cached boxes
+    # (a training run: fastkd.cache_run.feed_for_run does all of the above and checks the run)
     for images, labels, indices in loader:                 # (loader.set_epoch(epoch) before)
         t = feed.teacher_logits(epoch, indices)            # [B, C] fp32 on the device
         step(images, labels, teacher_logits=t)             # the teacher does not run
@@ -27,7 +28,8 @@ Layout of DIR (manifest.json is written last, atomically: its presence means com
 progress keeps its state in DIR/.build/):
     manifest.json   format, teacher (arch, weights, sha256), pack (manifest sha256, count),
                     classes (WNIDs), views, seed, resolution, amp, entropy_temperature, storage,
-                    arrays (file, shape, dtype, size, sha256), bytes_per_image, identity
+                    arrays (file, shape, dtype, size, sha256), chunks (rows, sha256 of each
+                    chunk's rows: fastkd/cache_chunks.py), bytes_per_image, identity
     logits.npy      [N,K,C] fp16  every logit (C <= 1000, `full_max_classes`), or, for more
                     classes, [N,K,k] fp16 (the k largest) + topk_index.npy [N,K,k] int32 +
                     rest.npy [N,K] fp16: the logit every other class gets so that they share the
@@ -52,6 +54,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from fastkd.cache_chunks import check_chunks
 from fastkd.errors import FastKDError
 from fastkd.packformat import MANIFEST_NAME, sha256_file
 
@@ -135,6 +138,15 @@ def _as_index(x) -> np.ndarray:
 # ----------------------------------------------------------------------------- reading
 
 
+def is_teacher_cache(root: str | Path) -> bool:
+    """True when root/manifest.json is a readable JSON object of this format (any version)."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def identity_of(manifest: dict) -> str:
     """Short hash of a manifest (content, not its timestamp): what a checkpoint records."""
     body = {k: v for k, v in manifest.items() if k not in IDENTITY_SKIP}
@@ -186,6 +198,7 @@ class TeacherCache:
         if manifest.get("identity") != identity_of(manifest):
             raise FastKDError(f"{path}: its identity does not match its content (edited by hand?); rebuild the cache")
         cls._check_files(root, manifest, verify)
+        check_chunks(root, manifest, every=verify)  # sampled rows: flipped or zeroed logits
         if expect:
             problems = mismatches(manifest, expect)
             if problems:
@@ -347,6 +360,12 @@ class CacheFeed:
             raise ValueError("the loader must yield indices: build it with **cache_loader_options(cache)")
         loader.set_crop_fn(self.cache.replay)
 
+    def describe(self) -> str:
+        """One line for the training output: whose logits, from where, how many views."""
+        t = self.cache.manifest["teacher"]
+        return (f"teacher cache {self.cache.root} (identity {self.cache.identity}): {t['arch']} logits "
+                f"({t['weights']}), {self.cache.views} views per image, no teacher forward")
+
     def views(self, epoch: int, indices) -> np.ndarray:
         return self.cache.view_of(epoch, _as_index(indices))
 
@@ -364,17 +383,3 @@ class CacheFeed:
         """fp32 [B] on the device: the cached w of those views."""
         idx = _as_index(indices)
         return self._to_device(self.cache.w(idx, self.cache.view_of(epoch, idx)))
-
-
-def feed_for_run(cfg, train_loader, resolutions: set[int], device: torch.device) -> CacheFeed:
-    """The CacheFeed of a training run with `model.teacher_cache` set: the cache opened and
-    checked against the run (pack, classes, every train resolution, T_w; the teacher only when
-    the run names a non-default one), attached to the train loader (which must yield indices)."""
-    expect = {"pack": cfg.data.dir, "classes": train_loader.manifest["classes"], "resolution": resolutions,
-              "entropy_temperature": cfg.loss.entropy_temperature}  # fmt: skip
-    if cfg.model.teacher_weights:  # a teacher named with its weights: it must be the cache's
-        expect["teacher"] = cfg.model.teacher
-    cache = TeacherCache.open(cfg.model.teacher_cache, expect=expect, view_seed=cfg.run.seed)
-    feed = CacheFeed(cache, device)
-    feed.attach(train_loader)
-    return feed

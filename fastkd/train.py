@@ -24,11 +24,11 @@ import uuid
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from torch import Tensor, nn
 
 from fastkd import distributed
 from fastkd.api import config_for_modules
+from fastkd.cache_run import feed_for_run
 from fastkd.checkpoint import plain_state_dict, rng_state, save_atomic, set_rng_state
 from fastkd.config import TrainConfig, check_runnable, config_to_dict, save_config
 from fastkd.data import build_loader
@@ -41,10 +41,13 @@ from fastkd.metrics import MetricsLog, NullLog
 from fastkd.models import build_model, load_student_weights, load_teacher, network_names
 from fastkd.report import run_summary, summary_table, write_report
 from fastkd.resume import last_state, restore
-from fastkd.runtime import CUDA_ONLY_MODES, allow_graphs, base_index, input_dtype, resolve_device, seed_all
+from fastkd.run_dir import claim
+from fastkd.runtime import CUDA_ONLY_MODES, allow_graphs, base_index, input_dtype, resolve_compile_mode
+from fastkd.runtime import resolve_device, seed_all
 from fastkd.runtime import set_determinism, step_seed, stop_signals
 from fastkd.schedule import lr_at, peak_lr, resolution_at
 from fastkd.step import build_step, param_groups  # noqa: F401 (param_groups re-exported for callers)
+from fastkd.tables import print_table
 
 
 class NonFiniteLoss(FastKDError):
@@ -79,8 +82,10 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.run_dir = Path(cfg.run.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if cfg.compile.mode in CUDA_ONLY_MODES and self.device.type != "cuda":
-            raise FastKDError(f"compile.mode {cfg.compile.mode} needs CUDA; use none or inductor on CPU")
+        # compile.mode auto: the whole step in CUDA graphs on one GPU, eager on CPU and under DDP
+        self.compile_mode, self.compile_note = resolve_compile_mode(cfg.compile.mode, self.device, self.dist.enabled)
+        if self.compile_mode in CUDA_ONLY_MODES and self.device.type != "cuda":
+            raise FastKDError(f"compile.mode {self.compile_mode} needs CUDA; use none or inductor on CPU")
         if cfg.model.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise FastKDError("model.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel)")
         set_determinism(cfg.run.deterministic)
@@ -97,11 +102,10 @@ class Trainer:
         self.names = list(students) if isinstance(students, dict) else network_names(cfg.model.students)
         self.archs = dict(zip(self.names, cfg.model.students))
         self.cache_feed = None
-        if cached:
-            from fastkd.teacher_cache import feed_for_run
-
+        if cached:  # checked against the run (sampled chunk checksums too); the config names its teacher
             resolutions = {self._resolution(e) for e in range(cfg.schedule.epochs)}
-            self.cache_feed = feed_for_run(cfg, self.train_loader, resolutions, self.device)
+            self.cache_feed, self.cfg = feed_for_run(cfg, self.train_loader, resolutions, self.device)
+            cfg = self.cfg
 
         self.steps_per_epoch = distributed.all_reduce_min(len(self.train_loader), self.device)
         if self.steps_per_epoch < 1:
@@ -210,11 +214,15 @@ class Trainer:
     def fit(self) -> dict:
         """Train to schedule.epochs (or run.stop_after), evaluating and checkpointing each epoch.
         Returns the summary written to report.json. Raises Interrupted after Ctrl-C/SIGTERM (a
-        checkpoint saved) and NonFiniteLoss (no checkpoint written)."""
+        checkpoint saved) and NonFiniteLoss. Every entry point locks and checks the run dir here."""
+        at = (self.global_step, self.epoch) if self._resumed else None  # a resume drops later records
+        with claim(self.run_dir, resumed_at=at, overwrite=self.cfg.run.overwrite, enabled=self.is_main):
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         start = time.perf_counter()
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         end_epoch = min(cfg.schedule.epochs, cfg.run.stop_after or cfg.schedule.epochs)
         sinks = build_loggers(cfg.run.log, self.run_dir, config_to_dict(cfg), self.is_main)  # TensorBoard, W&B
@@ -224,6 +232,8 @@ class Trainer:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
         with self.log, live, stop_signals(self._request_stop):
             say(live, self.is_main, self.peak_lr_how)
+            if self.cache_feed is not None:  # no teacher forward: say whose logits train the students
+                say(live, self.is_main, self.cache_feed.describe())
             for note in self.resume_notes:
                 say(live, self.is_main, f"resume: {note}")
             if self._resumed:  # where a resume starts: loggers drop what they had logged past it
@@ -250,7 +260,7 @@ class Trainer:
         if self.is_main:
             write_report(self.run_dir, summary)
             if cfg.run.summary:  # printed with or without the live display
-                Console().print(summary_table(summary))
+                print_table(summary_table(summary))  # at its natural width, whatever the terminal's
         distributed.barrier()
         return summary
 
@@ -260,7 +270,9 @@ class Trainer:
         compile.warm, each is compiled now (`TrainStep.warm`, either scope), timed and
         logged as a `compile` record, so no epoch's images/s carries a compile."""
         cfg = self.cfg
-        if cfg.compile.mode == "none":
+        if self.compile_note:
+            say(live, self.is_main, self.compile_note)
+        if self.compile_mode == "none":
             return
         resolutions = sorted({self._resolution(e) for e in range(self.epoch, end_epoch)})
         # per function: resolutions x (unmixed, mixed); scope networks: ResNet.forward serves the
@@ -275,7 +287,7 @@ class Trainer:
             self.compile_seconds[res] = seconds
             self.log.write({"kind": "compile", "epoch": self.epoch, "step": self.global_step, "resolution": res,
                             "batch_size": batch, "seconds": seconds})  # fmt: skip
-            say(live, self.is_main, f"compiled the step ({cfg.compile.mode}) for batches of "
+            say(live, self.is_main, f"compiled the step ({self.compile_mode}) for batches of "
                                     f"{batch} x {res} px in {seconds:.1f} s")  # fmt: skip
 
     def _train_epoch(self, epoch: int, live) -> int:

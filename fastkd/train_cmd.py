@@ -43,13 +43,10 @@ from fastkd import distributed
 from fastkd.checkpoint import load_last
 from fastkd.config import TrainConfig, add_config_arguments, overrides_from_args, resolve_config, save_config
 from fastkd.errors import FastKDError
-from fastkd.run_dir import RunLock, classify, prepare_fresh
-from fastkd.metrics import truncate_metrics
+from fastkd.run_dir import LOCK_ENV, claim, classify
 
 # keys a resumed run never inherits from the checkpoint's config
 _NOT_INHERITED = {"run": ("resume", "stop_after", "overwrite")}
-# set by the process that holds the run dir's lock for the ranks it launches
-LOCK_ENV = "FASTKD_RUN_LOCK_HELD"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,14 +135,11 @@ def _lock_held_for_us(cfg: TrainConfig) -> bool:
     return os.environ.get(LOCK_ENV) == cfg.run.out or (distributed.under_torchrun() and os.environ.get("RANK") != "0")
 
 
-def prepare_run_dir(cfg: TrainConfig, ckpt: dict | None) -> None:
-    """Fresh run: refuse a dir holding a run (unless --overwrite). Resume: drop metrics records
-    past the checkpoint (written after it by a run that was then killed)."""
-    out = Path(cfg.run.out)
-    if ckpt is None:
-        prepare_fresh(out, cfg.run.overwrite)
-    else:
-        truncate_metrics(out / "metrics.jsonl", ckpt["global_step"], ckpt["epoch"])
+def claim_run_dir(cfg: TrainConfig, ckpt: dict | None):
+    """fastkd.run_dir.claim for this run: a fresh run refuses a dir holding a run (unless
+    --overwrite); a resume drops metrics records past the checkpoint (a killed run's)."""
+    resumed_at = None if ckpt is None else (ckpt["global_step"], ckpt["epoch"])
+    return claim(cfg.run.out, resumed_at=resumed_at, overwrite=cfg.run.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,13 +152,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if cfg.run.resume == "auto" and ckpt is None:
         print(f"fastkd train: no checkpoint in {cfg.run.out}/checkpoints, starting fresh", file=sys.stderr)
-    if _lock_held_for_us(cfg):
-        return _train(cfg, ckpt)
-    with RunLock(cfg.run.out):
-        prepare_run_dir(cfg, ckpt)
-        if cfg.dist.gpus > 1 and not distributed.under_torchrun():
-            return _launch(cfg)
-        return _train(cfg, ckpt)
+    if _lock_held_for_us(cfg) or cfg.dist.gpus <= 1 or distributed.under_torchrun():
+        return _train(cfg, ckpt)  # the Trainer claims the run dir (fastkd.run_dir.claim), after its checks
+    with claim_run_dir(cfg, ckpt):  # held for the ranks it launches
+        return _launch(cfg)
 
 
 def _launch(cfg: TrainConfig) -> int:

@@ -41,7 +41,7 @@ from fastkd.errors import FastKDError
 from fastkd.packformat import FORMAT, FORMAT_VERSION, FORMATS, MANIFEST_NAME, PAGE_SIZE, file_entry, write_manifest
 from fastkd.preprocess import encode as _encode
 from fastkd.preprocess.safety import (TMP_MARK, check_no_overlap, check_replaceable, disk_full_message,
-                                      is_disk_full, remove_stale_temporaries, tree_bytes)
+                                      is_disk_full, remove_stale_temporaries, tree_bytes, what_is_left)
 from fastkd.preprocess.labels import scan_labels
 from fastkd.preprocess.scan import SPLITS, ScannedSplit, check_source, scan_split, select_classes
 from fastkd.preprocess.writers import BetonWriter, ShardWriter
@@ -304,7 +304,7 @@ def pack(
                                                 len(formats))) from None
         if isinstance(error, OSError):  # quota, permissions, I/O error: the user can fix these
             raise FastKDError(f"writing {tmp} (for {out}) failed: {error.strerror or error}; "
-                              "the partial pack was removed and nothing was left at OUT") from error
+                              f"the partial pack was removed and {what_is_left(out)}") from error
         raise
     return PackResult(out, manifest, time.perf_counter() - t0, stats)
 

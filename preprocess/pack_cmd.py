@@ -87,7 +87,7 @@ class RichProgress(Progress):
             self.bar.update(self.task, rate=f"{speed:,.0f} img/s" if speed else "- img/s")
 
     def note(self, message: str) -> None:
-        self.bar.console.print(message, markup=False, highlight=False)
+        self.bar.console.print(message, markup=False, highlight=False, soft_wrap=True)  # a path stays whole
 
     def stop(self) -> None:
         if self.task is not None:
@@ -101,33 +101,35 @@ def _mib(n: int) -> str:
     return f"{n} B"
 
 
-def summary(console, result) -> None:
+def summary(result) -> None:
+    """Per split counts, sizes and times on stdout; OUT and the skipped inputs' paths go whole
+    on their own lines (in a table cell or title, a narrow terminal would wrap or cut them)."""
     from rich.table import Table
 
+    from fastkd.tables import print_table
+
     m = result.manifest
-    table = Table(title=f"fastkd pack -> {result.out}")
+    print(f"fastkd pack -> {result.out}")
+    table = Table()
     for header in ("split", "images", "skipped", "ignored folders", "JPEG bytes", "shards", "time", "images/s"):
         table.add_column(header, justify="left" if header == "split" else "right")
     for name, s in result.splits.items():
         rate = (s.count + s.skipped) / s.seconds if s.seconds > 0 else float("nan")
         table.add_row(name, f"{s.count:,}", f"{s.skipped:,}", f"{s.ignored_folders:,}", _mib(s.jpeg_bytes),
                       str(s.shards), f"{s.seconds:.1f} s", f"{rate:,.0f}")
-    console.print(table)
+    print_table(table)
     sizes = {f: sum(e["size"] for e in m["files"] if e["path"].startswith(f + "/")) for f in m["params"]["formats"]}
-    console.print(f"{len(m['classes'])} classes, max side {m['params']['max_side']}, quality "
-                  f"{m['params']['quality']}; " + ", ".join(f"{f} {_mib(b)}" for f, b in sizes.items()))
+    print(f"{len(m['classes'])} classes, max side {m['params']['max_side']}, quality "
+          f"{m['params']['quality']}; " + ", ".join(f"{f} {_mib(b)}" for f, b in sizes.items()))
     total = result.images + sum(s.skipped for s in result.splits.values())
-    console.print(f"{total:,} inputs in {result.seconds:.1f} s end to end (scan, encode, write, hash): "
-                  f"{total / max(result.seconds, 1e-9):,.0f} images/s")
+    print(f"{total:,} inputs in {result.seconds:.1f} s end to end (scan, encode, write, hash): "
+          f"{total / max(result.seconds, 1e-9):,.0f} images/s")
     if m["skipped"]:
-        skipped = Table(title=f"skipped inputs ({len(m['skipped'])}, also in manifest.json)")
-        skipped.add_column("path")
-        skipped.add_column("reason")
+        print(f"skipped inputs ({len(m['skipped'])}, also in manifest.json):")
         for row in m["skipped"][:50]:
-            skipped.add_row(row["path"], row["reason"])
+            print(f"  {row['path']}: {row['reason']}")
         if len(m["skipped"]) > 50:
-            skipped.add_row("...", f"{len(m['skipped']) - 50} more in manifest.json")
-        console.print(skipped)
+            print(f"  ... {len(m['skipped']) - 50} more in manifest.json")
 
 
 def run(args) -> int:
@@ -144,5 +146,5 @@ def run(args) -> int:
                       progress=progress)
     finally:
         progress.stop()
-    summary(Console(), result)
+    summary(result)
     return 0

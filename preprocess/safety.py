@@ -128,6 +128,16 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def what_is_left(out: Path) -> str:
+    """After a failed pack (its temporary folder removed): what the user still has at OUT."""
+    out = Path(out)
+    if is_pack_folder(out):
+        return f"the earlier pack at {out} is kept as it was"
+    if out.is_dir() and any(out.iterdir()):
+        return f"{out} is as it was"
+    return f"nothing was left at {out}"
+
+
 def disk_full_message(error: OSError, out: Path, written: int, done: int, sources: list, n_formats: int) -> str:
     """One line: what failed, the space the whole pack needs and the space free now.
 
@@ -153,5 +163,5 @@ def disk_full_message(error: OSError, out: Path, written: int, done: int, source
         free = "free space unknown"
     what = "disk quota exceeded" if error.errno == getattr(errno, "EDQUOT", None) else "disk full"
     return (f"{what} while packing into {Path(out).parent} ({error.strerror or error}): the pack needs about "
-            f"{_size(needed)} ({how}), {free}; the partial pack was removed and nothing was left at {out}. "
+            f"{_size(needed)} ({how}), {free}; the partial pack was removed and {what_is_left(out)}. "
             "Free some space or choose an OUT on another disk")

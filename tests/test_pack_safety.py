@@ -188,3 +188,35 @@ def test_stale_temporaries_of_dead_packs_removed_live_ones_kept(tmp_path, capsys
     lines = [line for line in capsys.readouterr().err.splitlines() if "temporary folder" in line]
     assert lines == [f"removed 1 temporary folder(s) of earlier packs that did not finish (process gone) "
                      f"in {parent}: {dead.name}"]
+
+
+# ----------------------------------------------------------------------------- manifest digest, kept packs
+
+
+def test_edited_manifest_is_caught_and_old_ones_are_read(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    pack(make_src(tmp_path / "src"), out, classes="all", formats=("dali",), workers=1)
+    assert cli.main(["verify", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["val"]["count"] += 1  # 6 -> 7: no file changed
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FastKDError, match="does not match its digest"):
+        load_manifest(out)  # every loader reads the manifest through it
+    assert cli.main(["verify", str(out)]) == 2 and "digest" in capsys.readouterr().err
+    del manifest["digest"]  # a manifest from before digests: read, and said so
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert cli.main(["verify", str(out)]) == 0 and "has no digest" in capsys.readouterr().out
+
+
+def test_failed_overwrite_says_the_earlier_pack_is_kept(tmp_path, monkeypatch):
+    src = make_src(tmp_path / "src", per_class=8)
+    out = tmp_path / "out"
+    pack(src, out, classes="all", workers=1, shard_size=4)
+    before = files_of(out)
+    monkeypatch.setattr(writers, "open", SmallDisk(40_000), raising=False)
+    with pytest.raises(FastKDError, match=f"the earlier pack at {out} is kept as it was") as info:
+        pack(src, out, classes="all", workers=1, shard_size=4, overwrite=True)
+    assert "nothing was left" not in str(info.value)
+    assert files_of(out) == before

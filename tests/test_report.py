@@ -257,3 +257,30 @@ def test_summary_table_rows():
     for needle in ("teacher", "resnet50", "23.53M", "resnet18", "2.10x", "mobilenet_v2", "10.52x",
                    "82.00", "812 img/s"):
         assert needle in text, needle
+
+
+def test_ema_accuracy_in_table_markdown_and_json(tmp_path):
+    """With an EMA of the students, its last and best top-1 are columns of the final table and of
+    report.md, and keys of report.json; without one, neither column is shown."""
+    fabricate_metrics(tmp_path / "metrics.jsonl")
+    summary = make_summary()
+    for i, net in enumerate(summary["networks"].values()):
+        net.update(ema_top1=71.125 + i, ema_top5=90.0, ema_best_top1=72.375 + i)
+    out = io.StringIO()
+    Console(file=out, width=200).print(summary_table(summary))
+    table = out.getvalue()
+    write_report(tmp_path, summary)
+    md = (tmp_path / "report.md").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    for text in (table, md):
+        assert "EMA top-1" in text and "EMA best" in text
+    rows = [line for line in md.splitlines() if line.startswith("| mobilenet_v2 |")]
+    assert rows and rows[0].endswith("| 72.12 | 73.38 |")  # last cells: EMA top-1, EMA best top-1
+    row = next(line for line in table.splitlines() if "mobilenet_v2" in line)
+    assert [cell.strip() for cell in row.split("│")][-3:-1] == ["72.12", "73.38"]
+    assert data["networks"]["mobilenet_v2"]["ema_top1"] == 72.125
+    assert data["networks"]["resnet18"]["ema_best_top1"] == 72.375
+
+    out = io.StringIO()
+    Console(file=out, width=200).print(summary_table(make_summary()))
+    assert "EMA" not in out.getvalue()

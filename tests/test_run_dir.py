@@ -157,7 +157,8 @@ def test_fresh_run_into_a_previous_run_is_refused(tmp_path):
         prepare_fresh(run, overwrite=False)
     assert str(info.value) == (
         f"run dir {run} already holds a run (2 epochs, last step 7); continue it with --resume auto, "
-        "replace it with --overwrite, or choose another --out")
+        "replace it with --overwrite, or choose another --out (fastkd.fit: config keys run.resume, run.overwrite, "
+        "run.out)")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
     done = tmp_path / "done"
@@ -195,6 +196,25 @@ def test_overwrite_removes_only_what_a_run_writes(tmp_path):
     prepare_fresh(run, overwrite=False)  # now a fresh run may start
 
 
+def test_overwrite_keeps_files_the_run_did_not_write(tmp_path, capsys):
+    """Only last.pt, best-<net>.pt of the networks the run evaluated and the plots its report lists
+    go; a backup, a look-alike best-*.pt and the user's figure stay, and are named."""
+    run = tmp_path / "run"
+    write_run(run, report={"finished": True, "plots": ["plots/loss.png"], "networks": {"resnet18": {}}})
+    (run / "checkpoints" / "best-resnet18-ema.pt").write_bytes(b"ema")  # the EMA of a network the report lists
+    (run / "plots" / "reliability.png").write_bytes(b"png")  # a plot fastkd draws
+    strangers = ["checkpoints/my_backup.pt", "checkpoints/best-resnet18-keep.pt", "plots/my_figure.png"]
+    for name in strangers:
+        (run / name).write_bytes(b"mine")
+    with RunLock(run):
+        prepare_fresh(run, overwrite=True)
+        left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert left == [".lock", *sorted(strangers)]
+    err = capsys.readouterr().err
+    assert all(name in err for name in strangers)
+    assert classify(run) == "empty"
+
+
 def test_overwrite_crash_halfway_leaves_no_half_finished_run(tmp_path, monkeypatch):
     """A crash after the first renames: the markers of a finished/resumable run are gone first,
     so what is left is refused again (no silent mix) and a later --overwrite cleans up."""
@@ -219,3 +239,13 @@ def test_overwrite_crash_halfway_leaves_no_half_finished_run(tmp_path, monkeypat
         prepare_fresh(run, overwrite=False)
     prepare_fresh(run, overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == []  # its own .old-<pid> folder went too
+
+
+def test_plot_names_are_the_ones_the_report_draws():
+    from fastkd.report_plots import render_plots
+    from fastkd.run_dir import PLOT_NAMES
+
+    evals = [{"kind": "eval", "epoch": e, "step": 2 * e + 2, "a": {"top1": 50.0 + e, "top5": 90.0}} for e in range(2)]
+    steps = [{"kind": "step", "epoch": e, "step": 2 * e + 1, "loss": 1.0, "lr": 0.1} for e in range(2)]
+    drawn = render_plots(steps + evals, {"method": "uadkd"})
+    assert drawn and set(drawn) <= set(PLOT_NAMES)

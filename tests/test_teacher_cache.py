@@ -271,7 +271,8 @@ def test_mismatched_cache_is_refused(data, built, tmp_path):
     (copy / "manifest.json").write_bytes((root / "manifest.json").read_bytes())
     w = np.load(copy / "w.npy")
     np.save(copy / "w.npy", w + 1)
-    TeacherCache.open(copy)  # same size: only verify=True hashes
+    with pytest.raises(FastKDError, match=r"rows of chunk\(s\) \[0, 1, 2, 3, 4\]"):
+        TeacherCache.open(copy)  # same size: the sampled chunk checksums (all 5 chunks here) see it
     with pytest.raises(FastKDError, match="w.npy sha256 differs"):
         TeacherCache.open(copy, verify=True)
 
@@ -279,7 +280,7 @@ def test_mismatched_cache_is_refused(data, built, tmp_path):
 def test_topk_storage_above_the_class_limit(data, tmp_path):
     """Above full_max_classes: the top k logits exactly (fp16) and the rest sharing the remaining
     probability equally, so the softmax of the rebuilt row keeps the top k and the total mass."""
-    from fastkd.cache_cmd import compress_logits
+    from fastkd.cache_writer import compress_logits
 
     logits = torch.randn(5, 30) * 3
     stored = compress_logits(logits, {"kind": "topk", "k": 6, "dtype": "float16"})
@@ -391,3 +392,66 @@ def test_training_with_a_cache_runs_no_teacher_and_refuses_another_cache(data, b
     assert "teacher cache" in capsys.readouterr().err
     assert cli.main([*args, "--resume", "auto"]) == 0  # its own cache: continues
     assert load_last(out / "checkpoints/last.pt")["epoch"] == 2
+
+
+def test_resumed_build_remakes_chunks_whose_rows_changed(data, built, tmp_path):
+    """Chunk checksums: a truncated logits.npy and zeroed rows of a kept chunk are made again,
+    never kept as zeros; the finished cache equals the uninterrupted one."""
+    out = tmp_path / "cache"
+
+    def stop_after_three(chunk):
+        if chunk == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _build(data, out, on_chunk=stop_after_three)
+    w = np.load(out / "w.npy", mmap_mode="r+")
+    w[CHUNK:2 * CHUNK] = 0  # chunk 1's rows lost, its marker still there
+    w.flush()
+    del w
+    logits = out / "logits.npy"
+    logits.write_bytes(logits.read_bytes()[: logits.stat().st_size // 2])  # truncated mid-build
+    remade = []
+    manifest = _build(data, out, on_chunk=remade.append)
+    assert remade == [0, 1, 2, 3, 4]  # every chunk: the truncated array was made anew
+    assert manifest["identity"] == built["manifest"]["identity"]
+    for name, entry in built["manifest"]["arrays"].items():
+        assert np.array_equal(np.load(out / entry["file"]), np.load(built["dir"] / entry["file"])), name
+
+
+def test_open_and_verify_catch_flipped_logits(data, built, tmp_path, capsys):
+    from fastkd import cli
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in built["dir"].iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert cli.main(["verify", str(copy)]) == 0 and "OK: teacher cache" in capsys.readouterr().out
+    logits = np.load(copy / "logits.npy", mmap_mode="r+")
+    logits[5] = -logits[5]  # same size: only the chunk checksums see it
+    logits.flush()
+    del logits
+    with pytest.raises(FastKDError, match=r"chunk\(s\) \[1\]"):
+        TeacherCache.open(copy)  # the check every training run does before it starts
+    assert cli.main(["verify", str(copy)]) == 1 and "logits.npy sha256 differs" in capsys.readouterr().out
+
+
+def test_training_refuses_a_teacher_that_contradicts_the_cache(data, built, tmp_path, capsys):
+    from fastkd import cli
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data["pack"]), "--backend", "torch", "--method", "uadkd",
+            "--students", "resnet18,resnet18", "--teacher-cache", str(built["dir"]), "--batch-size", "4",
+            "--data.resolution", str(RES), "--data.val_resolution", str(RES), "--run.device", "cpu",
+            "--run.live", "false", "--log", "none", "--epochs", "1", "--out", str(out)]  # fmt: skip
+    other = tmp_path / "other.pt"
+    other.write_bytes(data["weights"].read_bytes())
+    assert cli.main([*args, "--teacher-weights", str(other)]) == 2
+    assert "name two teachers" in capsys.readouterr().err
+    assert cli.main([*args, "--teacher", "mobilenet_v2"]) == 2
+    assert "resnet18's logits, the run names mobilenet_v2" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main([*args, "--run.stop_after", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"teacher cache {built['dir']}" in err and "resnet18 logits" in err
+    assert "teacher: resnet18" in (out / "config.yaml").read_text()  # the cache's, not the default resnet50

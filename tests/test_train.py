@@ -414,9 +414,10 @@ def test_final_table_printed_without_live_display(tmp_path, capsys):
     assert "val accuracy" not in capsys.readouterr().out
 
 
-def test_ema_evaluated_beside_the_students_and_resumed(tmp_path):
+def test_ema_evaluated_beside_the_students_and_resumed(tmp_path, capsys):
     """ema.decay: each evaluation scores `<net>-ema` too, its best weights go to
-    best-<net>-ema.pt, last.pt carries the EMA, and a resume continues it."""
+    best-<net>-ema.pt, last.pt carries the EMA, and a resume continues it. The EMA's last and
+    best top-1 are in report.json, report.md and the final table."""
     common = {"model.students": ["resnet18"], "schedule.epochs": 2, "ema.decay": 0.9}
     make_trainer(tmp_path, **common, **{"run.stop_after": 1}).fit()
     run = tmp_path / "run"
@@ -429,5 +430,12 @@ def test_ema_evaluated_beside_the_students_and_resumed(tmp_path):
     assert now["calls"] == saved["calls"] > 0
     for key, value in now["models"]["resnet18"].items():
         assert torch.equal(value, saved["models"]["resnet18"][key]), key
+    capsys.readouterr()
     resumed.fit()
-    assert "resnet18-ema" in records(run, "eval")[-1]
+    last = records(run, "eval")[-1]
+    assert "resnet18-ema" in last
+    net = json.loads((run / "report.json").read_text())["networks"]["resnet18"]
+    assert net["ema_top1"] == pytest.approx(last["resnet18-ema"]["top1"])
+    best = max(r["resnet18-ema"]["top1"] for r in records(run, "eval"))
+    assert net["ema_best_top1"] == pytest.approx(best)
+    assert "EMA top-1" in (run / "report.md").read_text() and "EMA top-1" in capsys.readouterr().out
