@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except FastKDError as error:
-        print(f"fastkd {args.command}: error: {error}", file=sys.stderr)
+        from fastkd.torchrun import report_error  # every rank raises it; rank 0 alone says it
+
+        report_error(f"fastkd {args.command}: error: {error}")
         return 2
     except KeyboardInterrupt:
         print("fastkd: interrupted", file=sys.stderr)

@@ -1,6 +1,6 @@
 r"""Process groups: relaunch under torch.distributed.run, or join the one torchrun started.
 
-    fastkd train --gpus 8 ...        ->  python -m torch.distributed.run --standalone
+    fastkd train --gpus 8 ...        ->  python -m fastkd.torchrun (torch.distributed.run) --standalone
                                           --nproc_per_node 8 -m fastkd.cli train --config RESOLVED
     torchrun --nnodes 2 --node-rank 0 --rdzv-endpoint HOST:29500 --nproc-per-node 8 \
         -m fastkd.cli train ...      ->  each rank reads RANK / WORLD_SIZE / LOCAL_RANK and joins
@@ -20,8 +20,8 @@ Stopping a relaunched run (`relaunch`). Process tree and sessions:
     rank's SIGTERM only asks its loop to stop (idempotent, unlike a second SIGINT), so the
     ranks agree on a stop at their next metric read, rank 0 saves checkpoints/last.pt and
     they exit. The launcher waits for that and exits 128 + signal: 130 (SIGINT), 143
-    (SIGTERM), 129 (SIGHUP). torchrun prints a SignalException traceback on the way out;
-    that is expected.
+    (SIGTERM), 129 (SIGHUP). torchrun runs under fastkd.torchrun, which turns its
+    SignalException and ChildFailedError dumps into exit codes (rank 0 has said what happened).
   * torchrun SIGKILLs ranks that are still running `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds
     after forwarding (its default is 30). The launcher sets it to `grace_s` (300) unless the
     environment already sets it; torch releases without that setting always wait 30 s.
@@ -85,7 +85,7 @@ def relaunch(nproc: int, cli_args: list[str], grace_s: int = GRACE_S) -> int:
     got (130 SIGINT, 143 SIGTERM, 129 SIGHUP) once the ranks have saved and exited. Always
     returns, also after a second signal, and leaves no rank running (module docstring)."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        sys.executable, "-m", "fastkd.torchrun", "--standalone",  # torchrun, one line per event
         "--nproc_per_node", str(nproc), "-m", "fastkd.cli", *cli_args,
     ]  # fmt: skip
     env = dict(os.environ)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fastkd.data.spec import AUTO, BACKENDS
+from fastkd.data.spec import AUTO, BACKENDS, val_pipeline
 from fastkd.errors import FastKDError
 from fastkd.runtime import resolve_device
 
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(nets, loader)
 
     print_results(path, args.data, resolution, {name: res[name] for name in nets})
+    print(f"val pipeline: {val_pipeline(loader)}")  # backends resize differently: say which one scored
     return 0
 
 

@@ -49,6 +49,8 @@ from fastkd.weights import (
     head_rows,
     heads,
     load_weights,
+    select_prefix,
+    split_weights_spec,
 )
 
 _TV_PREFIXES = ("tv:", "torchvision:")
@@ -286,11 +288,14 @@ def fit_weights(model: nn.Module, spec: str, arch: str, manifest: dict, network:
         if hasattr(source, "transform_input"):  # torchvision's googlenet/inception weights expect it
             model.transform_input = source.transform_input
     else:
+        spec, prefix = split_weights_spec(spec)  # PATH:PREFIX picks one network of a wrapper file
         path = resolve_weights_path(spec, network)
         obj = load_file(path)
         _check_classes(obj, path, manifest)
         state = state_from_file(obj, path, arch, network=network, same_arch=lambda a: same_arch(a, arch))
-        state = align_keys(state, list(model.state_dict()))
+        if prefix is not None:
+            state = select_prefix(state, prefix, path)
+        state = align_keys(state, list(model.state_dict()), path)
         if len(manifest["classes"]) != 1000 and head_rows(model, state) == 1000:
             rows = torch.as_tensor(imagenet_indices(manifest, source=str(path)))
             prefixes = tuple(f"{name}." for name, _ in heads(model))

@@ -50,7 +50,7 @@ LEGACY_SECTIONS = ("data", "model", "loss", "optim", "schedule", "precision", "c
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"  # sgd (momentum, nesterov) or adamw (betas, eps) (alias --optimizer)
     lr: float | None = None  # absolute peak lr, whatever the batch (alias --lr); set this or lr_per_256
-    lr_per_256: float | None = None  # peak lr per 256 images, x global batch / 256; both null = 0.5 per 256
+    lr_per_256: float | None = None  # peak lr per 256 images, x global batch / 256; both null = sgd 0.5, adamw 2.5e-4
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # SGD Nesterov momentum
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas

@@ -44,6 +44,7 @@ from fastkd.checkpoint import load_last
 from fastkd.config import TrainConfig, add_config_arguments, overrides_from_args, resolve_config, save_config
 from fastkd.errors import FastKDError
 from fastkd.run_dir import LOCK_ENV, claim, classify
+from fastkd.weights import split_weights_spec
 
 # keys a resumed run never inherits from the checkpoint's config
 _NOT_INHERITED = {"run": ("resume", "stop_after", "overwrite")}
@@ -82,9 +83,9 @@ def _absolute_paths(cfg: TrainConfig) -> None:
     cfg.run.out = os.path.abspath(cfg.run.out)
     if cfg.data.dir:
         cfg.data.dir = os.path.abspath(cfg.data.dir)
-    weights = cfg.model.teacher_weights
+    weights, prefix = split_weights_spec(cfg.model.teacher_weights or "")  # PATH:PREFIX keeps its prefix
     if weights and weights != "imagenet" and os.path.exists(weights):
-        cfg.model.teacher_weights = os.path.abspath(weights)
+        cfg.model.teacher_weights = os.path.abspath(weights) + (f":{prefix.rstrip('.')}" if prefix else "")
 
 
 def resolve(args: argparse.Namespace):

@@ -11,7 +11,9 @@ this module turns what a foreign file holds into the state_dict of one network:
   torchdistill's ({"model": state_dict}) and EMA wrappers all give their weights.
 - Prefixes: DDP's `module.` and torch.compile's `_orig_mod.` are always dropped
   (`strip_prefixes`); any other leading prefix (Lightning's `model.`, a KD wrapper's
-  `student.`) is dropped by `align_keys` when the network's own keys appear under it.
+  `student.`) is dropped by `align_keys` when the network's own keys appear under it. When
+  several prefixes each hold the whole network, the user chooses one: `PATH:PREFIX`
+  (`split_weights_spec`, `select_prefix`), e.g. `kd.ckpt:teacher`.
 
 Fitting a state_dict to a network (`load_weights`) says, when it does not fit, why: the class
 count, or which torchvision architecture the file looks like and a few of the missing /
@@ -81,28 +83,60 @@ def unwrap_state_dict(obj: dict, path: str | Path) -> tuple[dict, str]:
                       f"state_dicts are also read under {', '.join(EMA_KEYS + WRAPPER_KEYS)}")  # fmt: skip
 
 
-def align_keys(state: dict, expected: list[str]) -> dict:
+def align_keys(state: dict, expected: list[str], path: str | Path = "the weights") -> dict:
     """`state` as it is when it holds every key of `expected` (a network's state_dict keys),
     else the entries under the leading prefix (e.g. `model.`) that holds more of them than the
     bare keys do, with the prefix dropped; `state` unchanged when no prefix does better.
 
     Ties go to the usual prefixes (model., student., net., module., backbone.), then to the
-    shortest prefix."""
+    shortest prefix. When several prefixes each hold the whole network (a KD wrapper's trained
+    `teacher.` beside its `student.`), no tie-break can know which one the user means: a
+    FastKDError naming `path`, listing them and the `PATH:PREFIX` way to choose."""
     wanted = set(expected)
     bare = len(wanted & state.keys())
     if bare == len(wanted):
         return state
-    counts: dict[str, int] = {}
+    found: dict[str, set[str]] = {}
     for key in state:
         for i, char in enumerate(key):
             if char == "." and key[i + 1 :] in wanted:
-                counts[key[: i + 1]] = counts.get(key[: i + 1], 0) + 1
-    if not counts:
+                found.setdefault(key[: i + 1], set()).add(key[i + 1 :])
+    if not found:
         return state
-    best = max(counts, key=lambda p: (counts[p], p in _KNOWN_PREFIXES, -len(p)))
-    if counts[best] <= bare:
+    # BN's num_batches_tracked may be absent from a file (torch's loader allows it)
+    required = {k for k in wanted if not k.endswith("num_batches_tracked")}
+    full = sorted(p for p, keys in found.items() if required <= keys)
+    if len(full) > 1:
+        listed = ", ".join(p.rstrip(".") for p in full)
+        raise FastKDError(f"checkpoint {path} holds a whole network under each of {len(full)} prefixes ({listed}); "
+                          f"choose one as PATH:PREFIX, e.g. {path}:{full[0].rstrip('.')}")  # fmt: skip
+    best = max(found, key=lambda p: (len(found[p]), p in _KNOWN_PREFIXES, -len(p)))
+    if len(found[best]) <= bare:
         return state
     return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
+
+
+def split_weights_spec(spec: str) -> tuple[str, str | None]:
+    """(path, prefix or None) of a weights spec: `ckpt.ckpt:teacher` -> ("ckpt.ckpt", "teacher.")
+    when ckpt.ckpt exists and `ckpt.ckpt:teacher` does not; any other spec (a path, imagenet,
+    timm:NAME.TAG) -> (spec, None)."""
+    if ":" not in spec or os.path.exists(spec):
+        return spec, None
+    path, _, prefix = spec.rpartition(":")
+    if not path or not os.path.exists(path) or not re.fullmatch(r"[\w.]+", prefix):
+        return spec, None
+    return path, prefix.rstrip(".") + "."
+
+
+def select_prefix(state: dict, prefix: str, path: str | Path) -> dict:
+    """The entries of `state` under `prefix` (e.g. "teacher."), the prefix dropped; FastKDError
+    naming `path` and the prefixes it does hold when none is under it."""
+    chosen = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not chosen:
+        held = sorted({k.split(".", 1)[0] for k in state if "." in k})
+        raise FastKDError(f"checkpoint {path} has no keys under {prefix.rstrip('.')!r}; its leading prefixes: "
+                          f"{', '.join(held[:10]) or 'none'}")  # fmt: skip
+    return chosen
 
 
 # ---------------------------------------------------------------------------------- torchvision builds
@@ -157,7 +191,7 @@ def load_weights(model: nn.Module, state: dict, path: str | Path, arch: str) -> 
     or a FastKDError that says why `state` (from `path`) does not fit `arch`: the class count,
     or which architecture its keys look like plus a few of the missing / unexpected / reshaped
     keys (never the full key dump)."""
-    state = align_keys(state, list(model.state_dict()))
+    state = align_keys(state, list(model.state_dict()), path)
     try:
         model.load_state_dict(state)  # torch's rules (e.g. BN's num_batches_tracked may be absent)
         return

@@ -16,8 +16,9 @@ The rule (the same text is in `fastkd pack --help`):
   missing files are always an error (the CSV says what to pack; there is no flag to skip them),
   reported once with the count and the first rows. Files that exist but do not decode are
   skipped and listed like any input (fatal with --strict); the extension does not matter.
-- label: a class name, any non-empty text. Classes: every label of the CSV sorted by name, or
-  numerically when every label is a whole number (so labels 0..K-1 keep their numbers)
+- label: a class name, any non-empty text. One number spelled two ways (`1` and `01`) is
+  refused, naming both (it would make two classes). Classes: every label of the CSV sorted by
+  name, or numerically when every label is a whole number (so labels 0..K-1 keep their numbers)
   (`--classes all`, the default); or the names of `--classes FILE` (one per line), labelled in
   the file's order; rows of classes not in the file are dropped and listed in the manifest.
   `--classes imagenet100` takes the shipped WNID list. A class's manifest `wnid` is its name;
@@ -148,8 +149,27 @@ def _sorted_names(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
+def _check_spellings(rows: list[Row], csv_path: Path) -> None:
+    """Refuse one number spelled two ways (`1` and `01`): each spelling would be its own class,
+    and merging them silently would guess; the user says which one is meant."""
+    first: dict[str, int] = {}  # spelling -> first line
+    for r in rows:
+        first.setdefault(r.label, r.line)
+    by_number: dict[int, list[str]] = {}
+    for label in first:
+        if re.fullmatch(r"[0-9]+", label):
+            by_number.setdefault(int(label), []).append(label)
+    clashes = [sorted(names, key=first.get) for names in by_number.values() if len(names) > 1]
+    if clashes:
+        shown = [" and ".join(f"{n!r} (line {first[n]})" for n in names) for names in clashes]
+        raise FastKDError(f"{FLAG} {csv_path}: {len(clashes)} number(s) spelled more than one way, which would "
+                          f"make separate classes: {_listed(shown)}; write each class's label one way")
+
+
 def choose_classes(rows: list[Row], spec: str | None, csv_path: Path) -> list[ClassInfo]:
-    """`all`/None (every label) | `imagenet100` | a file of class names, in label order."""
+    """`all`/None (every label) | `imagenet100` | a file of class names, in label order.
+    FastKDError when a number is spelled two ways (`1`, `01`)."""
+    _check_spellings(rows, csv_path)
     labels = {r.label for r in rows}
     if spec in (None, "all"):
         return class_infos(_sorted_names(labels))

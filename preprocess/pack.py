@@ -141,6 +141,7 @@ def pack(
     *,
     classes: str | None = None,
     val_labels=None,
+    allow_missing_val: bool = False,
     labels=None,
     val_fraction: float | None = None,
     seed: int = 0,
@@ -164,6 +165,8 @@ def pack(
     if labels and val_labels:
         raise FastKDError(f"--val-labels {val_labels} is for the ImageNet layout's flat val/ folder; with "
                           f"--labels {labels}, mark val rows with a third column split=val, or pass --val-fraction")
+    if allow_missing_val and not val_labels:
+        raise FastKDError("--allow-missing-val is for --val-labels rows without an image; pass --val-labels CSV")
     if val_fraction is not None and not labels:
         raise FastKDError(f"--val-fraction {val_fraction} needs --labels (the ImageNet layout has its own val/)")
 
@@ -183,7 +186,11 @@ def pack(
     else:
         classes = classes or "imagenet100"
         chosen = select_classes(src, classes)
-        scanned: dict[str, ScannedSplit] = {s: scan_split(src, s, chosen, val_labels) for s in SPLITS}
+        scanned: dict[str, ScannedSplit] = {s: scan_split(src, s, chosen, val_labels, allow_missing_val)
+                                            for s in SPLITS}  # fmt: skip
+        if scanned["val"].missing_rows:
+            progress.note(f"val: {scanned['val'].missing_rows:,} --val-labels row(s) of the chosen classes name no "
+                          f"image in {src / 'val'} (--allow-missing-val; counted in {MANIFEST_NAME})")
         dropped = [row for s in SPLITS for row in scanned[s].dropped]
         for s in SPLITS:
             if scanned[s].dropped:
@@ -278,6 +285,8 @@ def pack(
             "params": {"max_side": max_side, "quality": quality, "classes": classes,
                        "formats": list(formats), "shard_size": shard_size,
                        "val_labels": str(val_labels) if val_labels else None,
+                       # rows of chosen classes without an image, packed anyway (--allow-missing-val)
+                       "val_labels_missing": scanned["val"].missing_rows if val_labels else None,
                        # the label source: the CSV (its sha256 pins the labels) or the folder layout
                        "layout": "labels" if labels else "imagenet",
                        "labels": str(labels) if labels else None, "labels_sha256": labels_sha256,

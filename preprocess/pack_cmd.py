@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--labels: all (default) | a file of class names, labelled in file order")
     parser.add_argument("--val-labels", metavar="CSV", default=None,
                         help="Kaggle LOC_val_solution.csv, for a flat ILSVRC-2012 val/ folder")
+    parser.add_argument("--allow-missing-val", action="store_true",
+                        help="with --val-labels: pack though rows of the chosen classes name no image in "
+                             "val/ (an error otherwise); their count goes into the manifest")
     parser.add_argument("--labels", metavar="CSV", default=None,
                         help="path,label[,split] rows naming SRC's images (see above)")
     parser.add_argument("--val-fraction", metavar="F", type=float, default=None,
@@ -140,6 +143,7 @@ def run(args) -> int:
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     try:
         result = pack(args.src, args.out, classes=args.classes, val_labels=args.val_labels,
+                      allow_missing_val=args.allow_missing_val,
                       labels=args.labels, val_fraction=args.val_fraction, seed=args.seed,
                       max_side=args.max_side, quality=args.quality, formats=formats, workers=args.workers,
                       shard_size=args.shard_size, strict=args.strict, overwrite=args.overwrite,

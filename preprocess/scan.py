@@ -55,6 +55,8 @@ class ScannedSplit:
     # flat val with --val-labels: images whose labelled class was not chosen, as manifest rows
     # {"split", "path", "wnid", "reason"}; they are not packed
     dropped: list[dict] = field(default_factory=list)
+    # flat val with --val-labels --allow-missing-val: rows of chosen classes naming no file of val/
+    missing_rows: int = 0
 
 
 def _is_image_name(name: str) -> bool:
@@ -202,7 +204,26 @@ def read_val_labels(csv_path: Path) -> dict[str, tuple[str, int]]:
     return labels
 
 
-def scan_split(src: Path, name: str, classes: list[ClassInfo], val_labels: Path | None = None) -> ScannedSplit:
+def _missing_rows(labels: dict[str, tuple[str, int]], present: set[str], by_wnid: dict, val_labels: Path,
+                  split_dir: Path, allow: bool) -> int:  # fmt: skip
+    """Rows of chosen classes whose ImageId has no image in split_dir (rows of other classes may
+    name absent files: a val/ holding only the chosen classes is fine). FastKDError with the
+    count and the first few, as --labels does, unless `allow`; returns the count."""
+    missing = sorted((line, image) for image, (wnid, line) in labels.items() if wnid in by_wnid and image not in present)
+    if missing and not allow:
+        shown = ", ".join(f"line {line}: {image}" for line, image in missing[:5])
+        more = f", ... ({len(missing)} in all)" if len(missing) > 5 else ""
+        chosen = sum(wnid in by_wnid for wnid, _ in labels.values())
+        raise FastKDError(f"--val-labels {val_labels}: {len(missing)} of {chosen} row(s) of the chosen classes "
+                          f"name no image in {split_dir}: {shown}{more}. Restore the files, or pass "
+                          "--allow-missing-val to pack the images present (the count goes into the manifest)")
+    return len(missing)
+
+
+def scan_split(src: Path, name: str, classes: list[ClassInfo], val_labels: Path | None = None,
+               allow_missing: bool = False) -> ScannedSplit:  # fmt: skip
+    """The items of split `name`: class folders, or a flat val/ labelled by `val_labels`, whose
+    rows of chosen classes must each name an image there (`allow_missing`: counted instead)."""
     split = ScannedSplit(name)
     split_dir = src / name
     by_wnid = {c.wnid: c for c in classes}
@@ -216,11 +237,12 @@ def scan_split(src: Path, name: str, classes: list[ClassInfo], val_labels: Path 
                               "folders, leave --val-labels out")
         labels = read_val_labels(val_labels)
         per_class: dict[int, list[Item]] = {c.label: [] for c in classes}
-        unlabelled = []
+        unlabelled, present = [], set()
         for entry in _listdir(split_dir):
             if not (entry.is_file() and _is_image_name(entry.name)):
                 split.ignored_files += 1
                 continue
+            present.add(entry.name.rsplit(".", 1)[0])
             wnid, line = labels.get(entry.name.rsplit(".", 1)[0], (None, 0))
             path = Path(entry.path)
             rel = path.relative_to(src).as_posix()
@@ -235,6 +257,7 @@ def scan_split(src: Path, name: str, classes: list[ClassInfo], val_labels: Path 
         if unlabelled:
             raise FastKDError(f"--val-labels {val_labels}: no label for {len(unlabelled)} file(s) of "
                               f"{split_dir}, e.g. {unlabelled[0]}")
+        split.missing_rows = _missing_rows(labels, present, by_wnid, val_labels, split_dir, allow_missing)
         empty = [c.wnid for c in classes if not per_class[c.label]]
         if empty:
             raise FastKDError(f"{split_dir}: no images of class(es) {', '.join(empty[:20])} "

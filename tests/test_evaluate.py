@@ -235,3 +235,16 @@ def test_best_checkpoint_arch_from_the_runs_config(tmp_path):
     assert arch_of_best(tmp_path / "checkpoints/best-resnet10t.pt", yaml.safe_load((tmp_path / "config.yaml").read_text())) == "timm:resnet10t"
     assert arch_of_best(tmp_path / "checkpoints/best-resnet18-ema.pt", {"model": {"students": ["resnet18", "resnet18"]}}) == "resnet18"
     assert arch_of_best(tmp_path / "checkpoints/best-resnet18-2.pt", {}) == "resnet18"
+
+
+def test_eval_names_the_val_pipeline_of_its_backend():
+    """ffcv resizes with INTER_AREA, the others with antialiased bilinear: eval says which scored."""
+    from fastkd.data.spec import val_pipeline
+
+    def loader_of(module):
+        return type("Loader", (), {"__module__": module})()
+
+    ffcv = val_pipeline(loader_of("fastkd.data.ffcv_loader"))
+    torch_ = val_pipeline(loader_of("fastkd.data.torch_loader"))
+    assert ffcv.startswith("ffcv: centre square int(0.875 x shorter side)") and "INTER_AREA" in ffcv
+    assert torch_ == "torch: centre square int(0.875 x shorter side) of the packed JPEG, antialiased bilinear resize"

@@ -67,7 +67,7 @@ def processes_under(root: Path) -> dict[int, str]:
 def ranks_under(root: Path) -> dict[int, str]:
     """The rank processes: `python -m fastkd.cli train --config TMPDIR/fastkd-launch-*/...`."""
     return {p: c for p, c in processes_under(root).items()
-            if "fastkd.cli train --config" in c and "torch.distributed.run" not in c}  # fmt: skip
+            if "fastkd.cli train --config" in c and "fastkd.torchrun" not in c}  # fmt: skip
 
 
 @pytest.fixture
@@ -127,6 +127,8 @@ def test_stop_signal_to_launcher_saves_agreed_checkpoint(launch, tmp_path, signu
     assert ckpt["epoch"] == 0 and ckpt["step_in_epoch"] > 0  # stopped inside the first epoch
     assert len(ckpt["rng"]) == 2  # both ranks took part in the agreed save
     assert f"{signal.Signals(signum).name}: the ranks stop at their next metric read" in text
+    assert "Traceback" not in text and "SignalException" not in text, text[-3000:]  # one line per event
+    assert text.count("stopped; resume with") == 1, text[-3000:]  # from rank 0 only
 
 
 @pytest.mark.slow
@@ -190,3 +192,78 @@ def test_ranks_left_by_a_killed_torchrun_are_stopped_and_waited_for(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ------------------------------------------------------------------ one line per event
+
+STOPPING_RANK = """
+import os, signal, sys, time
+def stop(signum, frame):  # as the trainer does: rank 0 says where it saved, every rank exits 143
+    if os.environ["RANK"] == "0":
+        print("fastkd train: stopped; resume with --resume last.pt", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(sys.argv[1], "ready" + os.environ["RANK"]), "w").close()
+time.sleep(120)
+"""
+
+
+def _torchrun(tmp_path, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LOGLEVEL", None)
+    cmd = [sys.executable, "-m", "fastkd.torchrun", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+
+def test_stopped_torchrun_prints_no_traceback(tmp_path):
+    """SIGTERM to torchrun (as the launcher sends it): rank 0's line, no SignalException dump."""
+    script = tmp_path / "rank.py"
+    script.write_text(STOPPING_RANK)
+    proc = _torchrun(tmp_path, str(script), str(tmp_path))
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready*"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    assert out.strip().splitlines() == ["fastkd train: stopped; resume with --resume last.pt"], out
+
+
+def test_refused_multi_rank_run_says_it_once_without_a_dump(tmp_path):
+    """A FastKDError on every rank (here: a missing config): rank 0's one line, exit 2."""
+    proc = _torchrun(tmp_path, "-m", "fastkd.cli", "train", "--config", str(tmp_path / "nope.yaml"))
+    out, _ = proc.communicate(timeout=120)
+    lines = out.strip().splitlines()
+    assert proc.returncode == 2, out
+    assert len(lines) == 1 and lines[0].startswith("fastkd train: error:") and "nope.yaml" in lines[0], out
+
+
+def test_a_failure_rank_0_did_not_report_is_one_line(tmp_path):
+    """Rank 1 alone fails (its own FastKDError, written to its error file): one line names it."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys, time\nfrom fastkd.torchrun import report_error\n"
+                      "if os.environ['RANK'] == '1':\n    report_error('fastkd train: error: --gpus: no cuda:1')\n"
+                      "    sys.exit(2)\ntime.sleep(120)\n")  # fmt: skip
+    out, _ = _torchrun(tmp_path, str(script)).communicate(timeout=120)
+    lines = out.strip().splitlines()
+    assert lines == ["fastkd train: rank 1 failed (exit code 2): fastkd train: error: --gpus: no cuda:1"], out
+
+
+def test_an_error_rank_0_printed_is_not_said_again_when_another_rank_exited_first(tmp_path):
+    """Both ranks refuse the run; rank 1 exits first, so torchrun stops rank 0 (after it printed)
+    with a signal: the launcher adds no second line, and exits with rank 1's code."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from fastkd.torchrun import failure_line
+
+    def failure(rank, exitcode, data):
+        path = tmp_path / f"error-{rank}-{len(list(tmp_path.iterdir()))}.json"  # a new file each time
+        if data is not None:
+            path.write_text(json.dumps(data))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(path))
+
+    said = {"message": "fastkd train: error: nope", "timestamp": 1, "printed": True}
+    one = {"message": "fastkd train: error: nope", "timestamp": 1, "printed": False}
+    assert failure_line({0: failure(0, -15, said), 1: failure(1, 2, one)}) == (2, None)
+    code, line = failure_line({0: failure(0, -15, None), 1: failure(1, 2, one)})  # rank 0 said nothing
+    assert code == 2 and line == "fastkd train: rank 1 failed (exit code 2): fastkd train: error: nope"

@@ -281,3 +281,24 @@ def test_val_labels_with_class_folders_says_not_flat(tmp_path):
     with pytest.raises(FastKDError, match=rf"--val-labels {csv}: {src / 'val'} is not flat: it has 2 "
                                           rf"subfolder\(s\) \({WNIDS[0]}, {WNIDS[1]}\)"):
         pack(src, tmp_path / "o", classes="all", val_labels=csv, formats=("dali",), workers=1)
+
+
+def test_val_labels_rows_without_an_image_are_an_error_unless_allowed(tmp_path, capsys):
+    src, rows = _flat_val_source(tmp_path, [WNIDS[0], WNIDS[1], WNIDS[0], WNIDS[1]])
+    gone = [f"ILSVRC2012_val_{i:08d},{wnid} 1 2 20 14" for i, wnid in ((5, WNIDS[0]), (6, WNIDS[1]))]
+    other = "ILSVRC2012_val_00000007,n99999999 1 2 20 14"  # an unchosen class's image may be absent
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("\n".join(rows + gone + [other]) + "\n")
+    with pytest.raises(FastKDError, match=rf"--val-labels {csv}: 2 of 6 row\(s\) of the chosen classes name no "
+                                          rf"image in {src / 'val'}: line 6: ILSVRC2012_val_00000005, line 7: "
+                                          r"ILSVRC2012_val_00000006\. .*--allow-missing-val"):  # fmt: skip
+        pack(src, tmp_path / "o", classes="all", val_labels=csv, formats=("dali",), workers=1)
+    assert not (tmp_path / "o").exists()
+    result = pack(src, tmp_path / "o", classes="all", val_labels=csv, allow_missing_val=True,
+                  formats=("dali",), workers=1)  # fmt: skip
+    m = load_manifest(tmp_path / "o")
+    assert m["splits"]["val"]["count"] == 4 and m["params"]["val_labels_missing"] == 2
+    assert result.manifest["params"]["val_labels_missing"] == 2
+    assert "val: 2 --val-labels row(s) of the chosen classes name no image" in capsys.readouterr().err
+    with pytest.raises(FastKDError, match=r"--allow-missing-val is for --val-labels"):
+        pack(src, tmp_path / "p", classes="all", allow_missing_val=True)

@@ -213,6 +213,22 @@ def test_classes_numeric_file_order_and_wnids(tmp_path):
     assert [(c.wnid, c.imagenet_index is None) for c in scan.classes] == [("golden retriever", True), (wnid, False)]
 
 
+def test_one_number_spelled_two_ways_is_refused(tmp_path):
+    src = tmp_path / "src"
+    rows = [("a.png", "1"), ("b.png", "01"), ("c.png", "2"), ("d.png", "002"), ("e.png", "1"), ("f.png", "3")]
+    write_images(src, rows)
+    csv = tmp_path / "l.csv"
+    csv.write_text("".join(f"{p},{n},{'val' if p == 'f.png' else 'train'}\n" for p, n in rows))
+    with pytest.raises(FastKDError, match=rf"--labels {csv}: 2 number\(s\) spelled more than one way, which "
+                                          r"would make separate classes: '1' \(line 1\) and '01' \(line 2\); "
+                                          r"'2' \(line 3\) and '002' \(line 4\); write each"):  # fmt: skip
+        scan_labels(src, csv)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("1\n2\n")  # a class file does not make the CSV's other spelling go away silently
+    with pytest.raises(FastKDError, match=r"spelled more than one way"):
+        scan_labels(src, csv, classes=str(classes))
+
+
 def test_labels_refuses_val_labels_and_needs_no_layout(flat, tmp_path):
     src, csv = flat
     with pytest.raises(FastKDError, match=r"--val-labels .* with --labels .*split=val"):

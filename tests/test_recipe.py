@@ -112,7 +112,7 @@ def test_peak_lr_absolute_or_per_256():
     assert "optim.lr" in peak_lr(cfg, 2)[1]
     default = config(**{"data.batch_size": 64})
     assert default.optim.lr is None and default.optim.lr_per_256 is None
-    assert peak_lr(default, 2) == (0.25, "peak lr 0.25 (default lr_per_256 0.5 x 128 images / 256)")
+    assert peak_lr(default, 2) == (0.25, "peak lr 0.25 (sgd's default lr_per_256 0.5 x 128 images / 256)")
     # the step's default lr is the one-rank peak, not the raw config number
     step = build_step(config(**{"optim.lr_per_256": 0.5}), CLASSES, CPU)
     assert step.optimizer.param_groups[0]["lr"] == 0.5 * B / 256

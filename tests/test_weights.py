@@ -75,6 +75,22 @@ def test_lightning_checkpoint_with_model_prefix_loads_as_teacher(tmp_path):
     assert_same_weights(teacher, net)
 
 
+def test_kd_wrapper_with_two_networks_is_refused_until_a_prefix_is_chosen(tmp_path):
+    """A Lightning KD module saves its trained teacher and its (random) student side by side."""
+    trained, random_student = timm_net(seed=0), timm_net(seed=1)
+    state = {**{f"teacher.{k}": v for k, v in trained.state_dict().items()},
+             **{f"student.{k}": v for k, v in random_student.state_dict().items()}}  # fmt: skip
+    path = tmp_path / "kd.ckpt"
+    torch.save({"pytorch-lightning_version": "2.4.0", "state_dict": state}, path)
+    manifest = manifest_for([None] * 4)
+    with pytest.raises(FastKDError, match=r"2 prefixes \(student, teacher\).*e\.g\. .*kd\.ckpt:student"):
+        load_teacher(str(path), "timm:test_resnet", manifest)
+    assert_same_weights(load_teacher(f"{path}:teacher", "timm:test_resnet", manifest), trained)
+    assert_same_weights(load_teacher(f"{path}:student.", "timm:test_resnet", manifest), random_student)
+    with pytest.raises(FastKDError, match=r"kd\.ckpt has no keys under 'ema'; its leading prefixes: student, teacher"):
+        load_teacher(f"{path}:ema", "timm:test_resnet", manifest)
+
+
 def test_torchdistill_checkpoint_model_key(tmp_path):
     net = build_model("mobilenet_v3_small", 4, channels_last=False).eval()
     torch.save({"model": net.state_dict(), "optimizer": {"state": {}}, "lr_scheduler": {"last_epoch": 3},
@@ -102,9 +118,12 @@ def test_align_keys_drops_a_wrapper_prefix_only_when_it_helps():
     t = torch.zeros(1)
     plain = {"conv.weight": t, "fc.weight": t, "fc.bias": t}
     assert align_keys(plain, ours) is plain
-    wrapped = {"teacher.conv.weight": t, "student.conv.weight": t, "student.fc.weight": t, "student.fc.bias": t,
-               "teacher.fc.weight": t, "teacher.fc.bias": t}  # fmt: skip
-    assert align_keys(wrapped, ours).keys() == plain.keys()  # a tie goes to student., a known prefix
+    partial = {"teacher.conv.weight": t, "student.conv.weight": t, "student.fc.weight": t, "student.fc.bias": t}
+    assert align_keys(partial, ours) == {"conv.weight": t, "fc.weight": t, "fc.bias": t}  # only student. is whole
+    wrapped = {**partial, "teacher.fc.weight": t, "teacher.fc.bias": t}  # two whole networks: no guess
+    with pytest.raises(FastKDError, match=r"kd\.ckpt holds a whole network under each of 2 prefixes "
+                                          r"\(student, teacher\); choose one as PATH:PREFIX"):  # fmt: skip
+        align_keys(wrapped, ours, "kd.ckpt")
     assert list(align_keys({"model.conv.weight": t, "fc.weight": t, "fc.bias": t}, ours)) == [
         "model.conv.weight", "fc.weight", "fc.bias"]  # fmt: skip  # bare keys match more: unchanged
 
