@@ -59,10 +59,12 @@ import step_throughput as st  # noqa: E402
 
 import torch  # noqa: E402
 
+from fastkd.data.spec import LOADERS  # noqa: E402
 from fastkd.runtime import CUDA_ONLY_MODES  # noqa: E402
 from fastkd.step import build_step  # noqa: E402
 
-BACKENDS = ("torch", "dali", "ffcv", "folder", "nvimgcodec")
+# every loader backend (fastkd.data.spec.LOADERS), torch first, where this script always had it
+BACKENDS = ("torch", *(b for b in LOADERS if b != "torch"))
 
 
 def make_packed(out: Path, *, classes: int, per_class: int, size: int, formats: str) -> Path:

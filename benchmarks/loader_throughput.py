@@ -42,14 +42,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-BACKENDS = ("folder", "ffcv", "dali", "torch", "nvimgcodec")
+from fastkd.data.spec import AUTO, LOADERS  # noqa: E402
+
+# every loader backend (fastkd.data.spec.LOADERS), folder first: the baseline of the ratios
+BACKENDS = ("folder", *(b for b in LOADERS if b != "folder"))
 # extra names for --backends: a backend with options (e2e_throughput.py takes the same names)
 VARIANTS = {
     "dali-reader": ("dali", {"shuffle": "reader"}),  # fn.readers.webdataset buffer shuffle
     "nvimgcodec-gpu": ("nvimgcodec", {"decoders": "gpu"}),  # nvImageCodec's CUDA decoder, no engines
     "nvimgcodec-cpu": ("nvimgcodec", {"decoders": "cpu"}),  # libjpeg-turbo ROI decode on the host cores
     "torch-host": ("torch", {"decode": "host"}),  # libjpeg-turbo in the DataLoader workers, on any device
-    "auto": ("auto", {}),  # fastkd.data.auto's rule
+    AUTO: (AUTO, {}),  # fastkd.data.auto's rule
 }
 
 # paths that decode on host cores whatever the device: a --workers list sweeps these

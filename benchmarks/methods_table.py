@@ -30,8 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-METHODS = ("ce", "kd", "uakd", "dml", "dual", "uadkd")
-USES_TEACHER = {"kd", "uakd", "dual", "uadkd"}
+from fastkd.losses import METHODS, TEACHER_METHODS  # noqa: E402  (the one method table)
 COLUMNS = [
     ("method", "method"),
     ("teacher", "teacher"),
@@ -65,11 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def row_for(method: str, reports: list[dict]) -> dict:
     """One schema row (benchmarks/common.py) from the final reports of `method`'s runs (one per
     seed): value = the students' mean val top-1 (%), per-student top-1/top-5/ECE as extras."""
+    teacher, peer, weighted = METHODS[method]  # the terms the method turns on
     row = {
         "method": method,
-        "teacher": "yes" if method in USES_TEACHER else "-",
-        "peer": "yes" if method in ("dml", "dual", "uadkd") else "-",
-        "w": "yes" if method in ("uakd", "uadkd") else "-",
+        "teacher": "yes" if teacher else "-",
+        "peer": "yes" if peer else "-",
+        "w": "yes" if weighted else "-",
         "seeds": len(reports),
         "wall_s": statistics.mean(r["wall_time_s"] for r in reports),
     }
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             run_dir = out / (method if len(seeds) == 1 else f"{method}-seed{seed}")
             flags = ["--method", method, "--run.seed", str(seed), "--run.live", "false"]
-            teacher = weights if method in USES_TEACHER else "null"
+            teacher = weights if method in TEACHER_METHODS else "null"
             reports.append(train_run("quickstart", packed, run_dir, args.backend, None, flags + extra,
                                      teacher_weights=teacher))
         rows.append(row_for(method, reports))

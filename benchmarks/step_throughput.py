@@ -77,7 +77,7 @@ import torch  # noqa: E402
 
 from fastkd.config import TrainConfig, resolve_config  # noqa: E402
 from fastkd.runtime import input_dtype as runtime_input_dtype  # noqa: E402
-from fastkd.runtime import resolve_compile_mode  # noqa: E402
+from fastkd.runtime import COMPILE_MODES, resolve_compile_mode  # noqa: E402
 from fastkd.step import TrainStep, build_step  # noqa: E402
 
 # Config keys of each variant; "compile.mode": "auto" is resolved by compile_mode().
@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--compile-shapes", default=None,
                    help="RESxBATCH list where the compiled variants run (default: first res x last batch)")
-    p.add_argument("--compile-mode", default="auto", choices=("auto", "inductor", "reduce-overhead", "cudagraphs"),
+    # every compile.mode but none: the eager variants are the uncompiled rows
+    p.add_argument("--compile-mode", default="auto", choices=[m for m in COMPILE_MODES if m != "none"],
                    help="compile.mode of the compiled variants (auto: inductor where it runs, else cudagraphs)")
     p.add_argument("--steps", type=int, default=4, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from fastkd.cache_writer import CacheWriter  # noqa: E402
 from fastkd.config import resolve_config  # noqa: E402
-from fastkd.runtime import COMPILE_MODES, amp_dtype  # noqa: E402
+from fastkd.runtime import AMP_MODES, COMPILE_MODES, amp_dtype  # noqa: E402
 from fastkd.step import build_step  # noqa: E402
 from fastkd.teacher_cache import CacheFeed, TeacherCache, storage_for  # noqa: E402
 
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="resnet50")
     p.add_argument("--students", default="resnet18,mobilenet_v2", help="comma list, 1 or 2")
     p.add_argument("--method", default="uadkd", help="a loss method with a teacher: kd uakd dual uadkd")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+    p.add_argument("--amp", default="auto", choices=AMP_MODES,
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
                    help="the step's compile.mode (auto: the trainer's default, CUDA graphs on one GPU)")

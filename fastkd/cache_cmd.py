@@ -49,10 +49,10 @@ from fastkd.data.transforms import crop_resize, crop_resize_batch, normalize_uin
 from fastkd.errors import FastKDError
 from fastkd.losses import confidence_weight
 from fastkd.packformat import sha256_file
+from fastkd.runtime import AMP_DTYPES, AMP_MODES
 from fastkd.teacher_cache import BUILD_DIR, FULL_MAX_CLASSES, MANIFEST, TOPK, array_specs, pack_fingerprint, storage_for
 
 STATE = "state.json"
-_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the views' crops and flips")
     parser.add_argument("--batch-size", type=int, default=256, help="views per teacher forward")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES,
                         help="teacher autocast (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--entropy-temperature", type=float, default=1.0, help="T_w of the stored w")
     parser.add_argument("--chunk-size", type=int, default=2048, help="images per resumable chunk")
@@ -292,7 +292,8 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
     chunks = [(c, *chunk_range(c, chunk_size, n)) for c in range(num_chunks(chunk_size, n)) if c not in digests]
 
     net = load_teacher(weights, teacher, pack, channels_last=True).to(dev)
-    in_dtype = _AMP[amp] or torch.float32
+    autocast = AMP_DTYPES[amp]  # None: fp32, no autocast
+    in_dtype = autocast or torch.float32
     store = ShardStore(shard_paths(data, pack, "train"), n)
     batched = dev.type == "cuda" if batched is None else bool(batched)
     per_batch = max(1, batch_size // views)  # images per teacher forward
@@ -309,7 +310,7 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
                 item = _decode_on_device(item, dev, seed, views, resolution)
             (crops, params, sizes), indices = item
             x = _normalize(crops.to(dev), in_dtype)
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=_AMP[amp], enabled=_AMP[amp] is not None):
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
                 logits = net(x).float()  # [b*K, C]
             w = confidence_weight(logits, entropy_temperature)
             _check_finite(logits, indices, plan)

@@ -10,9 +10,9 @@ value of the wrong type raises FastKDError naming `section.key`. Each field's tr
 is its `--help` text, so keep it to one line.
 
 The peak learning rate is `optim.lr` (absolute) or `optim.lr_per_256` (x global batch / 256;
-both null: 0.5 per 256, `fastkd.schedule.peak_lr`). One layer (a file, the command line) may set
-only one of them; a layer that sets one drops the other's value from the layers below, so
-`--lr 0.1` over a file with lr_per_256 just works. Before lr_per_256 existed, `optim.lr` meant
+both null: per 256 images, 0.5 for SGD and 2.5e-4 for AdamW, `fastkd.schedule.peak_lr`). One
+layer (a file, the command line) may set only one of them; a layer that sets one drops the
+other's value from the layers below, so `--lr 0.1` over a file with lr_per_256 just works. Before lr_per_256 existed, `optim.lr` meant
 per 256 images: see `upgrade_legacy_config` for how old checkpoints and run configs are read.
 """
 
@@ -30,15 +30,17 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from fastkd.data.spec import BackendName
 from fastkd.errors import FastKDError
 from fastkd.losses import METHODS, PEER_METHODS, TEACHER_METHODS, LossConfig  # noqa: F401 (re-exported)
 from fastkd.recipe import AugmentConfig, EmaConfig, OptimConfig, lr_pair_layer, recipe_problems, upgrade_legacy_config
+from fastkd.runtime import AmpMode, CompileMode
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     dir: str | None = None  # packed directory written by `fastkd pack` (alias --data)
-    backend: Literal["ffcv", "dali", "torch", "folder", "nvimgcodec", "auto"] = "ffcv"  # loader; auto: fastest here, printed (alias --backend)
+    backend: BackendName = "ffcv"  # loader; auto: fastest here, printed (alias --backend)
     batch_size: int = 256  # images per step per rank; optim.lr_per_256 scales with batch_size x ranks / 256
     num_workers: int | None = None  # loader workers; null = the backend's default
     decode: Literal["auto", "device", "host"] = "auto"  # torch backend: JPEGs decoded by nvJPEG on the GPU (device) or by the loader workers on host cores (host); auto: device on CUDA
@@ -70,13 +72,13 @@ class ScheduleConfig:
 
 @dataclass(kw_only=True)
 class PrecisionConfig:
-    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    amp: AmpMode = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC memory format for the networks and images
 
 
 @dataclass(kw_only=True)
 class CompileConfig:
-    mode: Literal["auto", "none", "inductor", "reduce-overhead", "cudagraphs"] = "auto"  # torch.compile (alias --compile); auto: reduce-overhead (the whole step in CUDA graphs) on one CUDA device, none on CPU and under DDP; reduce-overhead and cudagraphs (no Triton) need CUDA
+    mode: CompileMode = "auto"  # torch.compile (alias --compile); auto: reduce-overhead (the whole step in CUDA graphs) on one CUDA device, none on CPU and under DDP; reduce-overhead and cudagraphs (no Triton) need CUDA
     scope: Literal["step", "networks"] = "step"  # step: teacher + students + loss as one graph (backward compiled with it); networks: each network alone
     warm: bool = True  # compile every train resolution before the first step (timed apart, logged as `compile` records)
 
@@ -354,19 +356,15 @@ def validate(cfg: TrainConfig) -> None:
     need(d.resolution >= 8 and d.val_resolution >= 8, "data.resolution and data.val_resolution must be >= 8")
     need(d.decode == "auto" or d.backend == "torch",
          f"data.decode {d.decode} is an option of --backend torch, not {d.backend}")
-    need(
-        (d.min_resolution is None) == (d.max_resolution is None),
-        "data.min_resolution and data.max_resolution must be set together (progressive resizing)",
-    )
+    need((d.min_resolution is None) == (d.max_resolution is None),
+         "data.min_resolution and data.max_resolution must be set together (progressive resizing)")
     if d.min_resolution is not None:
         need(8 <= d.min_resolution <= d.max_resolution, "need 8 <= data.min_resolution <= data.max_resolution")
     need(d.num_workers is None or d.num_workers >= 0, "data.num_workers must be >= 0 or null")
     need(1 <= len(m.students) <= 2, f"model.students must name 1 or 2 networks, got {m.students}")
     method = cfg.loss.method
-    need(
-        method not in PEER_METHODS or len(m.students) == 2,
-        f"loss.method {method} has a student-student term: model.students needs 2 networks",
-    )
+    need(method not in PEER_METHODS or len(m.students) == 2,
+         f"loss.method {method} has a student-student term: model.students needs 2 networks")
     need(cfg.loss.temperature > 0 and cfg.loss.entropy_temperature > 0, "loss temperatures must be > 0")
     need(0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
     need(s.epochs >= 1, f"schedule.epochs must be >= 1, got {s.epochs}")

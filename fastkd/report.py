@@ -28,6 +28,7 @@ from rich.table import Table
 
 import fastkd
 from fastkd.atomic import atomic_write_bytes
+from fastkd.data.spec import val_pipeline
 from fastkd.live import LiveDisplay, format_duration, format_metrics
 from fastkd.metrics import MetricsLog, eval_networks, read_metrics, teacher_w_of, to_jsonable
 
@@ -146,6 +147,8 @@ def _markdown(report: Mapping[str, Any], plots: list[str]) -> str:
     ]
     if report.get("images_per_s") is not None:
         lines.append(f"- throughput: {report['images_per_s']:,.0f} images/s (training)")
+    if report.get("val_pipeline"):
+        lines.append(f"- val pipeline: {report['val_pipeline']}")
     if report.get("compile_mode"):
         lines.append(f"- step: compile mode `{report['compile_mode']}`")
     if report.get("compile_s"):
@@ -243,6 +246,7 @@ def run_summary(trainer, wall_time: float) -> dict:
         "wall_time_s": wall_time,
         "compile_s": {str(res): sec for res, sec in getattr(trainer, "compile_seconds", {}).items()} or None,
         "compile_mode": getattr(trainer, "compile_mode", None),  # compile.mode as resolved for this run
+        "val_pipeline": val_pipeline(trainer.val_loader),  # what scored top-1: backends resize differently
         "epochs": trainer.epoch,
         "total_epochs": cfg.schedule.epochs,
         "finished": trainer.epoch >= cfg.schedule.epochs,

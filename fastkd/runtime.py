@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import threading
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,7 +27,11 @@ from fastkd.distributed import local_device_index
 from fastkd.errors import FastKDError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AMP_MODES = ("auto", *AMP_DTYPES)  # precision.amp: auto = bf16 on CUDA, fp32 on CPU (amp_dtype)
 COMPILE_MODES = ("auto", "none", "inductor", "reduce-overhead", "cudagraphs")
+# for typed configs (PrecisionConfig.amp, CompileConfig.mode): the config's help and checks read them
+AmpMode = Literal[AMP_MODES]
+CompileMode = Literal[COMPILE_MODES]
 # torch.compile arguments of each compile.mode. dynamic=False: one static graph per input shape
 # (each resolution of a progressive-resizing run), which is what CUDA graphs and inductor's
 # shape-specialised kernels need; the number of graphs is bounded by `allow_graphs`.

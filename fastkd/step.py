@@ -47,9 +47,8 @@ from fastkd.config import TrainConfig
 from fastkd.losses import LossConfig, distillation_loss
 from fastkd.models import build_model, network_names
 from fastkd.recipe import AugmentConfig, MixParams, StudentsEMA, apply_mix, build_optimizer, draw_mix, mix_rng
-from fastkd.recipe import param_groups  # noqa: F401 (re-exported: fastkd.train and tests import it here)
 from fastkd.frozen_teacher import as_frozen_teacher
-from fastkd.runtime import CUDA_ONLY_MODES, compile_fn, compile_module, resolve_compile_mode
+from fastkd.runtime import CUDA_ONLY_MODES, allow_graphs, compile_fn, compile_module, resolve_compile_mode
 from fastkd.runtime import amp_dtype as resolve_amp_dtype
 from fastkd.schedule import peak_lr
 
@@ -301,6 +300,22 @@ class TrainStep:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def warm_for_schedule(step: TrainStep, resolutions: list[int], batch: int, dtype: torch.dtype,
+                      cfg: TrainConfig) -> dict[int, float]:  # fmt: skip
+    """A compiled step keeps one graph per train resolution (static shapes; x2 with MixUp/CutMix):
+    let torch.compile keep that many (past its limit it would run eagerly, silently) and, with
+    compile.warm, compile each resolution now (`TrainStep.warm`). Returns {resolution: seconds}
+    ({} when nothing compiles or compile.warm is off)."""
+    if not step.compiled:
+        return {}
+    # per function: resolutions x (unmixed, mixed); scope networks: ResNet.forward serves the
+    # teacher and a ResNet student alike
+    allow_graphs(4 * len(resolutions) + 4)
+    if not cfg.compile.warm:
+        return {}
+    return {res: step.warm(batch, res, dtype, cfg.precision.channels_last) for res in resolutions}
 
 
 def build_students(cfg: TrainConfig, num_classes: int, device: torch.device, distributed_run: bool,

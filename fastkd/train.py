@@ -17,7 +17,6 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 import uuid
@@ -33,6 +32,7 @@ from fastkd.checkpoint import plain_state_dict, rng_state, save_atomic, set_rng_
 from fastkd.config import TrainConfig, check_runnable, config_to_dict, save_config
 from fastkd.data import build_loader
 from fastkd.data.contract import start_pass
+from fastkd.divergence import LossGuard, NonFiniteLoss  # noqa: F401 (NonFiniteLoss re-exported)
 from fastkd.errors import FastKDError
 from fastkd.evaluate import evaluate
 from fastkd.live import LiveDisplay, say
@@ -42,16 +42,11 @@ from fastkd.models import build_model, load_student_weights, load_teacher, netwo
 from fastkd.report import run_summary, summary_table, write_report
 from fastkd.resume import last_state, restore
 from fastkd.run_dir import claim
-from fastkd.runtime import CUDA_ONLY_MODES, allow_graphs, base_index, input_dtype, resolve_compile_mode
-from fastkd.runtime import resolve_device, seed_all
-from fastkd.runtime import set_determinism, step_seed, stop_signals
+from fastkd.runtime import CUDA_ONLY_MODES, base_index, input_dtype, resolve_compile_mode, resolve_device
+from fastkd.runtime import seed_all, set_determinism, step_seed, stop_signals
 from fastkd.schedule import lr_at, peak_lr, resolution_at
-from fastkd.step import build_step, param_groups  # noqa: F401 (param_groups re-exported for callers)
+from fastkd.step import build_step, warm_for_schedule
 from fastkd.tables import print_table
-
-
-class NonFiniteLoss(FastKDError):
-    """The training loss became NaN/inf: the run stops, the last good checkpoint is kept."""
 
 
 class Interrupted(Exception):
@@ -116,6 +111,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.peak_lr, self.peak_lr_how = peak_lr(cfg, self.dist.world_size)
+        self.loss_guard = LossGuard(cfg.optim.name, self.peak_lr_how)  # NaN/inf or exploded window loss
         nets = self._student_nets(students)
         teacher = self._frozen(teacher) if teacher is not None else self._load_teacher()
         self._step = build_step(cfg, self.num_classes, self.device, teacher=teacher, lr=self.peak_lr,
@@ -265,25 +261,15 @@ class Trainer:
         return summary
 
     def _warm_compile(self, end_epoch: int, live) -> None:
-        """A compiled step gets one graph per train resolution of epochs [epoch, end_epoch) (static
-        shapes: a progressive-resizing run has a few), and torch.compile may keep that many. With
-        compile.warm, each is compiled now (`TrainStep.warm`, either scope), timed and
-        logged as a `compile` record, so no epoch's images/s carries a compile."""
+        """Every train resolution of epochs [epoch, end_epoch) compiled now (`warm_for_schedule`),
+        each logged as a `compile` record, so no epoch's images/s carries a compile."""
         cfg = self.cfg
         if self.compile_note:
             say(live, self.is_main, self.compile_note)
-        if self.compile_mode == "none":
-            return
         resolutions = sorted({self._resolution(e) for e in range(self.epoch, end_epoch)})
-        # per function: resolutions x (unmixed, mixed); scope networks: ResNet.forward serves the
-        # teacher and a ResNet student alike
-        allow_graphs(4 * len(resolutions) + 4)
-        if not cfg.compile.warm or not self._step.compiled:
-            return
-        dtype = input_dtype(cfg.precision.amp, self.device)
         batch = int(getattr(self.train_loader, "batch_size", None) or cfg.data.batch_size)  # per rank
-        for res in resolutions:
-            seconds = self._step.warm(batch, res, dtype, cfg.precision.channels_last)
+        dtype = input_dtype(cfg.precision.amp, self.device)
+        for res, seconds in warm_for_schedule(self._step, resolutions, batch, dtype, cfg).items():
             self.compile_seconds[res] = seconds
             self.log.write({"kind": "compile", "epoch": self.epoch, "step": self.global_step, "resolution": res,
                             "batch_size": batch, "seconds": seconds})  # fmt: skip
@@ -333,14 +319,7 @@ class Trainer:
     def _log_window(self, epoch: int, done: int, lr: float, seconds: float, live) -> bool:
         """Read, check, log the window since the last read; True when a stop was requested."""
         window = self.meter.read(stop=self._stop)
-        if not math.isfinite(window["loss"]):
-            last = self.ckpt_dir / "last.pt"
-            kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint written yet"
-            raise NonFiniteLoss(
-                f"non-finite training loss ({window['loss']}) at epoch {epoch + 1}, step {done}; "
-                f"stopped, {kept}. Try a lower --lr / --optim.lr_per_256, --optim.clip_grad_norm, or "
-                "--precision.amp fp32/bf16"
-            )
+        self.loss_guard.check(window["loss"], epoch=epoch, step=done, lr=lr, last=self.ckpt_dir / "last.pt")
         self._train_time += seconds
         self._train_samples += window["samples"]
         self.samples_seen += window["samples"]

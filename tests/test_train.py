@@ -14,7 +14,8 @@ import yaml
 
 from fastkd.checkpoint import load_last
 from fastkd.models import build_model
-from fastkd.train import Interrupted, NonFiniteLoss, Trainer, param_groups
+from fastkd.recipe import param_groups
+from fastkd.train import Interrupted, NonFiniteLoss, Trainer
 from test_train_support import ensure_losses, loaders, one_thread, tiny_config  # noqa: F401 (fixture)
 
 ensure_losses()
@@ -206,7 +207,7 @@ def test_gpus_relaunches_through_torchrun(tmp_path, monkeypatch):
     assert rc == 0
     cmd, config, lock_held = calls
     assert lock_held == str(tmp_path / "run")  # the launcher holds the run dir's lock for its ranks
-    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    assert cmd[1:7] == ["-m", "fastkd.torchrun", "--standalone", "--nproc_per_node", "2", "-m"]
     assert cmd[7:10] == ["fastkd.cli", "train", "--config"]
     assert config["optim"]["lr_per_256"] == 0.3 and config["dist"]["gpus"] == 2 and config["data"]["dir"] == os.path.abspath("D")
 

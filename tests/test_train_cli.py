@@ -56,6 +56,9 @@ def test_teacher_learns(teacher_run):
     assert evals[-1]["resnet18"]["top1"] > 40.0  # chance: 10 %
     report = json.loads((teacher_run / "report.json").read_text())
     assert report["networks"]["resnet18"]["top1"] == pytest.approx(evals[-1]["resnet18"]["top1"])
+    # the top-1 of a run names the val pipeline that scored it (backends resize differently)
+    assert report["val_pipeline"].startswith("torch: ") and "bilinear" in report["val_pipeline"]
+    assert f"val pipeline: {report['val_pipeline']}" in (teacher_run / "report.md").read_text()
     for f in ("config.yaml", "report.md", "checkpoints/last.pt", "checkpoints/best-resnet18.pt"):
         assert (teacher_run / f).exists(), f
 

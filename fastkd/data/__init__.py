@@ -35,46 +35,17 @@ from typing import Sequence
 import torch
 
 from fastkd.data.auto import choose_backend, say_once
-from fastkd.data.contract import BACKEND_FORMAT, BACKENDS, Loader, LoaderSpec, parse_device
-from fastkd.data.spec import AUTO
+from fastkd.data.contract import Loader, LoaderSpec, parse_device
+from fastkd.data.packed import open_packed, shard_paths
+from fastkd.data.spec import AUTO, BACKEND_CHOICES, BACKENDS, LOADERS
 from fastkd.errors import FastKDError
 from fastkd.packformat import load_manifest, split_files
 
 __all__ = ["build_loader", "available_backends", "Loader", "BACKENDS"]
 
-_INSTALL = {
-    "ffcv": "FFCV (`bash scripts/setup.sh`, or `pip install -e .[ffcv]` after installing libturbojpeg0-dev, "
-            "libopencv-dev and pkg-config)",
-    "dali": "NVIDIA DALI (`pip install nvidia-dali-cuda130`, or `pip install -e .[dali]`)",
-    "nvimgcodec": "nvImageCodec (`pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg`; DALI brings both)",
-}
-
-
-_OPTIONS = {
-    "ffcv": {"os_cache", "order", "batches_ahead"},
-    "dali": {"shuffle", "initial_fill", "hw_decoder_load", "device_memory_padding", "host_memory_padding",
-             "prefetch_queue_depth"},
-    "torch": {"prefetch_factor", "batched_resize", "decode"},
-    "folder": {"source"},
-    "nvimgcodec": {"decoders", "hw_decoder_load", "batches_ahead", "batched_resize"},
-}
-
-
-def _why_unavailable(backend: str) -> str | None:
-    if backend == "ffcv":
-        from fastkd.data.ffcv_loader import available
-        return available()
-    if backend == "dali":
-        from fastkd.data.dali_loader import available
-        return available()
-    if backend == "nvimgcodec":  # importable; without the GPU's engines build_loader falls back to torch
-        from fastkd.data.nvimgcodec_loader import available
-        return available()
-    return None  # torch and folder need only torch/torchvision
-
 
 def available_backends() -> list[str]:
-    return [b for b in BACKENDS if _why_unavailable(b) is None]
+    return [name for name, b in LOADERS.items() if b.why_unavailable() is None]
 
 
 def build_loader(data_dir, split: str, backend: str, batch_size: int, resolution: int,
@@ -89,44 +60,35 @@ def build_loader(data_dir, split: str, backend: str, batch_size: int, resolution
         backend, why = choose_backend(parse_device(device), formats)
         chosen = " (chosen by --backend auto)"
         say_once(f"fastkd: loader backend auto -> {backend} ({why})", int(rank))
-    if backend not in BACKENDS:
-        raise FastKDError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS + (AUTO,))}")
-    unknown = sorted(set(backend_opts) - _OPTIONS[backend])
+    if backend not in LOADERS:
+        raise FastKDError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    unknown = sorted(set(backend_opts) - LOADERS[backend].options)
     if unknown:
         raise FastKDError(f"backend {backend!r}{chosen} does not take option(s) {unknown}; "
-                          f"it takes {sorted(_OPTIONS[backend])}")
+                          f"it takes {sorted(LOADERS[backend].options)}")
     if backend == "nvimgcodec":
         backend, backend_opts = _nvimgcodec_or_torch(parse_device(device), int(rank), backend_opts)
-    why = _why_unavailable(backend)
+    why = LOADERS[backend].why_unavailable()
     if why is not None:
         others = [b for b in available_backends() if b != backend]
-        raise FastKDError(f"backend {backend!r} cannot run here: {why}. Install {_INSTALL[backend]}; "
+        raise FastKDError(f"backend {backend!r} cannot run here: {why}. Install {LOADERS[backend].install}; "
                           f"backends that work on this machine: {', '.join(others)}")
     if backend == "torch" and num_workers is None:  # host decode on CUDA: every core but one
         from fastkd.data.torch_loader import default_workers
         num_workers = default_workers(parse_device(device), backend_opts.get("decode", "auto"))
     spec = LoaderSpec.make(data_dir, split, batch_size, resolution, device, dtype, rank, world_size, seed,
                            num_workers, drop_last, return_indices)
+    fmt = LOADERS[backend].format
+    manifest = open_packed(data_dir, split, fmt, verify=verify, expected_classes=expected_classes)
+    return LOADERS[backend].loader_class()(spec, manifest, *_inputs(data_dir, manifest, split, fmt), **backend_opts)
 
-    from fastkd.data.packed import open_packed, shard_paths
 
-    manifest = open_packed(data_dir, split, BACKEND_FORMAT[backend], verify=verify,
-                           expected_classes=expected_classes)
-    if backend == "ffcv":
-        from fastkd.data.ffcv_loader import FFCVLoader
-        beton = split_files(data_dir, manifest, split, "ffcv")[0]
-        return FFCVLoader(spec, manifest, str(beton), **backend_opts)
-    if backend == "dali":
-        from fastkd.data.dali_loader import DALILoader
-        return DALILoader(spec, manifest, shard_paths(data_dir, manifest, split), **backend_opts)
-    if backend == "nvimgcodec":
-        from fastkd.data.nvimgcodec_loader import NvImgCodecLoader
-        return NvImgCodecLoader(spec, manifest, shard_paths(data_dir, manifest, split), **backend_opts)
-    if backend == "torch":
-        from fastkd.data.torch_loader import TorchLoader
-        return TorchLoader(spec, manifest, shard_paths(data_dir, manifest, split), **backend_opts)
-    from fastkd.data.folder_loader import FolderLoader
-    return FolderLoader(spec, manifest, **backend_opts)
+def _inputs(data_dir, manifest: dict, split: str, fmt: str | None) -> tuple:
+    """The files a loader reading packed format `fmt` takes after (spec, manifest): the .beton
+    path, the WebDataset shard paths, or none (folder reads the manifest's source tree)."""
+    if fmt == "ffcv":
+        return (str(split_files(data_dir, manifest, split, "ffcv")[0]),)
+    return (shard_paths(data_dir, manifest, split),) if fmt == "dali" else ()
 
 
 def _nvimgcodec_or_torch(device, rank: int, opts: dict) -> tuple[str, dict]:
@@ -137,7 +99,7 @@ def _nvimgcodec_or_torch(device, rank: int, opts: dict) -> tuple[str, dict]:
     why = why_not(device, opts.get("decoders", "hw"))
     if why is None:
         return "nvimgcodec", opts
-    torch_opts = {k: v for k, v in opts.items() if k in _OPTIONS["torch"]}
+    torch_opts = {k: v for k, v in opts.items() if k in LOADERS["torch"].options}
     if opts.get("decoders") == "cpu":  # host cores were asked for: torch decodes there too
         torch_opts["decode"] = "host"
     host = device.type != "cuda" or torch_opts.get("decode") == "host"

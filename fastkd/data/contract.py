@@ -34,13 +34,13 @@ import numpy as np
 import torch
 
 from fastkd.data.sharding import epoch_indices, num_batches, split_batches
-from fastkd.data.spec import (BACKEND_FORMAT, BACKENDS, FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO,
+from fastkd.data.spec import (BACKENDS, FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO,
                               TRAIN_SCALE, VAL_CROP_RATIO, LoaderSpec, parse_device, parse_dtype)
 from fastkd.data.transforms import normalize_uint8_cpu
 from fastkd.errors import FastKDError
 
 __all__ = ["Loader", "PassSampler",  # defined here; the rest re-exported from spec.py
-           "LoaderSpec", "parse_dtype", "parse_device", "BACKENDS", "BACKEND_FORMAT", "IMAGENET_MEAN",
+           "LoaderSpec", "parse_dtype", "parse_device", "BACKENDS", "IMAGENET_MEAN",
            "IMAGENET_STD", "TRAIN_SCALE", "TRAIN_RATIO", "VAL_CROP_RATIO", "FLIP_PROB"]
 
 

@@ -7,8 +7,10 @@ fastkd.data, so transforms.py and contract.py can both import it at the top.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -21,10 +23,75 @@ TRAIN_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (w / h)
 VAL_CROP_RATIO = 0.875  # val: centre square of side 0.875 * shorter side, resized to r
 FLIP_PROB = 0.5
 
-BACKENDS = ("ffcv", "dali", "torch", "folder", "nvimgcodec")
+
+@dataclass(frozen=True)
+class Backend:
+    """One loader backend: all that build_loader, the config and the benchmarks know of it."""
+
+    format: str | None  # packed format it reads: "ffcv" (.beton), "dali" (WebDataset shards); None: source folder
+    options: frozenset[str]  # the keyword options (backend_opts) its loader takes
+    loader: str  # "module:Class"; imported only when built, as ffcv, DALI and nvImageCodec are optional
+    install: str | None  # what to install where the module's available() says no; None: torch suffices
+    val: str  # what its val batches are, printed by `fastkd eval` (backends resize differently)
+
+    @property
+    def module(self) -> str:
+        return self.loader.partition(":")[0]
+
+    def loader_class(self) -> type:
+        module, _, name = self.loader.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def why_unavailable(self) -> str | None:
+        """None where it can run here, else why not (imports the optional package)."""
+        return None if self.install is None else importlib.import_module(self.module).available()
+
+
+# Every backend crops the same centre box (transforms.center_crop_box) for val, but FFCV's decoder
+# resizes with OpenCV INTER_AREA and has no antialiased bilinear, so its top-1 can differ from
+# the others' by up to about 1 point.
+_SAME_BOX = f"centre square int({VAL_CROP_RATIO} x shorter side) of the packed JPEG"
+_BILINEAR = f"{_SAME_BOX}, antialiased bilinear resize"
+# The one list of loader backends: build_loader, DataConfig.backend, the CLIs' --backend choices
+# and the benchmarks' --backends all derive from it. Order = the order of error messages and help.
+LOADERS: dict[str, Backend] = {
+    "ffcv": Backend(
+        format="ffcv", options=frozenset({"os_cache", "order", "batches_ahead"}),
+        loader="fastkd.data.ffcv_loader:FFCVLoader",
+        install="FFCV (`bash scripts/setup.sh`, or `pip install -e .[ffcv]` after installing libturbojpeg0-dev, "
+                "libopencv-dev and pkg-config)",
+        val=f"{_SAME_BOX}, OpenCV INTER_AREA resize (FFCV's own; top-1 may differ from torch/dali by ~1 point)"),
+    "dali": Backend(
+        format="dali", options=frozenset({"shuffle", "initial_fill", "hw_decoder_load", "device_memory_padding",
+                                          "host_memory_padding", "prefetch_queue_depth"}),
+        loader="fastkd.data.dali_loader:DALILoader",
+        install="NVIDIA DALI (`pip install nvidia-dali-cuda130`, or `pip install -e .[dali]`)", val=_BILINEAR),
+    "torch": Backend(
+        format="dali", options=frozenset({"prefetch_factor", "batched_resize", "decode"}),
+        loader="fastkd.data.torch_loader:TorchLoader", install=None, val=_BILINEAR),
+    "folder": Backend(
+        format=None, options=frozenset({"source"}), loader="fastkd.data.folder_loader:FolderLoader", install=None,
+        val=f"the source files: shorter side to int(r / {VAL_CROP_RATIO}), centre r x r, antialiased (PIL)"),
+    "nvimgcodec": Backend(  # importable; without the GPU's engines build_loader falls back to torch
+        format="dali", options=frozenset({"decoders", "hw_decoder_load", "batches_ahead", "batched_resize"}),
+        loader="fastkd.data.nvimgcodec_loader:NvImgCodecLoader",
+        install="nvImageCodec (`pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg`; DALI brings both)",
+        val=_BILINEAR),
+}
+BACKENDS = tuple(LOADERS)
 AUTO = "auto"  # not a backend: build_loader picks one of BACKENDS by fastkd.data.auto's rule
-# packed format each backend reads (folder reads the original source tree)
-BACKEND_FORMAT = {"ffcv": "ffcv", "dali": "dali", "torch": "dali", "folder": None, "nvimgcodec": "dali"}
+BACKEND_CHOICES = (*BACKENDS, AUTO)  # what --backend and data.backend accept
+BackendName = Literal[BACKEND_CHOICES]  # for typed configs (DataConfig.backend): help and checks read it
+
+
+def val_pipeline(loader) -> str:
+    """'BACKEND: what its val batches are' for a loader built by build_loader (its module names
+    the backend, also after `auto` or a fallback chose it)."""
+    module = type(loader).__module__
+    name = next((n for n, b in LOADERS.items() if b.module == module),
+                module.rsplit(".", 1)[-1].removesuffix("_loader"))
+    return f"{name}: {LOADERS[name].val if name in LOADERS else 'a loader of your own'}"
+
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
