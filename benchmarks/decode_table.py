@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-IMAGENET100_TRAIN = 126_689  # ImageNet-100's train images (the issue's projection base)
+IMAGENET100_TRAIN = 126_689  # ImageNet-100's train images (the epoch projection's base)
 NOT_MEASURED = "not measured"
 GPU_KINDS = {"torch": "nvJPEG CUDA", "nvimgcodec": "hardware engines", "nvimgcodec-gpu": "nvImageCodec CUDA"}
 HOST_KINDS = {"torch-host": "host cores", "nvimgcodec-cpu": "host cores", "ffcv": "host cores",
@@ -156,7 +156,7 @@ def table_rows(table: dict, any_gpu: bool, resolutions, gpu_note: str,
     """build's rows from collect's table (and whether any input ran on a GPU); `used`: engines()'s
     verdicts, which label a GPU row's kind with what ran (`nvJPEG CUDA, engines: no`)."""
     listed = {path_of(name) for name, _ in table if not name.endswith("(CPU device)")}
-    for path in LISTED:  # the issue's paths on a GPU machine are always shown, measured or not
+    for path in LISTED:  # every decode path of a GPU machine is shown, measured or not
         if path not in listed:
             table[(path, GPU_KINDS.get(path) or HOST_KINDS[path])] = {}
     order = {p: i for i, p in enumerate(LISTED)}

@@ -26,7 +26,7 @@ pays: at these sizes that is host-side launch and dispatch time, not GPU work). 
 and replayed (`--graph-replays` replays between two events, median over windows), which
 removes the host side and measures the device time alone, i.e. what a step compiled with
 `--compile cudagraphs` pays; their speed-up is over `eager-graph`.
-Goals (issue 4): fused >= 5x eager on GPU at B=256, C=100; fused not slower than eager on CPU.
+Goals: fused >= 5x eager on GPU at B=256, C=100; fused not slower than eager on CPU.
 `--json PATH` writes benchmarks/common.py's result schema: one row per implementation and shape,
 name = impl, case = "<device> B=<B> C=<C>", value = median ms, baseline `eager` (`eager-graph`
 for the graph rows), ratio = baseline ms / impl ms (the speed-up); extras device, B, C, dtype,

@@ -41,10 +41,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastkd.cache_writer import CacheWriter  # noqa: E402
+from fastkd.cacheformat import storage_for  # noqa: E402
 from fastkd.config import resolve_config  # noqa: E402
 from fastkd.runtime import AMP_MODES, COMPILE_MODES, amp_dtype  # noqa: E402
 from fastkd.step import build_step  # noqa: E402
-from fastkd.teacher_cache import CacheFeed, TeacherCache, storage_for  # noqa: E402
+from fastkd.teacher_cache import CacheFeed, TeacherCache  # noqa: E402
 
 
 def synthetic_cache(root: Path, images: int, views: int, num_classes: int, resolution: int, seed: int) -> TeacherCache:

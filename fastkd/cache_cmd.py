@@ -5,11 +5,19 @@ r"""Run the teacher once over K augmented views of every train image: a teacher 
     fastkd train ... --backend torch --teacher-cache cache/r50-k8     # no teacher forward per step
 
 Per image i and view k < K: the crop box and flip the torch loader draws for epoch k with --seed
-(transforms.train_params: training's RandomResizedCrop + flip), the image decoded once (CPU
-workers; nvJPEG on CUDA), its K crops resized to --resolution and normalised like the loaders, the
-teacher in eval mode (autocast per --amp: auto = bf16 on CUDA like training, fp32 on CPU), its
-logits stored in fp16 and w = confidence_weight(fp32 logits, --entropy-temperature). Format and
-what it changes in training: fastkd/teacher_cache.py.
+(training's RandomResizedCrop + flip), cut, resized to --resolution and normalised by the torch
+loader's own functions (fastkd.data.torch_loader: decode on the host in workers, or nvJPEG on
+CUDA as the loader decides; transforms.normalize_uint8, what Loader.normalize runs), the teacher
+in eval mode (device, autocast and input dtype from fastkd.runtime, as in training: auto = bf16
+on CUDA, fp32 on CPU), its logits stored in fp16 and w = confidence_weight(fp32 logits,
+--entropy-temperature). Format: fastkd/cacheformat.py; what it changes in training:
+fastkd/teacher_cache.py.
+
+Why the build does not iterate a TorchLoader K times (epoch k = view k): a loader pass is a
+shuffled pass over every image, so each image would be decoded K times instead of once, and no
+chunk of images would be finished (all K views written) before the last pass, which would make
+the build unresumable until its end. It takes images in order, decodes each once and crops its K
+views in one call.
 
 Disk: K x (2 C + 21) + 8 bytes per image with C <= 1000 classes (fp16 logits, int32 box, flip,
 fp32 w; above 1000 classes the top --topk logits + index + the rest's mass). ImageNet-100 (126,689
@@ -38,21 +46,19 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from fastkd.atomic import atomic_write_bytes
 from fastkd.cache_chunks import chunk_range, num_chunks
 from fastkd.cache_writer import CacheWriter
+from fastkd.cacheformat import (ARRAY_NAMES, BUILD_DIR, BUILD_STATE, FULL_MAX_CLASSES, MANIFEST, MARKER_GLOB, TOPK,
+                                array_file, array_specs, marker_chunk, marker_name, pack_fingerprint, storage_for)
 from fastkd.data.packed import ShardStore, open_packed, shard_paths
-from fastkd.data.spec import IMAGENET_MEAN, IMAGENET_STD, parse_device
-from fastkd.data.transforms import crop_resize, crop_resize_batch, normalize_uint8_cpu, train_boxes
+from fastkd.data.torch_loader import crop_batch, decode_host, decode_jpegs, decode_where, jpeg_batch
+from fastkd.data.transforms import crop_params, mean_std_255, normalize_uint8
 from fastkd.errors import FastKDError
 from fastkd.losses import confidence_weight
 from fastkd.packformat import sha256_file
-from fastkd.runtime import AMP_DTYPES, AMP_MODES
-from fastkd.teacher_cache import BUILD_DIR, FULL_MAX_CLASSES, MANIFEST, TOPK, array_specs, pack_fingerprint, storage_for
-
-STATE = "state.json"
+from fastkd.runtime import AMP_MODES, amp_dtype, amp_mode, input_dtype, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,14 +144,14 @@ def _plan_diff(old: dict, new: dict, skip: tuple = ()) -> list[str]:
 def _clear(out: Path) -> None:
     """Remove what a cache or a build of one wrote in `out` (nothing else)."""
     shutil.rmtree(out / BUILD_DIR, ignore_errors=True)
-    for name in ("logits", "topk_index", "rest", "boxes", "flips", "w", "sizes"):
-        (out / f"{name}.npy").unlink(missing_ok=True)
+    for name in ARRAY_NAMES:
+        (out / array_file(name)).unlink(missing_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
 
 
 def _prepare(out: Path, plan: dict, overwrite: bool) -> str:
     """'done' (an identical finished cache), 'resume' or 'fresh'; refuses what it must not touch."""
-    state_path = out / BUILD_DIR / STATE
+    state_path = out / BUILD_DIR / BUILD_STATE
     if (out / MANIFEST).is_file():
         old = json.loads((out / MANIFEST).read_text())
         diffs = _plan_diff(old, plan, skip=("chunk_size",))
@@ -174,52 +180,37 @@ def _prepare(out: Path, plan: dict, overwrite: bool) -> str:
 
 
 class _Views(torch.utils.data.Dataset):
-    """Item: pack indices [b] -> (uint8 [b*K,3,r,r] views, or (JPEG bytes, sizes) to decode on the
-    GPU, boxes int32 [b,K,4] (None then), flips [b,K], sizes [b,2], indices)."""
+    """Item: pack indices [b] -> (view_crops of the batch decoded on the host, indices), or, when
+    the main process decodes on the device, (jpeg_batch's bytes, indices): the torch loader's
+    worker item, with K views per image instead of one."""
 
-    def __init__(self, store: ShardStore, seed: int, views: int, resolution: int, decode: bool):
-        self.store, self.seed, self.views, self.resolution, self.decode = store, seed, views, resolution, decode
+    def __init__(self, store: ShardStore, seed: int, views: int, resolution: int, host: bool):
+        self.store, self.seed, self.views, self.resolution, self.host = store, seed, views, resolution, host
 
     def __getitem__(self, indices):
-        if not self.decode:
-            chunks = [self.store.jpeg_bytes(i) for i in indices]
-            buffer = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-            return (buffer, [len(c) for c in chunks]), indices
-        images = decode_jpeg([self.store.jpeg(i) for i in indices], mode=ImageReadMode.RGB)
-        params = view_params(images, indices, self.seed, self.views)
-        crops = [crop_resize(im, box, self.resolution, flip) for im, p in zip(images, params) for box, flip in p]
-        return (torch.cat(crops), params, [tuple(im.shape[1:]) for im in images]), indices
+        if not self.host:
+            return jpeg_batch(self.store, indices), indices
+        images = decode_host(self.store, indices)
+        return view_crops(images, indices, self.seed, self.views, self.resolution, batched=False), indices
 
 
 def _identity(item):
     return item
 
 
-def view_params(images: list, indices, seed: int, views: int) -> list[list]:
-    """Per image, its K (box, flip): view k is the torch loader's crop of epoch k."""
-    hw = np.array([im.shape[1:] for im in images], np.int64).reshape(-1, 2)  # [b, (H, W)]
-    drawn = [train_boxes(seed, k, indices, hw[:, 0], hw[:, 1]) for k in range(views)]  # a batch per view
-    return [[(tuple(boxes[j].tolist()), bool(flips[j])) for boxes, flips in drawn] for j in range(len(hw))]
+def view_crops(images: list, indices, seed: int, views: int, resolution: int, batched: bool) -> tuple:
+    """Decoded uint8 [3,H,W] images [b] -> (uint8 [b*K,3,r,r] crops, image-major: row j*K+k is
+    image j's view k; int64 [b,K,4] boxes; bool [b,K] flips; [b] (H, W) sizes).
 
-
-def _decode_on_device(item, device, seed: int, views: int, resolution: int):
-    (buffer, sizes), indices = item
-    images = decode_jpeg(list(torch.split(buffer, sizes)), mode=ImageReadMode.RGB, device=device)
-    params = view_params(images, indices, seed, views)
-    boxes = [b for p in params for b, _ in p]
-    flips = [f for p in params for _, f in p]
-    crops = crop_resize_batch([im for im in images for _ in range(views)], boxes, flips, resolution)  # [b*K,...]
-    return (crops, params, [tuple(im.shape[1:]) for im in images]), indices
-
-
-def _normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [B,3,r,r] -> normalised `dtype` channels_last, as Loader.normalize does."""
-    if images.device.type == "cpu":
-        return normalize_uint8_cpu(images, dtype)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    out = images.to(dtype=torch.float32, memory_format=torch.channels_last)
-    return out.sub_(mean).div_(std).to(dtype)
+    View k is the torch loader's train crop of epoch k: its own draw (crop_params) and its own
+    crop (crop_batch), so a run replaying the cached boxes (CacheFeed) shows the teacher's pixels.
+    One crop_batch call for all K views: each image is decoded once, not once per view."""
+    sizes = [tuple(im.shape[1:]) for im in images]
+    drawn = [crop_params(sizes, indices, seed, k, True) for k in range(views)]  # per view: [b,4], [b]
+    boxes = np.stack([b for b, _ in drawn], axis=1)  # [b, K, 4]
+    flips = np.stack([f for _, f in drawn], axis=1)  # [b, K]
+    repeated = [im for im in images for _ in range(views)]
+    return crop_batch(repeated, boxes.reshape(-1, 4), flips.reshape(-1), resolution, batched), boxes, flips, sizes
 
 
 class _Bar:
@@ -268,8 +259,8 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
             raise FastKDError(f"{flag} must be >= {low}, got {value}")
     if not entropy_temperature > 0:
         raise FastKDError(f"--entropy-temperature must be > 0, got {entropy_temperature}")
-    dev = parse_device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    amp = ("bf16" if dev.type == "cuda" else "fp32") if amp == "auto" else amp
+    dev = resolve_device(device, flag="--device")
+    amp = amp_mode(amp, dev)  # the name the plan records: auto is resolved
     pack = open_packed(data, "train", "dali")
     n, classes = int(pack["splits"]["train"]["count"]), [c["wnid"] for c in pack["classes"]]
     storage = storage_for(len(classes), full_max_classes, topk)
@@ -283,8 +274,8 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
         return json.loads((out / MANIFEST).read_text())
     specs = array_specs(n, views, len(classes), storage)
     marks = out / BUILD_DIR
-    if any(not (out / f"{name}.npy").is_file() for name in specs):  # arrays gone: no marker can be trusted
-        for mark in marks.glob("chunk-*"):
+    if any(not (out / array_file(name)).is_file() for name in specs):  # arrays gone: no marker can be trusted
+        for mark in marks.glob(MARKER_GLOB):
             mark.unlink()
     say = console.print if console is not None else print
     writer = CacheWriter(out, n, views, len(classes), storage, resume=mode == "resume", note=say)
@@ -292,31 +283,30 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
     chunks = [(c, *chunk_range(c, chunk_size, n)) for c in range(num_chunks(chunk_size, n)) if c not in digests]
 
     net = load_teacher(weights, teacher, pack, channels_last=True).to(dev)
-    autocast = AMP_DTYPES[amp]  # None: fp32, no autocast
-    in_dtype = autocast or torch.float32
+    autocast = amp_dtype(amp, dev)  # None: fp32, no autocast
+    in_dtype, mean_std = input_dtype(amp, dev), mean_std_255(dev)  # the images a training loader hands the step
     store = ShardStore(shard_paths(data, pack, "train"), n)
-    batched = dev.type == "cuda" if batched is None else bool(batched)
+    batched = decode_where(dev) == "device" if batched is None else bool(batched)
     per_batch = max(1, batch_size // views)  # images per teacher forward
     batches = [(c, np.arange(s, min(e, s + per_batch))) for c, a, e in chunks for s in range(a, e, per_batch)]
     workers = (len(os.sched_getaffinity(0)) if num_workers is None else int(num_workers))
-    loader = torch.utils.data.DataLoader(_Views(store, seed, views, resolution, decode=not batched),
+    loader = torch.utils.data.DataLoader(_Views(store, seed, views, resolution, host=not batched),
                                          batch_size=None, sampler=[b for _, b in batches], num_workers=workers,
                                          collate_fn=_identity)
     chunk_end = {c: e for c, _, e in chunks}
     done_images = n - sum(e - a for _, a, e in chunks)
     with _Bar(n, done_images, progress, console) as bar:
         for (c, _), item in zip(batches, loader):
-            if batched:
-                item = _decode_on_device(item, dev, seed, views, resolution)
-            (crops, params, sizes), indices = item
-            x = _normalize(crops.to(dev), in_dtype)
+            if batched:  # the worker read bytes: decode and crop on the device, as the loader does there
+                data_bytes, indices = item
+                item = view_crops(decode_jpegs(data_bytes, dev), indices, seed, views, resolution, True), indices
+            (crops, boxes, flips, sizes), indices = item
+            x = normalize_uint8(crops.to(dev), in_dtype, mean_std)
             with torch.inference_mode(), torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
                 logits = net(x).float()  # [b*K, C]
             w = confidence_weight(logits, entropy_temperature)
             _check_finite(logits, indices, plan)
             b = len(indices)
-            boxes = [[box for box, _ in p] for p in params]
-            flips = [[flip for _, flip in p] for p in params]
             writer.write(int(indices[0]), logits.view(b, views, -1), boxes, flips,
                          w.view(b, views).cpu().numpy(), sizes)
             bar.advance(b)
@@ -324,7 +314,7 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
                 writer.flush()  # the rows on disk before the marker that says so
                 digests[c] = writer.chunk_digest(*chunk_range(c, chunk_size, n))
                 mark = {"end": chunk_end[c], "sha256": digests[c]}
-                atomic_write_bytes(marks / f"chunk-{c:06d}", json.dumps(mark).encode())
+                atomic_write_bytes(marks / marker_name(c), json.dumps(mark).encode())
                 if on_chunk is not None:
                     on_chunk(c)
     info = {k: v for k, v in plan.items() if k not in ("chunk_size", "storage")}
@@ -339,8 +329,8 @@ def _kept_chunks(marks: Path, writer: CacheWriter, rows: int, n: int, say) -> di
     holds a checksum their rows on disk still match. Any other marker (damaged rows, a truncated
     array made anew, a marker without a checksum) is removed and its chunk made again."""
     kept, redo = {}, []
-    for path in sorted(marks.glob("chunk-*")):
-        c = int(path.name.split("-")[1])
+    for path in sorted(marks.glob(MARKER_GLOB)):
+        c = marker_chunk(path.name)
         try:
             digest = json.loads(path.read_text())["sha256"]
         except (OSError, ValueError, TypeError, KeyError):

@@ -1,4 +1,4 @@
-"""The writing side of a teacher cache (format: fastkd/teacher_cache.py), used by `fastkd teacher-cache`.
+"""The writing side of a teacher cache (format: fastkd/cacheformat.py), used by `fastkd teacher-cache`.
 
     writer = CacheWriter(OUT, n, views, num_classes, storage_for(C), resume=False)
     writer.write(start, logits, boxes, flips, w, sizes)    # rows start..start+b
@@ -22,22 +22,7 @@ import torch
 from fastkd.atomic import atomic_write_bytes
 from fastkd.cache_chunks import chunk_digest
 from fastkd.packformat import sha256_file
-from fastkd.teacher_cache import FORMAT, MANIFEST, VERSION, array_specs, identity_of
-
-
-def compress_logits(logits: torch.Tensor, storage: dict) -> dict[str, np.ndarray]:
-    """fp32 logits [..., C] -> the stored arrays of those rows (fastkd/teacher_cache.py's layout)."""
-    logits = logits.float()
-    if storage["kind"] == "full":
-        return {"logits": logits.half().cpu().numpy()}
-    k, c = storage["k"], logits.shape[-1]
-    values, index = logits.topk(k, dim=-1)
-    lse = logits.logsumexp(dim=-1)
-    top_mass = (values - lse.unsqueeze(-1)).exp().sum(-1)
-    rest_mass = (1.0 - top_mass).clamp(min=1e-30)
-    rest = lse + torch.log(rest_mass / (c - k))
-    return {"logits": values.half().cpu().numpy(), "topk_index": index.int().cpu().numpy(),
-            "rest": rest.half().cpu().numpy()}
+from fastkd.cacheformat import FORMAT, MANIFEST, VERSION, array_file, array_specs, compress_logits, identity_of
 
 
 def _reopen(path: Path, shape: tuple, dtype: str) -> np.ndarray | None:
@@ -71,7 +56,7 @@ class CacheWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self.arrays = {}
         for name, (shape, dtype) in self.specs.items():
-            path = self.root / f"{name}.npy"
+            path = self.root / array_file(name)
             arr = _reopen(path, shape, dtype) if resume and path.is_file() else None
             if arr is None:
                 if resume:  # the chunk digests then send every chunk of it back to the teacher
@@ -102,7 +87,7 @@ class CacheWriter:
         self.flush()
         arrays, total = {}, 0
         for name, (shape, dtype) in self.specs.items():
-            path = self.root / f"{name}.npy"
+            path = self.root / array_file(name)
             size = path.stat().st_size
             total += int(np.prod(shape)) * np.dtype(dtype).itemsize
             arrays[name] = {"file": path.name, "shape": list(shape), "dtype": dtype, "size": size,

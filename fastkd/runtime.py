@@ -2,6 +2,7 @@
 
     device = resolve_device("cuda:2", local_rank=1)   # -> cuda:3 (each rank its own GPU)
     dtype = amp_dtype("auto", device)                 # bf16 on CUDA, None (fp32) on CPU
+    name = amp_mode("auto", device)                   # its name: "bf16" on CUDA, "fp32" on CPU
     mode, note = resolve_compile_mode("auto", device) # reduce-overhead on CUDA, none on CPU
     net = compile_module(net, "cudagraphs")           # Triton-free torch.compile
     seed_all(0); set_determinism(True)
@@ -79,11 +80,17 @@ def base_index(name: str) -> int | None:
     return torch.device(name).index if name.startswith("cuda:") else None
 
 
+def amp_mode(amp: str, device: torch.device) -> str:
+    """The AMP_DTYPES key `precision.amp` means on `device`: auto is bf16 on CUDA, fp32 elsewhere
+    (CPU autocast to bf16 is slower than fp32 on most hosts)."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return amp
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of `precision.amp` on `device` (None: no autocast, fp32)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return AMP_DTYPES[amp]
+    return AMP_DTYPES[amp_mode(amp, device)]
 
 
 def input_dtype(amp: str, device: torch.device) -> torch.dtype:

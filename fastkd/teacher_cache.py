@@ -24,28 +24,12 @@ results are not identical to live-teacher training; logits are stored in fp16 (r
 below 1e-3). The cache is made at one resolution: a run at another one (or with progressive
 resizing) is refused, as is one on another pack or with other classes.
 
-Layout of DIR (manifest.json is written last, atomically: its presence means complete; a build in
-progress keeps its state in DIR/.build/):
-    manifest.json   format, teacher (arch, weights, sha256), pack (manifest sha256, count),
-                    classes (WNIDs), views, seed, resolution, amp, entropy_temperature, storage,
-                    arrays (file, shape, dtype, size, sha256), chunks (rows, sha256 of each
-                    chunk's rows: fastkd/cache_chunks.py), bytes_per_image, identity
-    logits.npy      [N,K,C] fp16  every logit (C <= 1000, `full_max_classes`), or, for more
-                    classes, [N,K,k] fp16 (the k largest) + topk_index.npy [N,K,k] int32 +
-                    rest.npy [N,K] fp16: the logit every other class gets so that they share the
-                    remaining probability 1 - sum(top-k softmax) equally. The rebuilt row's softmax
-                    at T=1 is exact on the top k and uniform on the rest (at the KD temperature
-                    the rest is an approximation).
-    boxes.npy       [N,K,4] int32 (top, left, h, w) in the packed image's pixels
-    flips.npy       [N,K]   bool  horizontal flip
-    w.npy           [N,K]   fp32  teacher confidence weight (from the fp32 logits)
-    sizes.npy       [N,2]   int32 (H, W) of each packed image
-Every array is a plain .npy, memory-mapped read-only when opened.
+Layout of DIR (manifest, arrays, build state) and the logits' storage: fastkd/cacheformat.py,
+which the writer (fastkd/cache_writer.py) shares with this reader.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -55,51 +39,10 @@ import numpy as np
 import torch
 
 from fastkd.cache_chunks import check_chunks
+from fastkd.cacheformat import (BUILD_DIR, FORMAT, MANIFEST, VERSION, expand_logits, identity_of,
+                                pack_fingerprint)
 from fastkd.errors import FastKDError
 from fastkd.packformat import MANIFEST_NAME, sha256_file
-
-FORMAT = "fastkd-teacher-cache"
-VERSION = 1
-MANIFEST = "manifest.json"
-BUILD_DIR = ".build"  # state of a build in progress (chunk markers)
-FULL_MAX_CLASSES = 1000  # up to this many classes every logit is stored
-TOPK = 100  # logits kept per view above that
-IDENTITY_SKIP = ("identity", "created")  # what the identity hash leaves out
-
-
-def storage_for(num_classes: int, full_max_classes: int = FULL_MAX_CLASSES, topk: int = TOPK) -> dict:
-    """How logits are stored: every one, or the top k plus the rest's shared mass."""
-    if num_classes <= full_max_classes:
-        return {"kind": "full", "dtype": "float16"}
-    return {"kind": "topk", "k": int(min(topk, num_classes - 1)), "dtype": "float16"}
-
-
-def array_specs(n: int, views: int, num_classes: int, storage: dict) -> dict[str, tuple[tuple, str]]:
-    """name -> (shape, dtype) of every array of a cache."""
-    if storage["kind"] == "full":
-        specs = {"logits": ((n, views, num_classes), "float16")}
-    else:
-        k = storage["k"]
-        specs = {"logits": ((n, views, k), "float16"), "topk_index": ((n, views, k), "int32"),
-                 "rest": ((n, views), "float16")}
-    specs.update(boxes=((n, views, 4), "int32"), flips=((n, views), "bool"), w=((n, views), "float32"),
-                 sizes=((n, 2), "int32"))
-    return specs
-
-
-def pack_fingerprint(pack_dir: str | Path) -> str:
-    """sha256 of a pack's manifest.json (it lists every packed file's sha256): what a cache was made from."""
-    path = Path(pack_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise FastKDError(f"{pack_dir}: no {MANIFEST_NAME}; not a packed directory (fastkd pack)")
-    return sha256_file(path)
-
-
-def expand_logits(values: np.ndarray, index: np.ndarray, rest: np.ndarray, num_classes: int) -> torch.Tensor:
-    """top-k storage -> fp16 logits [B, C]: the k stored values, `rest` everywhere else."""
-    out = torch.from_numpy(np.asarray(rest, np.float16)).unsqueeze(1).repeat(1, num_classes)
-    out.scatter_(1, torch.from_numpy(np.asarray(index, np.int64)), torch.from_numpy(np.asarray(values)))
-    return out
 
 
 # ----------------------------------------------------------------------------- which view in which epoch
@@ -145,12 +88,6 @@ def is_teacher_cache(root: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
-def identity_of(manifest: dict) -> str:
-    """Short hash of a manifest (content, not its timestamp): what a checkpoint records."""
-    body = {k: v for k, v in manifest.items() if k not in IDENTITY_SKIP}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _class_ids(classes: Iterable) -> list[str]:

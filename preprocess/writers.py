@@ -33,11 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-# the record layout lives with the rest of the format; re-exported here for older importers
-from fastkd.packformat import (ALLOC_TABLE_TYPE, FFCV_JPG_MODE, FFCV_TYPE_INT,  # noqa: F401
-                               FFCV_TYPE_RGB_IMAGE, FFCV_VERSION, FIELD_DESC_TYPE, FIELDS, HEADER_TYPE,
-                               INDEX_VERSION, INT_METADATA, PAGE_SIZE, RGB_IMAGE_METADATA, SAMPLE_METADATA,
-                               TAR_BLOCK)
+# the record layout lives with the rest of the format (fastkd.packformat)
+from fastkd.packformat import (ALLOC_TABLE_TYPE, FFCV_JPG_MODE, FFCV_VERSION, FIELD_DESC_TYPE, FIELDS,
+                               HEADER_TYPE, INDEX_VERSION, PAGE_SIZE, SAMPLE_METADATA, TAR_BLOCK)
 
 
 class SampleTooLarge(Exception):

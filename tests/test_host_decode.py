@@ -1,4 +1,4 @@
-"""The torch backend's `decode` option (host-core decode while training on CUDA, issue 11) and
+"""The torch backend's `decode` option (host-core decode while training on CUDA) and
 benchmarks/decode_table.py's table.
 
 On CPU: decode="host" is the CPU path itself (same batches, pixel for pixel), decode="device" is

@@ -2,7 +2,7 @@
 and every other place derives from it: these tests fail when a second hand-written copy drifts.
 
 Owners: fastkd.data.spec.LOADERS (backends), fastkd.runtime.COMPILE_MODES / AMP_MODES,
-fastkd.losses.METHODS. `scan_copies` walks the source for collection literals of those names
+fastkd.losses.METHODS, fastkd.cacheformat.ARRAY_NAMES (a teacher cache's arrays). `scan_copies` walks the source for collection literals of those names
 outside their owner, so a copy pasted back in is caught even before it drifts.
 """
 
@@ -17,6 +17,7 @@ from typing import get_args, get_type_hints
 import pytest
 
 from fastkd import runtime
+from fastkd.cacheformat import ARRAY_NAMES, LOGIT_ARRAYS, VIEW_ARRAYS, array_specs, storage_for
 from fastkd.config import CompileConfig, DataConfig, PrecisionConfig, resolve_config
 from fastkd.data import build_loader
 from fastkd.data.spec import AUTO, BACKEND_CHOICES, BACKENDS, LOADERS
@@ -32,6 +33,7 @@ LISTS = {
     "compile modes": (set(runtime.COMPILE_MODES), "fastkd/runtime.py", 3),
     "amp values": (set(runtime.AMP_MODES), "fastkd/runtime.py", 3),
     "loss methods": (set(METHODS), "fastkd/losses.py", 3),
+    "teacher cache arrays": (set(ARRAY_NAMES), "fastkd/cacheformat.py", 3),
 }
 
 
@@ -113,6 +115,15 @@ def test_cli_choices_derive_from_runtime():
     assert _choices(teacher_cache_step.build_parser(), "--amp") == runtime.AMP_MODES
     assert _choices(teacher_cache_step.build_parser(), "--compile-mode") == runtime.COMPILE_MODES
     assert set(_choices(step_throughput.build_parser(), "--compile-mode")) == set(runtime.COMPILE_MODES) - {"none"}
+
+
+def test_cache_array_names_are_the_arrays_a_cache_holds():
+    """ARRAY_NAMES (what a rebuild clears) is every array array_specs makes, for both storages."""
+    for classes in (10, 2000):
+        storage = storage_for(classes)
+        names = tuple(array_specs(4, 2, classes, storage))
+        assert names == (*LOGIT_ARRAYS[storage["kind"]], *VIEW_ARRAYS) and set(names) <= set(ARRAY_NAMES)
+    assert set(ARRAY_NAMES) == set(array_specs(4, 2, 2000, storage_for(2000)))
 
 
 def test_methods_table_reads_the_loss_table():

@@ -1,6 +1,7 @@
 """Teacher cache (fastkd.teacher_cache, fastkd teacher-cache): cached logits and w equal the live
 teacher's on the same view, loaders replay the cached boxes pixel for pixel, an interrupted build
-resumes to the uninterrupted result, a cache for other data/classes/resolution is refused.
+resumes to the uninterrupted result, the teacher saw exactly the pixels training shows, a cache for
+other data/classes/resolution is refused.
 
 Data: a tiny pack (3 classes x 6 train images of textured noise, 40-90 px, DALI shards only) made
 with fastkd.preprocess.pack; teacher: a randomly initialised resnet18 (3 classes) saved as a
@@ -169,6 +170,49 @@ def test_torch_loader_replays_the_cached_boxes(data, built, teacher, epoch):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(tail, batches[2:]))
 
 
+class _Recording(torch.nn.Module):
+    """A teacher that keeps every input it is given (the build's views, in forward order)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.net(x)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_teacher_saw_the_pixels_the_loader_shows(data, built, tmp_path, monkeypatch, batched):
+    """The build and the training loader share one crop/resize/normalise pipeline: for every
+    (image i, view v), the tensor the cache's teacher was given is, bit for bit, image i of the
+    torch loader's batch in the epoch that shows view v (host or batched resize on both sides)."""
+    import fastkd.models
+
+    made = []
+
+    def recording_teacher(*args, **kw):
+        made.append(_Recording(load_teacher(*args, **kw)))
+        return made[-1]
+
+    load_teacher = fastkd.models.load_teacher
+    monkeypatch.setattr(fastkd.models, "load_teacher", recording_teacher)
+    _build(data, tmp_path / "cache", batched=batched)
+    seen = torch.cat(made[0].seen)  # a fresh build goes through the images in order: row i*K + v
+    cache = TeacherCache.open(tmp_path / "cache")
+    assert seen.shape == (cache.num_samples * K, 3, RES, RES)
+    loader = _loader(data, batched_resize=batched, **cache_loader_options(cache))
+    CacheFeed(cache, "cpu").attach(loader)
+    shown = set()
+    for epoch in range(K):  # one block of K epochs shows every view of every image once
+        loader.set_epoch(epoch)
+        for images, _, idx in loader:
+            rows = idx.numpy() * K + cache.view_of(epoch, idx)
+            assert torch.equal(images, seen[rows]), f"epoch {epoch}: the loader shows other pixels"
+            shown.update(rows.tolist())
+    assert len(shown) == K * 16  # drop_last: 16 of 18 images per epoch, each view of them once
+
+
 def test_replay_pickles_and_scales_to_a_larger_source(built):
     cache = built["cache"]
     replay = pickle.loads(pickle.dumps(cache.replay))  # what a DataLoader worker receives
@@ -280,7 +324,7 @@ def test_mismatched_cache_is_refused(data, built, tmp_path):
 def test_topk_storage_above_the_class_limit(data, tmp_path):
     """Above full_max_classes: the top k logits exactly (fp16) and the rest sharing the remaining
     probability equally, so the softmax of the rebuilt row keeps the top k and the total mass."""
-    from fastkd.cache_writer import compress_logits
+    from fastkd.cacheformat import compress_logits
 
     logits = torch.randn(5, 30) * 3
     stored = compress_logits(logits, {"kind": "topk", "k": 6, "dtype": "float16"})

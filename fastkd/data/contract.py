@@ -36,7 +36,7 @@ import torch
 from fastkd.data.sharding import epoch_indices, num_batches, split_batches
 from fastkd.data.spec import (BACKENDS, FLIP_PROB, IMAGENET_MEAN, IMAGENET_STD, TRAIN_RATIO,
                               TRAIN_SCALE, VAL_CROP_RATIO, LoaderSpec, parse_device, parse_dtype)
-from fastkd.data.transforms import normalize_uint8_cpu
+from fastkd.data.transforms import mean_std_255, normalize_uint8
 from fastkd.errors import FastKDError
 
 __all__ = ["Loader", "PassSampler",  # defined here; the rest re-exported from spec.py
@@ -64,7 +64,7 @@ class Loader:
         self.epoch = 0  # epoch of the next pass
         self._next_start = 0  # batch the next pass starts at (set_epoch)
         self._running_start: int | None = None  # batch the running pass started at; None between passes
-        self._mean_std: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mean_std: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def start_batch(self) -> int:
@@ -110,21 +110,14 @@ class Loader:
         self.resolution = int(resolution)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B,3,r,r] (any layout, on the device) -> normalised `dtype`, channels_last.
-
-        Values are the float32 results rounded once to `dtype`. CPU: one table-lookup pass
-        (transforms.normalize_uint8_cpu); CUDA: float32 arithmetic, then the cast.
-        """
-        if images.device.type == "cpu":
-            return normalize_uint8_cpu(images, self.spec.dtype)
-        key = (images.device, self.spec.dtype)
-        if key not in self._mean_std:
-            mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-            std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-            self._mean_std[key] = (mean, std)
-        mean, std = self._mean_std[key]
-        out = images.to(dtype=torch.float32, memory_format=torch.channels_last)
-        return out.sub_(mean).div_(std).to(self.spec.dtype)
+        """uint8 [B,3,r,r] (any layout, on the device) -> normalised `dtype`, channels_last
+        (transforms.normalize_uint8), with the mean/std tensors made once per device."""
+        mean_std = None
+        if images.device.type != "cpu":  # the CPU path looks values up in a table instead
+            if images.device not in self._mean_std:
+                self._mean_std[images.device] = mean_std_255(images.device)
+            mean_std = self._mean_std[images.device]
+        return normalize_uint8(images, self.spec.dtype, mean_std)
 
     def _output(self, images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray | None):
         labels = labels.reshape(-1).to(device=self.spec.device, dtype=torch.int64, non_blocking=True)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -93,10 +94,34 @@ def augment(images: list, indices, seed: int, epoch: int, train: bool, resolutio
     crop and flip from (seed, epoch, pack index), or from crop_fn(epoch, index, H, W) when given
     (train only), resized batched or image by image."""
     boxes, flips = crop_params([im.shape[1:] for im in images], indices, seed, epoch, train, crop_fn)
+    return crop_batch(images, boxes, flips, resolution, batched)
+
+
+def crop_batch(images: list, boxes, flips, resolution: int, batched: bool) -> torch.Tensor:
+    """uint8 [3,H,W] images, int [B,4] boxes, bool [B] flips -> uint8 [B,3,r,r] channels_last:
+    crop_resize_batch (one call for the batch) or crop_resize image by image (faster on CPU)."""
     if batched:
         return crop_resize_batch(images, boxes, flips, resolution)
     return torch.cat([crop_resize(im, tuple(box), resolution, flip)
-                      for im, box, flip in zip(images, boxes.tolist(), flips.tolist())])
+                      for im, box, flip in zip(images, np.asarray(boxes).tolist(), np.asarray(flips).tolist())])
+
+
+def jpeg_batch(store: ShardStore, indices) -> tuple[torch.Tensor, list[int]]:
+    """A batch's JPEG bytes as (one uint8 tensor, each file's size): one shared-memory segment
+    per batch from a worker, not B; decode_jpegs undoes it."""
+    chunks = [store.jpeg_bytes(i) for i in indices]
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8), [len(c) for c in chunks]
+
+
+def decode_jpegs(data: tuple[torch.Tensor, list[int]], device: torch.device) -> list[torch.Tensor]:
+    """jpeg_batch's bytes -> uint8 [3,H,W] RGB images on `device` (nvJPEG, batched, on CUDA)."""
+    buffer, sizes = data
+    return decode_jpeg(list(torch.split(buffer, sizes)), mode=ImageReadMode.RGB, device=device)
+
+
+def decode_host(store: ShardStore, indices) -> list[torch.Tensor]:
+    """A batch decoded on the host (libjpeg-turbo): uint8 [3,H,W] RGB images."""
+    return decode_jpeg([store.jpeg(i) for i in indices], mode=ImageReadMode.RGB)
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -111,12 +136,9 @@ class _BatchReader(torch.utils.data.Dataset):
     def __getitem__(self, item):
         epoch, resolution, indices = item
         labels = torch.from_numpy(self.store.labels[indices])
-        if not self.decode:  # one buffer + sizes: one shared-memory segment per batch, not B
-            chunks = [self.store.jpeg_bytes(i) for i in indices]
-            buffer = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-            return (buffer, [len(c) for c in chunks]), labels, indices
-        data = [self.store.jpeg(i) for i in indices]
-        images = decode_jpeg(data, mode=ImageReadMode.RGB)
+        if not self.decode:
+            return jpeg_batch(self.store, indices), labels, indices
+        images = decode_host(self.store, indices)
         out = augment(images, indices, self.seed, epoch, self.train, resolution, self.batched, self.crop_fn)
         return out, labels, indices  # uint8 [B,3,r,r] channels_last
 
@@ -182,8 +204,7 @@ class TorchLoader(Loader):
         s, device = self.spec, self.spec.device
 
         def decode_batch(data, labels, indices):
-            buffer, sizes = data
-            images = decode_jpeg(list(torch.split(buffer, sizes)), mode=ImageReadMode.RGB, device=device)
+            images = decode_jpegs(data, device)
             batch = augment(images, indices, s.seed, epoch, s.train, resolution, self.batched_resize, self.crop_fn)
             return self.normalize(batch), to_device(labels, device), indices  # labels: pinned, then async
 

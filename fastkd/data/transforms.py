@@ -367,3 +367,25 @@ def normalize_uint8_cpu(images: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     out = torch.empty((B, H, W, C), dtype=_BITS[dtype])
     _lut(nhwc.view(B, -1).numpy(), _tables[dtype], out.view(B, -1).numpy())
     return out.view(dtype).permute(0, 3, 1, 2)
+
+
+def mean_std_255(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std in uint8 units, float32 [1,3,1,1] on `device`."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
+def normalize_uint8(images: torch.Tensor, dtype: torch.dtype, mean_std=None) -> torch.Tensor:
+    """uint8 [B,3,r,r] (any layout, on its device) -> (x - mean) / std in `dtype`, channels_last:
+    what every loader hands the step (Loader.normalize) and what a teacher cache's teacher sees.
+
+    Values are the float32 results rounded once to `dtype`. CPU: one table-lookup pass
+    (normalize_uint8_cpu); elsewhere float32 arithmetic, then the cast. `mean_std`: the device's
+    mean_std_255, kept by a caller that normalises every batch (made here when None).
+    """
+    if images.device.type == "cpu":
+        return normalize_uint8_cpu(images, dtype)
+    mean, std = mean_std_255(images.device) if mean_std is None else mean_std
+    out = images.to(dtype=torch.float32, memory_format=torch.channels_last)
+    return out.sub_(mean).div_(std).to(dtype)
