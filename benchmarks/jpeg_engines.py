@@ -254,15 +254,11 @@ def skip_reason(name: str, device: str) -> str | None:
     if why is not None:
         return f"nvImageCodec is not importable ({why})"
     if name == "nvimgcodec":
-        import torch
-
         return nl.hardware_missing(cuda_index(device))
     return None
 
 
 def measure(name: str, jpegs: list[bytes], device: str, args) -> dict[str, Any]:
-    import torch
-
     index = cuda_index(device)
     case = f"{args.size}px b{len(jpegs)}"
     try:

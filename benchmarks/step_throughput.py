@@ -77,7 +77,7 @@ import torch  # noqa: E402
 
 from fastkd.config import TrainConfig, resolve_config  # noqa: E402
 from fastkd.runtime import input_dtype as runtime_input_dtype  # noqa: E402
-from fastkd.runtime import COMPILE_MODES, resolve_compile_mode  # noqa: E402
+from fastkd.runtime import COMPILE_MODES, resolve_compile_mode, triton_available  # noqa: E402
 from fastkd.step import TrainStep, build_step  # noqa: E402
 
 # Config keys of each variant; "compile.mode": "auto" is resolved by compile_mode().
@@ -118,19 +118,10 @@ def compile_mode(requested: str, device: str, graphs: bool = False) -> str:
     if requested != "auto":
         return requested
     if graphs:
-        return "reduce-overhead" if _triton() else "cudagraphs"
+        return "reduce-overhead" if triton_available() else "cudagraphs"
     if not device.startswith("cuda"):
         return "inductor"
-    return "inductor" if _triton() else "cudagraphs"
-
-
-def _triton() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        return True
-    except Exception:  # no usable Triton
-        return False
+    return "inductor" if triton_available() else "cudagraphs"
 
 
 def variant_config(name: str, *, mode: str, temperature: float, method: str = "uadkd",

@@ -17,14 +17,13 @@ checkpoints, report). `Trainer` and `TrainConfig` are the same objects `fastkd t
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastkd.config import TrainConfig, resolve_config, validate
+from fastkd.config import TrainConfig, resolve_config
 from fastkd.errors import FastKDError
 
 
@@ -118,14 +117,3 @@ def _check_outputs(students, teacher: nn.Module | None, images: Tensor, num_clas
             raise FastKDError(f"{what} ({type(net).__name__}) outputs {shape} for {x.shape[0]} images, but there "
                               f"are {num_classes} classes: it must return [B, {num_classes}] logits")  # fmt: skip
 
-
-def config_for_modules(cfg: TrainConfig, students, teacher) -> TrainConfig:
-    """`cfg` with model.students / model.teacher naming the user's modules (their class names),
-    so the saved config, the checks and the report describe what really trains."""
-    nets = list(students.values()) if isinstance(students, dict) else list(students)
-    archs = [type(n).__name__ for n in nets]
-    model = dataclasses.replace(cfg.model, students=archs,
-                                teacher=type(teacher).__name__ if teacher is not None else cfg.model.teacher)  # fmt: skip
-    cfg = dataclasses.replace(cfg, model=model)
-    validate(cfg)  # 1 or 2 students, two for the peer methods
-    return cfg

@@ -52,12 +52,11 @@ from torch import nn
 import fastkd
 from fastkd.atomic import atomic_write
 from fastkd.errors import FastKDError
+from fastkd.run_layout import BEST_PREFIX, CHECKPOINTS_DIR, LAST, best_name
 from fastkd.weights import strip_prefixes, unwrap_state_dict
 
 CHECKPOINT_FORMAT = "fastkd-checkpoint"
 FORMAT_VERSION = 1
-CHECKPOINTS_DIR = "checkpoints"
-LAST = "last.pt"
 
 # key -> accepted types, for the keys a resume needs (bool is excluded from int below)
 _REQUIRED: dict[str, tuple[type, ...]] = {
@@ -148,8 +147,8 @@ def resolve_weights_path(path: str | Path, arch: str | None = None) -> Path:
     if not path.is_dir():
         return path
     folder = path if path.name == CHECKPOINTS_DIR or (path / LAST).is_file() else path / CHECKPOINTS_DIR
-    if arch is not None and (folder / f"best-{arch}.pt").is_file():
-        return folder / f"best-{arch}.pt"
+    if arch is not None and (folder / best_name(arch)).is_file():
+        return folder / best_name(arch)
     if (folder / LAST).is_file():
         return folder / LAST
     wanted = f"{CHECKPOINTS_DIR}/best-{arch}.pt or {CHECKPOINTS_DIR}/{LAST}" if arch else f"{CHECKPOINTS_DIR}/{LAST}"
@@ -321,7 +320,7 @@ def stored_classes(obj: dict, path: str | Path) -> tuple[list[dict] | None, str]
     if is_checkpoint(obj):
         return obj.get("classes"), str(path)
     sibling = path.parent / LAST
-    if path.parent.name == CHECKPOINTS_DIR and path.name.startswith("best-") and sibling.is_file():
+    if path.parent.name == CHECKPOINTS_DIR and path.name.startswith(BEST_PREFIX) and sibling.is_file():
         other = load_file(sibling)
         if is_checkpoint(other) and "classes" in other:
             return other["classes"], f"{path} (classes from {sibling})"

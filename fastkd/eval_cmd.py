@@ -22,6 +22,7 @@ import yaml
 
 from fastkd.data.spec import AUTO, BACKENDS, val_pipeline
 from fastkd.errors import FastKDError
+from fastkd.run_layout import BEST_PREFIX, RunLayout
 from fastkd.runtime import resolve_device
 
 
@@ -59,8 +60,8 @@ def load_networks(path: Path, arch: str | None, manifest: dict) -> tuple[dict, d
             nets[name] = build_model(a, num_classes)
             load_weights(nets[name], network_state(obj, path, name), path, a)
         return nets, obj.get("config", {})
-    run_config = path.parent.parent / "config.yaml"  # RUN/checkpoints/best-<net>.pt -> RUN/config.yaml
-    config = yaml.safe_load(run_config.read_text()) if path.parent.name == "checkpoints" and run_config.is_file() else {}
+    run = RunLayout.of_checkpoint(path)  # RUN/checkpoints/best-<net>.pt -> RUN/config.yaml
+    config = yaml.safe_load(run.config.read_text()) if run is not None and run.config.is_file() else {}
     config = config or {}
     if arch is None:
         arch = arch_of_best(path, config)
@@ -74,7 +75,7 @@ def arch_of_best(path: Path, config: dict) -> str:
     name (the network name is the architecture, maybe suffixed -2)."""
     from fastkd.models import network_names
 
-    net = path.stem.removeprefix("best-").removesuffix("-ema")
+    net = path.stem.removeprefix(BEST_PREFIX).removesuffix("-ema")
     students = config.get("model", {}).get("students") or []
     by_name = dict(zip(network_names(students), students))
     if net in by_name:

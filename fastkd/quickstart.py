@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fastkd.data.spec import AUTO, BACKENDS
 from fastkd.errors import FastKDError
+from fastkd.run_layout import RunLayout
 
 STEPS = ("demo", "packed", "teacher", "students")
 
@@ -77,7 +78,7 @@ def train_argv(config: str, data: Path, out: Path, backend: str | None, epochs: 
     (the user's flags after `--`) comes last, so it can override any of these."""
     argv = ["train", "--config", str(config_path(config)), "--data", str(data), "--out", str(out),
             "--resume", "auto", "--run.summary", "false"]
-    if not (out / "checkpoints" / "last.pt").is_file():
+    if not RunLayout(out).last.is_file():
         argv.append("--overwrite")
     if backend:
         argv += ["--backend", backend]
@@ -91,7 +92,7 @@ def train_argv(config: str, data: Path, out: Path, backend: str | None, epochs: 
 def train_run(config: str, data: Path, out: Path, backend: str | None, epochs: int | None,
               extra: list[str], teacher_weights: Path | str | None = None) -> dict:
     """One `fastkd train` run into `out` unless its report.json already exists; returns the report."""
-    report = out / "report.json"
+    report = RunLayout(out).report_json
     if report.is_file():
         print(f"\n[quickstart] reusing {out} (report.json present; --fresh to retrain)", flush=True)
     else:
@@ -107,7 +108,7 @@ def teacher_checkpoint(run: Path, report: dict) -> Path:
     names = list(report.get("networks", {}))
     if len(names) != 1:
         raise FastKDError(f"{run}/report.json: expected one teacher network, found {names}")
-    path = run / "checkpoints" / f"best-{names[0]}.pt"
+    path = RunLayout(run).best(names[0])
     if not path.is_file():
         raise FastKDError(f"teacher checkpoint {path} is missing; rerun with --fresh")
     return path

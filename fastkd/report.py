@@ -3,7 +3,7 @@
     write_report(run_dir, summary)     # report.json, report.md, plots/*.png
     print_table(summary_table(summary))  # fastkd.tables: at its natural width
 
-`summary` (input of write_report / summary_table):
+`summary` (`fastkd.train.Trainer.summary()`; input of write_report / summary_table):
 `{"method", "networks": {name: {"arch", "params", "compression", "top1", "top5", "best_top1"}
 (+ "ema_top1", "ema_top5", "ema_best_top1" with an EMA of the students)}, "teacher": {"arch", "params", "top1", "top5"} | None, "images_per_s", "wall_time_s",
 "config": {...}}` plus whatever else the trainer adds (kept as is in report.json); a missing
@@ -28,9 +28,9 @@ from rich.table import Table
 
 import fastkd
 from fastkd.atomic import atomic_write_bytes
-from fastkd.data.spec import val_pipeline
 from fastkd.live import LiveDisplay, format_duration, format_metrics
 from fastkd.metrics import MetricsLog, eval_networks, read_metrics, teacher_w_of, to_jsonable
+from fastkd.run_layout import PLOTS_DIR, RunLayout
 
 __all__ = [
     "PLOT_NAMES", "LiveDisplay", "MetricsLog", "config_digest", "eval_networks", "fill_compression",
@@ -199,7 +199,7 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any], records
 
     run_dir = Path(run_dir)
     if records is None:
-        records = read_metrics(run_dir / "metrics.jsonl")
+        records = read_metrics(RunLayout(run_dir).metrics)
     report = fill_compression(summary)
     report["fastkd_version"] = fastkd.__version__
     report["config_digest"] = config_digest(report.get("config"))
@@ -207,57 +207,16 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any], records
 
     plots = []
     for name, png in render_plots(records, report).items():
-        rel = f"plots/{name}.png"
+        rel = f"{PLOTS_DIR}/{name}.png"
         atomic_write_bytes(run_dir / rel, png)
         plots.append(rel)
     report["plots"] = plots
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=to_jsonable) + "\n")
-    atomic_write_text(run_dir / "report.md", _markdown(report, plots))
+    atomic_write_text(RunLayout(run_dir).report_json, json.dumps(report, indent=2, default=to_jsonable) + "\n")
+    atomic_write_text(RunLayout(run_dir).report_md, _markdown(report, plots))
     return report
 
 
-def run_summary(trainer, wall_time: float) -> dict:
-    """The summary of a `fastkd.train.Trainer` after fit (input of write_report/summary_table):
-    per network its architecture, parameter count, last and best accuracy; the teacher's; the
-    training rate; whether the run completed its epochs."""
-    from fastkd.config import config_to_dict
-    from fastkd.models import count_params
-
-    cfg, res = trainer.cfg, trainer.last_eval or {}
-    networks = {}
-    for name, net in trainer.student_modules().items():
-        r = res.get(name, {})
-        networks[name] = {"arch": _arch(trainer.archs[name]), "params": count_params(net), "top1": r.get("top1"),
-                          "top5": r.get("top5"), "ece": r.get("ece"), "best_top1": trainer.best_top1[name]}  # fmt: skip
-        if trainer.ema is not None:  # evaluated as "<name>-ema" (Trainer.eval_modules)
-            e = res.get(f"{name}-ema", {})
-            networks[name].update(ema_top1=e.get("top1"), ema_top5=e.get("top5"),
-                                  ema_best_top1=trainer.best_top1.get(f"{name}-ema"))  # fmt: skip
-    teacher = None
-    if trainer.teacher is not None:
-        t = (trainer.teacher_eval or {}).get("teacher", {})
-        teacher = {"arch": _arch(cfg.model.teacher), "params": count_params(trainer.teacher),
-                   "top1": t.get("top1"), "top5": t.get("top5"), "ece": t.get("ece")}  # fmt: skip
-    return {
-        "method": cfg.loss.method,
-        "networks": networks,
-        "teacher": teacher,
-        "images_per_s": trainer._train_samples / trainer._train_time if trainer._train_time else None,
-        "wall_time_s": wall_time,
-        "compile_s": {str(res): sec for res, sec in getattr(trainer, "compile_seconds", {}).items()} or None,
-        "compile_mode": getattr(trainer, "compile_mode", None),  # compile.mode as resolved for this run
-        "val_pipeline": val_pipeline(trainer.val_loader),  # what scored top-1: backends resize differently
-        "epochs": trainer.epoch,
-        "total_epochs": cfg.schedule.epochs,
-        "finished": trainer.epoch >= cfg.schedule.epochs,
-        "run_id": trainer.run_id,
-        "world_size": trainer.dist.world_size,
-        "device": str(trainer.device),
-        "config": config_to_dict(cfg),
-    }
-
-
-def _arch(name: str) -> str:
+def report_arch(name: str) -> str:
     """An architecture as the report names it: torchvision's by name (resnet18), timm's with its
     zoo (timm:resnet10t, also when the config said plain resnet10t); a user's own module keeps
     its class name."""

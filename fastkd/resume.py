@@ -1,7 +1,7 @@
 """What a resumed run may change, and where its schedule continues.
 
     state = last_state(trainer, rngs)    # what checkpoints/last.pt holds
-    restore(trainer, ckpt)               # checks (FastKDError when the run cannot continue), then
+    rngs = restore(trainer, ckpt)        # checks (FastKDError when the run cannot continue), then
                                          # weights, optimizer, position; notes on what changed
 
 The schedule's position is epochs done plus steps of the current epoch done, counted in steps of
@@ -21,13 +21,13 @@ from __future__ import annotations
 from fastkd.checkpoint import build_last, check_same_classes
 from fastkd.config import config_to_dict
 from fastkd.errors import FastKDError
-from fastkd.recipe import load_optimizer_state
 from fastkd.schedule import lr_at, saved_peak_lr
+from fastkd.train_state import made_with
 
 
 def check_resume(ckpt: dict, trainer) -> None:
     """Networks, classes and (mid-epoch) world size / batch size must match the checkpoint."""
-    where = f"resume from {trainer.ckpt_dir / 'last.pt'}"
+    where = f"resume from {trainer.layout.last}"
     if ckpt["archs"] != trainer.archs:
         raise FastKDError(f"{where}: checkpoint networks {ckpt['archs']} differ from model.students {trainer.archs}")
     if ckpt["num_classes"] != trainer.num_classes:
@@ -44,7 +44,7 @@ def check_resume(ckpt: dict, trainer) -> None:
             f"{where}: the run was trained with teacher cache {ckpt.get('teacher_cache') or '(none: a live teacher)'}, "
             f"this run has {have or '(none: a live teacher)'}; resume with the run's own --teacher-cache"
         )
-    old_ws, old_bs = _made_with(ckpt)
+    old_ws, old_bs = made_with(ckpt)
     ws, bs = trainer.dist.world_size, trainer.cfg.data.batch_size
     if ckpt["step_in_epoch"] and (old_ws, old_bs) != (ws, bs):
         raise FastKDError(
@@ -55,20 +55,6 @@ def check_resume(ckpt: dict, trainer) -> None:
         )
 
 
-def _made_with(ckpt: dict) -> tuple[int, int]:
-    """(world size, per-rank batch size) the checkpoint was made with."""
-    bs = ckpt.get("batch_size") or ckpt["config"]["data"]["batch_size"]
-    return int(ckpt.get("world_size", 1)), int(bs)
-
-
-def resume_samples(ckpt: dict) -> int:
-    """Images trained on before the checkpoint, all ranks together."""
-    if ckpt.get("samples_seen") is not None:
-        return int(ckpt["samples_seen"])
-    ws, bs = _made_with(ckpt)
-    return int(ckpt["global_step"]) * ws * bs
-
-
 def resume_notes(ckpt: dict, trainer) -> list[str]:
     """What changes at this resume, in words (printed and logged): world size or batch size (the
     schedule continues at the same epoch, the peak lr is rescaled), or schedule.epochs (the
@@ -76,7 +62,7 @@ def resume_notes(ckpt: dict, trainer) -> list[str]:
     cfg, notes = trainer.cfg, []
     epoch, in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
     position = epoch * trainer.steps_per_epoch + in_epoch
-    old_ws, old_bs = _made_with(ckpt)
+    old_ws, old_bs = made_with(ckpt)
     ws, bs = trainer.dist.world_size, cfg.data.batch_size
     old_spe = ckpt.get("steps_per_epoch") or trainer.steps_per_epoch
     if (old_ws, old_bs) != (ws, bs):
@@ -104,54 +90,38 @@ def resume_notes(ckpt: dict, trainer) -> list[str]:
 
 
 def last_state(trainer, rngs: list) -> dict:
-    """Everything checkpoints/last.pt holds (schema: fastkd/checkpoint.py): the position, the
-    students, optimizer, scaler and EMA states, every rank's RNG states (`rngs`), what the run
-    was made with (world size, batch size, classes, teacher or teacher cache) and its config."""
+    """Everything checkpoints/last.pt holds (schema: fastkd/checkpoint.py): the run's state
+    (`TrainState.state_dict`: position, bests, run id), the step's (`TrainStep.state_dict`:
+    students, optimizer, scaler, EMA), every rank's RNG states (`rngs`), what the run was made
+    with (world size, batch size, classes, teacher or teacher cache) and its config."""
     cfg = trainer.cfg
     return build_last(
-        epoch=trainer.epoch,
-        step_in_epoch=trainer.step_in_epoch,
-        global_step=trainer.global_step,
-        samples_seen=trainer.samples_seen,
+        **trainer.state.state_dict(),
+        **trainer.train_step.state_dict(trainer.names),
         archs=trainer.archs,
-        models={name: net.state_dict() for name, net in trainer.student_modules().items()},
-        optimizer=trainer.optimizer.state_dict(),
-        scaler=trainer.scaler.state_dict(),
-        best_top1=trainer.best_top1,
         rng=rngs,
-        loader={"seed": cfg.run.seed, "epoch": trainer.epoch},
+        loader={"seed": cfg.run.seed, "epoch": trainer.state.epoch},
         world_size=trainer.dist.world_size,
         batch_size=cfg.data.batch_size,
         steps_per_epoch=trainer.steps_per_epoch,
         num_classes=trainer.num_classes,
         classes=trainer.manifest["classes"],
-        run_id=trainer.run_id,
         teacher={"arch": cfg.model.teacher, "weights": cfg.model.teacher_weights} if cfg.loss.uses_teacher else None,
         teacher_cache=trainer.cache_feed.cache.identity if trainer.cache_feed else None,
-        **({"ema": trainer.ema.state_dict()} if trainer.ema is not None else {}),
         config=config_to_dict(cfg),
     )
 
 
-def restore(trainer, ckpt: dict) -> None:
-    """Continue `trainer` from a loaded last.pt: checked (check_resume), then the students,
-    optimizer, scaler and EMA states, the position, the best accuracies, the run id; what
-    changed is appended to trainer.resume_notes. The RNG states are applied when fit starts, and
-    only under the world size that saved them (the steps' dropout seeds do not depend on them)."""
+def restore(trainer, ckpt: dict) -> list | None:
+    """Continue `trainer` from a loaded last.pt: checked (check_resume), then the step's state
+    (students, optimizer, scaler, EMA) and the run's (position, bests, run id); what changed is
+    appended to trainer.resume_notes. Returns every rank's RNG states for fit to apply when it
+    starts, or None under another world size (the steps' dropout seeds do not depend on them)."""
     check_resume(ckpt, trainer)
-    for name, net in trainer.student_modules().items():
-        net.load_state_dict(ckpt["models"][name])
-    load_optimizer_state(trainer.optimizer, ckpt["optimizer"])
-    trainer.scaler.load_state_dict(ckpt["scaler"])
-    trainer.epoch, trainer.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-    trainer.global_step, trainer.samples_seen = ckpt["global_step"], resume_samples(ckpt)
+    trainer.train_step.load_state_dict(ckpt, trainer.names)
+    trainer.state.load_state_dict(ckpt)
     trainer.resume_notes.extend(resume_notes(ckpt, trainer))
-    trainer.best_top1.update(ckpt["best_top1"])
-    if trainer.ema is not None and ckpt.get("ema"):
-        trainer.ema.load_state_dict(ckpt["ema"])
-    elif (trainer.ema is not None) != bool(ckpt.get("ema")):
+    if (trainer.ema is not None) != bool(ckpt.get("ema")):
         trainer.resume_notes.append("ema.decay " + ("on: the EMA starts from the current weights" if trainer.ema
                                                     else "off: the checkpoint's EMA is dropped"))  # fmt: skip
-    trainer.run_id = ckpt.get("run_id", trainer.run_id)
-    same_world = ckpt.get("world_size", 1) == trainer.dist.world_size
-    trainer._resume_rng = ckpt["rng"] if same_world else None
+    return ckpt["rng"] if ckpt.get("world_size", 1) == trainer.dist.world_size else None

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from fastkd.errors import FastKDError
 from fastkd.metrics import read_metrics, truncate_metrics
+from fastkd.run_layout import CHECKPOINTS_DIR, CONFIG, LAST, METRICS, PLOTS_DIR, REPORT_JSON, REPORT_MD, RunLayout, best_name
 
 LOCK_NAME = ".lock"
 # set by a process that holds a run dir's lock (fastkd train --gpus N) for the ranks it launches
@@ -44,13 +45,12 @@ TRASH_PREFIX = ".old-"  # RUN/.old-<pid>: a replaced run on its way out (see pre
 # first, so a crash halfway leaves at worst an unfinished, checkpoint-less run, which a fresh
 # run refuses again rather than mixing with it. In checkpoints/ and plots/ only the files the run
 # names are its own (`_owned_in`); the logger folders are written whole by TensorBoard / W&B.
-RUN_FILES = ("report.json", "checkpoints", "report.md", "plots", "tensorboard", "tb", "wandb", "metrics.jsonl",
-             "config.yaml")
-SHARED_DIRS = ("checkpoints", "plots")  # may hold a user's own files next to the run's
+RUN_FILES = (REPORT_JSON, CHECKPOINTS_DIR, REPORT_MD, PLOTS_DIR, "tensorboard", "tb", "wandb", METRICS, CONFIG)
+SHARED_DIRS = (CHECKPOINTS_DIR, PLOTS_DIR)  # may hold a user's own files next to the run's
 # the plots fastkd.report_plots.render_plots draws (it imports matplotlib, so the names are
 # restated here; tests/test_run_dir.py checks that the two agree)
 PLOT_NAMES = ("loss", "accuracy", "w_hist", "reliability")
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints/last.pt")
+RUN_MARKERS = (CONFIG, METRICS, f"{CHECKPOINTS_DIR}/{LAST}")
 
 # run dirs this process holds: a POSIX lock is per process, so a second RunLock of the same dir
 # in this process would "succeed" and its close would drop the first one's lock
@@ -172,7 +172,7 @@ class RunLock:
 
 def _report(run_dir: Path) -> dict | None:
     try:
-        report = json.loads((run_dir / "report.json").read_text())
+        report = json.loads(RunLayout(run_dir).report_json.read_text())
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) else None
@@ -199,7 +199,7 @@ def classify(run_dir: str | os.PathLike) -> str:
     report = _report(run_dir)
     if _finished(report):
         return "finished"
-    if (run_dir / "report.json").exists() or any((run_dir / m).exists() for m in RUN_MARKERS):
+    if RunLayout(run_dir).report_json.exists() or any((run_dir / m).exists() for m in RUN_MARKERS):
         return "run"
     return "empty"
 
@@ -211,7 +211,7 @@ def describe_run(run_dir: str | os.PathLike) -> str:
     record or followed by steps of a later epoch (an epoch without eval, at most one, may be
     counted as unfinished when eval_every > 1)."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(RunLayout(run_dir).metrics)
     steps = [r for r in records if r.get("kind") == "step" and isinstance(r.get("step"), int)]
     evals = [r for r in records if r.get("kind") == "eval" and isinstance(r.get("epoch"), int)]
     report = _report(run_dir) or {}
@@ -229,7 +229,7 @@ def _networks(run_dir: Path) -> set[str]:
     """Names of the networks the run in run_dir evaluated (best-<name>.pt is saved right after
     its eval record): keys of its eval records and of report.json's "networks" (+ their -ema)."""
     names = set()
-    for record in read_metrics(run_dir / "metrics.jsonl"):
+    for record in read_metrics(RunLayout(run_dir).metrics):
         if record.get("kind") == "eval":
             names |= {k for k, v in record.items() if isinstance(v, dict) and "top1" in v}
     networks = (_report(run_dir) or {}).get("networks")
@@ -240,8 +240,8 @@ def _networks(run_dir: Path) -> set[str]:
 
 def _own_names(run_dir: Path, folder: str) -> set[str]:
     """File names the run lists as its own in checkpoints/ or plots/."""
-    if folder == "checkpoints":
-        return {"last.pt"} | {f"best-{name}.pt" for name in _networks(run_dir)}
+    if folder == CHECKPOINTS_DIR:
+        return {LAST} | {best_name(name) for name in _networks(run_dir)}
     plots = (_report(run_dir) or {}).get("plots")
     listed = {Path(p).name for p in plots if isinstance(p, str)} if isinstance(plots, list) else set()
     return listed | {f"{name}.png" for name in PLOT_NAMES}
@@ -255,7 +255,7 @@ def _is_own(name: str, own: set[str]) -> bool:
 def _owned_in(run_dir: Path, folder: str) -> tuple[list[Path], list[Path]]:
     """(the run's files in run_dir/folder, last.pt first; the files it did not write)."""
     own = _own_names(run_dir, folder)
-    children = sorted((run_dir / folder).iterdir(), key=lambda p: (p.name != "last.pt", p.name))
+    children = sorted((run_dir / folder).iterdir(), key=lambda p: (p.name != LAST, p.name))
     mine = [c for c in children if c.is_file() and _is_own(c.name, own)]
     return mine, [c for c in children if c not in mine]
 
@@ -363,7 +363,7 @@ def claim(run_dir: str | os.PathLike, *, resumed_at: tuple[int, int] | None, ove
             if resumed_at is None:
                 prepare_fresh(run_dir, overwrite)
             else:
-                truncate_metrics(run_dir / "metrics.jsonl", *resumed_at)
+                truncate_metrics(RunLayout(run_dir).metrics, *resumed_at)
             yield
     except BaseException:
         if created:

@@ -4,7 +4,7 @@
     dtype = amp_dtype("auto", device)                 # bf16 on CUDA, None (fp32) on CPU
     name = amp_mode("auto", device)                   # its name: "bf16" on CUDA, "fp32" on CPU
     mode, note = resolve_compile_mode("auto", device) # reduce-overhead on CUDA, none on CPU
-    net = compile_module(net, "cudagraphs")           # Triton-free torch.compile
+    net = compile_fn(net, "cudagraphs")               # Triton-free torch.compile
     seed_all(0); set_determinism(True)
     torch.manual_seed(step_seed(seed, rank, epoch, step))   # the step's dropout masks
 
@@ -22,7 +22,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
 
 from fastkd.distributed import local_device_index
 from fastkd.errors import FastKDError
@@ -145,12 +144,6 @@ def compile_fn(fn, mode: str):
     if mode not in COMPILE_ARGS:
         raise FastKDError(f"compile.mode {mode!r}: use {', '.join(COMPILE_MODES)}")
     return torch.compile(fn, **COMPILE_ARGS[mode])
-
-
-def compile_module(module: nn.Module, mode: str):
-    """`module` itself (none), or its torch.compile wrapper (inductor; reduce-overhead: inductor
-    with CUDA graphs; cudagraphs: CUDA graphs of the captured FX graph, no Triton)."""
-    return compile_fn(module, mode)
 
 
 def allow_graphs(count: int) -> None:

@@ -46,9 +46,10 @@ from fastkd import distributed
 from fastkd.config import TrainConfig
 from fastkd.losses import LossConfig, distillation_loss
 from fastkd.models import build_model, network_names
-from fastkd.recipe import AugmentConfig, MixParams, StudentsEMA, apply_mix, build_optimizer, draw_mix, mix_rng
+from fastkd.recipe import AugmentConfig, MixParams, StudentsEMA, apply_mix, build_optimizer, draw_mix, load_optimizer_state
+from fastkd.recipe import mix_rng
 from fastkd.frozen_teacher import as_frozen_teacher
-from fastkd.runtime import CUDA_ONLY_MODES, allow_graphs, compile_fn, compile_module, resolve_compile_mode
+from fastkd.runtime import CUDA_ONLY_MODES, allow_graphs, compile_fn, resolve_compile_mode
 from fastkd.runtime import amp_dtype as resolve_amp_dtype
 from fastkd.schedule import peak_lr
 
@@ -64,7 +65,7 @@ class Students(nn.Module):
 
     def set_compile(self, mode: str) -> None:
         # compiled wrappers kept outside the module tree: state_dict keys stay torchvision's
-        object.__setattr__(self, "_forwards", [compile_module(n, mode) for n in self.nets])
+        object.__setattr__(self, "_forwards", [compile_fn(n, mode) for n in self.nets])
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return [f(images) for f in self._forwards]
@@ -80,16 +81,9 @@ class StepMeter:
         self.sums = torch.zeros(4 + 4 * num_students, dtype=torch.float64, device=device)
 
     def add(self, parts: dict[str, Tensor], batch: int) -> None:
-        vec = torch.cat(
-            [
-                parts["loss"].detach().reshape(1).double() * batch,
-                parts["w"].detach().double().sum().reshape(1),
-                parts["ce"].detach().double().reshape(-1) * batch,
-                parts["kd"].detach().double().reshape(-1) * batch,
-                parts["peer"].detach().double().reshape(-1) * batch,
-                parts["correct"].double(),
-            ]
-        )
+        vec = torch.cat([parts["loss"].detach().reshape(1).double() * batch, parts["w"].detach().double().sum().reshape(1),
+                         *(parts[k].detach().double().reshape(-1) * batch for k in ("ce", "kd", "peer")),
+                         parts["correct"].double()])  # fmt: skip
         self.sums[0] += batch
         self.sums[1:-1] += vec
 
@@ -164,6 +158,23 @@ class TrainStep:
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
+
+    def state_dict(self, names: list[str]) -> dict:
+        """What last.pt keeps of the step, under its keys: "models" (`names[i]` -> state_dict of
+        student i), "optimizer", "scaler", and "ema" when the EMA is on."""
+        state = {"models": {name: net.state_dict() for name, net in zip(names, self.students.nets, strict=True)},
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}  # fmt: skip
+        return state | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
+
+    def load_state_dict(self, state: dict, names: list[str]) -> None:
+        """The inverse of state_dict; the optimizer keeps the kernels chosen for this device, an
+        EMA missing on either side is left as it is (the caller says so)."""
+        for name, net in zip(names, self.students.nets, strict=True):
+            net.load_state_dict(state["models"][name])
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
 
     def __call__(self, images: Tensor, labels: Tensor, seed: int | None = None,
                  teacher_logits: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
@@ -369,7 +380,7 @@ def build_step(cfg: TrainConfig, num_classes: int, device: torch.device, *, teac
             teacher.eval().requires_grad_(False)
         if device.type == "cuda" and cfg.model.fold_teacher_bn:
             teacher = as_frozen_teacher(teacher, device, amp, cfg.precision.channels_last)
-        teacher = compile_module(teacher.to(device), network_compile_mode(cfg, mode))
+        teacher = compile_fn(teacher.to(device), network_compile_mode(cfg, mode))
     else:
         teacher = None
     model = students

@@ -26,11 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from fastkd import distributed
-from fastkd.api import config_for_modules
+from fastkd.user_modules import config_for_modules
 from fastkd.cache_run import feed_for_run
 from fastkd.checkpoint import plain_state_dict, rng_state, save_atomic, set_rng_state
 from fastkd.config import TrainConfig, check_runnable, config_to_dict, save_config
 from fastkd.data import build_loader
+from fastkd.data.spec import val_pipeline
 from fastkd.data.contract import start_pass
 from fastkd.divergence import LossGuard, NonFiniteLoss  # noqa: F401 (NonFiniteLoss re-exported)
 from fastkd.errors import FastKDError
@@ -38,14 +39,16 @@ from fastkd.evaluate import evaluate
 from fastkd.live import LiveDisplay, say
 from fastkd.loggers import build_loggers
 from fastkd.metrics import MetricsLog, NullLog
-from fastkd.models import build_model, load_student_weights, load_teacher, network_names
-from fastkd.report import run_summary, summary_table, write_report
+from fastkd.models import build_model, count_params, load_student_weights, load_teacher, network_names
+from fastkd.report import report_arch, summary_table, write_report
 from fastkd.resume import last_state, restore
 from fastkd.run_dir import claim
+from fastkd.run_layout import RunLayout
 from fastkd.runtime import CUDA_ONLY_MODES, base_index, input_dtype, resolve_compile_mode, resolve_device
 from fastkd.runtime import seed_all, set_determinism, step_seed, stop_signals
 from fastkd.schedule import lr_at, peak_lr, resolution_at
 from fastkd.step import build_step, warm_for_schedule
+from fastkd.train_state import TrainState
 from fastkd.tables import print_table
 
 
@@ -76,7 +79,7 @@ class Trainer:
         self.device = resolve_device(cfg.run.device, self.dist.local_rank)
         self.is_main = self.dist.is_main
         self.run_dir = Path(cfg.run.out)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.layout = RunLayout(self.run_dir)  # checkpoints/, config.yaml, metrics.jsonl
         # compile.mode auto: the whole step in CUDA graphs on one GPU, eager on CPU and under DDP
         self.compile_mode, self.compile_note = resolve_compile_mode(cfg.compile.mode, self.device, self.dist.enabled)
         if self.compile_mode in CUDA_ONLY_MODES and self.device.type != "cuda":
@@ -114,29 +117,22 @@ class Trainer:
         self.loss_guard = LossGuard(cfg.optim.name, self.peak_lr_how)  # NaN/inf or exploded window loss
         nets = self._student_nets(students)
         teacher = self._frozen(teacher) if teacher is not None else self._load_teacher()
-        self._step = build_step(cfg, self.num_classes, self.device, teacher=teacher, lr=self.peak_lr,
-                                ddp=self.dist.enabled, nets=nets, live_teacher=not cached)  # fmt: skip
+        self.train_step = build_step(cfg, self.num_classes, self.device, teacher=teacher, lr=self.peak_lr,
+                                     ddp=self.dist.enabled, nets=nets, live_teacher=not cached)  # fmt: skip
         seed_all(cfg.run.seed + self.dist.rank)
 
-        self.epoch = 0  # next epoch to run
-        self.step_in_epoch = 0  # steps of `epoch` already done (Ctrl-C checkpoint)
-        self.global_step = 0  # optimizer steps taken so far, every world size (the metrics' x axis)
-        self.samples_seen = 0  # images trained on, all ranks together
-        self.best_top1 = {name: -1.0 for name in self.names}
+        # position, counters, bests: the one owner (fastkd.train_state); last.pt saves its state_dict
+        self.state = TrainState(best_top1={name: -1.0 for name in self.names}, run_id=uuid.uuid4().hex[:12])
         self.last_eval: dict | None = None
         self.teacher_eval: dict | None = None
-        self.run_id = uuid.uuid4().hex[:12]
         self.resume_notes: list[str] = []  # what a resume changed (world size, lr, schedule)
-        self._resume_rng = None
-        self._resumed = False
         self._stop = False
         self._stop_signum = signal.SIGINT  # the first stop signal this process got
-        self._train_time = 0.0
-        self._train_samples = 0
-        self.compile_seconds: dict[int, float] = {}  # train resolution -> seconds compiling the step (compile.warm)
         self.log = NullLog()
-        if resume is not None:
-            self._load(resume)
+        self._resumed = resume is not None
+        # checks first (fastkd.resume), then weights, optimizer, position; each rank's RNG states
+        # of the checkpoint (None under another world size) are applied when fit starts
+        self._resume_rng = restore(self, resume) if resume is not None else None
 
     # ------------------------------------------------------------------ building blocks
 
@@ -181,15 +177,14 @@ class Trainer:
             num_workers=d.num_workers, return_indices=return_indices, **options,
         )  # fmt: skip
 
-    # the step's parts, under the names the rest of fastkd (and tests) use
-    students = property(lambda self: self._step.students)
-    teacher = property(lambda self: self._step.teacher)
-    ddp = property(lambda self: self._step.model)
-    optimizer = property(lambda self: self._step.optimizer)
-    scaler = property(lambda self: self._step.scaler)
-    meter = property(lambda self: self._step.meter)
-    ema = property(lambda self: self._step.ema)
-    amp_dtype = property(lambda self: self._step.amp_dtype)
+    # read access for callers of the Trainer: the step's parts, the run's position
+    students = property(lambda self: self.train_step.students)
+    teacher = property(lambda self: self.train_step.teacher)
+    scaler = property(lambda self: self.train_step.scaler)
+    meter = property(lambda self: self.train_step.meter)
+    ema = property(lambda self: self.train_step.ema)
+    epoch = property(lambda self: self.state.epoch)
+    global_step = property(lambda self: self.state.global_step)
 
     def student_modules(self) -> dict:
         return dict(zip(self.names, self.students.nets))
@@ -203,7 +198,7 @@ class Trainer:
 
     def step(self, images: Tensor, labels: Tensor, seed: int | None = None) -> dict[str, Tensor]:
         """One optimizer step on one batch (`fastkd.step.TrainStep`); device tensors only."""
-        return self._step(images, labels, seed=seed)
+        return self.train_step(images, labels, seed=seed)
 
     # ------------------------------------------------------------------ the loop
 
@@ -211,7 +206,7 @@ class Trainer:
         """Train to schedule.epochs (or run.stop_after), evaluating and checkpointing each epoch.
         Returns the summary written to report.json. Raises Interrupted after Ctrl-C/SIGTERM (a
         checkpoint saved) and NonFiniteLoss. Every entry point locks and checks the run dir here."""
-        at = (self.global_step, self.epoch) if self._resumed else None  # a resume drops later records
+        at = (self.state.global_step, self.state.epoch) if self._resumed else None  # a resume drops later records
         with claim(self.run_dir, resumed_at=at, overwrite=self.cfg.run.overwrite, enabled=self.is_main):
             return self._fit()
 
@@ -219,10 +214,10 @@ class Trainer:
         cfg = self.cfg
         start = time.perf_counter()
         if self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.layout.config)
         end_epoch = min(cfg.schedule.epochs, cfg.run.stop_after or cfg.schedule.epochs)
         sinks = build_loggers(cfg.run.log, self.run_dir, config_to_dict(cfg), self.is_main)  # TensorBoard, W&B
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main, sinks=sinks)
+        self.log = MetricsLog(self.layout.metrics, enabled=self.is_main, sinks=sinks)
         live = LiveDisplay(enabled=self.is_main and cfg.run.live, total_epochs=cfg.schedule.epochs)
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
@@ -233,25 +228,25 @@ class Trainer:
             for note in self.resume_notes:
                 say(live, self.is_main, f"resume: {note}")
             if self._resumed:  # where a resume starts: loggers drop what they had logged past it
-                self.log.write({"kind": "resume", "epoch": self.epoch, "step": self.global_step,
+                self.log.write({"kind": "resume", "epoch": self.state.epoch, "step": self.state.global_step,
                                 "world_size": self.dist.world_size, "notes": self.resume_notes})  # fmt: skip
             self._warm_compile(end_epoch, live)
-            while self.epoch < end_epoch:
-                epoch = self.epoch
+            while self.state.epoch < end_epoch:
+                epoch = self.state.epoch
                 done = self._train_epoch(epoch, live)
                 if done < self.steps_per_epoch:  # stop requested inside the epoch (ranks agree)
-                    self.step_in_epoch = done
+                    self.state.step_in_epoch = done
                     path = self.save_last()
                     say(live, self.is_main, f"interrupted at epoch {epoch + 1} step {done}: saved {path}")
                     raise Interrupted(path, self._stop_signum)
-                self.epoch, self.step_in_epoch = epoch + 1, 0
+                self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
                 res = None
                 if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == end_epoch:
                     res = self.evaluate(epoch)
                 self.save_last()
                 live.end_epoch(res)
-                if distributed.any_rank(self._stop, self.device) and self.epoch < end_epoch:
-                    raise Interrupted(self.ckpt_dir / "last.pt" if self.is_main else None, self._stop_signum)
+                if distributed.any_rank(self._stop, self.device) and self.state.epoch < end_epoch:
+                    raise Interrupted(self.layout.last if self.is_main else None, self._stop_signum)
         summary = self.summary(time.perf_counter() - start)
         if self.is_main:
             write_report(self.run_dir, summary)
@@ -266,12 +261,12 @@ class Trainer:
         cfg = self.cfg
         if self.compile_note:
             say(live, self.is_main, self.compile_note)
-        resolutions = sorted({self._resolution(e) for e in range(self.epoch, end_epoch)})
+        resolutions = sorted({self._resolution(e) for e in range(self.state.epoch, end_epoch)})
         batch = int(getattr(self.train_loader, "batch_size", None) or cfg.data.batch_size)  # per rank
         dtype = input_dtype(cfg.precision.amp, self.device)
-        for res, seconds in warm_for_schedule(self._step, resolutions, batch, dtype, cfg).items():
-            self.compile_seconds[res] = seconds
-            self.log.write({"kind": "compile", "epoch": self.epoch, "step": self.global_step, "resolution": res,
+        for res, seconds in warm_for_schedule(self.train_step, resolutions, batch, dtype, cfg).items():
+            self.state.compile_seconds[res] = seconds
+            self.log.write({"kind": "compile", "epoch": self.state.epoch, "step": self.state.global_step, "resolution": res,
                             "batch_size": batch, "seconds": seconds})  # fmt: skip
             say(live, self.is_main, f"compiled the step ({self.compile_mode}) for batches of "
                                     f"{batch} x {res} px in {seconds:.1f} s")  # fmt: skip
@@ -280,14 +275,14 @@ class Trainer:
         """Steps of one epoch, from step_in_epoch (a Ctrl-C checkpoint's position) on; returns the
         number of steps done, < steps_per_epoch when a stop was requested."""
         cfg = self.cfg
-        start = self.step_in_epoch
+        start = self.state.step_in_epoch
         first = start_pass(self.train_loader, epoch, start)  # batch index the loader yields first
         self.train_loader.set_resolution(self._resolution(epoch))
         self.students.train()
         live.start_epoch(epoch, self.steps_per_epoch)
-        self.step_in_epoch = 0
+        self.state.step_in_epoch = 0
         done = start
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.train_step.optimizer.param_groups[0]["lr"]
         window_start = time.perf_counter()
         for i, batch in enumerate(self.train_loader, start=first):
             if i >= self.steps_per_epoch:
@@ -298,13 +293,13 @@ class Trainer:
             position = epoch * self.steps_per_epoch + i  # of the schedule, under this world size
             lr = lr_at(position, self.total_steps, self.warmup_steps, self.peak_lr, cfg.schedule.shape,
                        cfg.schedule.min_lr)  # fmt: skip
-            self._step.set_lr(lr)
+            self.train_step.set_lr(lr)
             images, labels = batch[0], batch[1]
             cached = self.cache_feed.teacher_logits(epoch, batch[2]) if self.cache_feed else None  # [B, C]
-            parts = self._step(images, labels, seed=step_seed(cfg.run.seed, self.dist.rank, epoch, i),
-                               teacher_logits=cached)  # fmt: skip
+            parts = self.train_step(images, labels, seed=step_seed(cfg.run.seed, self.dist.rank, epoch, i),
+                                    teacher_logits=cached)  # fmt: skip
             self.meter.add(parts, labels.shape[0])
-            self.global_step += 1
+            self.state.global_step += 1
             done = i + 1
             # one process stops after the step in flight; ranks agree on a stop at a log read
             stop_now = self._stop and not self.dist.enabled
@@ -319,14 +314,12 @@ class Trainer:
     def _log_window(self, epoch: int, done: int, lr: float, seconds: float, live) -> bool:
         """Read, check, log the window since the last read; True when a stop was requested."""
         window = self.meter.read(stop=self._stop)
-        self.loss_guard.check(window["loss"], epoch=epoch, step=done, lr=lr, last=self.ckpt_dir / "last.pt")
-        self._train_time += seconds
-        self._train_samples += window["samples"]
-        self.samples_seen += window["samples"]
+        self.loss_guard.check(window["loss"], epoch=epoch, step=done, lr=lr, last=self.layout.last)
+        self.state.add_window(window["samples"], seconds)
         ips = window["samples"] / seconds if seconds > 0 else 0.0
-        record = {"kind": "step", "epoch": epoch, "step": self.global_step, "lr": lr, "images_per_s": ips,
+        record = {"kind": "step", "epoch": epoch, "step": self.state.global_step, "lr": lr, "images_per_s": ips,
                   "world_size": self.dist.world_size, "samples": window["samples"],
-                  "samples_seen": self.samples_seen, "loss": window["loss"]}  # fmt: skip
+                  "samples_seen": self.state.samples_seen, "loss": window["loss"]}  # fmt: skip
         record["ce"] = dict(zip(self.names, window["ce"]))
         if self.cfg.loss.uses_teacher:  # a live teacher or a teacher cache
             record["kd"] = dict(zip(self.names, window["kd"]))
@@ -342,7 +335,7 @@ class Trainer:
         """Val metrics of the students (and, once per invocation, the teacher); logged to
         metrics.jsonl inside fit(). The global RNG is left as it was, so evaluating never changes
         what training does next. `epoch` (0-based) labels the record; default: the last one done."""
-        epoch = self.epoch - 1 if epoch is None else epoch
+        epoch = self.state.epoch - 1 if epoch is None else epoch
         state = rng_state()
         teacher = self.teacher if self.teacher_eval is None else None
         res = evaluate(self.eval_modules(), self.val_loader, teacher=teacher,
@@ -352,13 +345,11 @@ class Trainer:
             self.teacher_eval = {k: res[k] for k in ("teacher", "teacher_w") if k in res}
         elif self.teacher_eval:
             res.update(self.teacher_eval)
-        self.log.write({"kind": "eval", "epoch": epoch, "step": self.global_step, **res})
+        self.log.write({"kind": "eval", "epoch": epoch, "step": self.state.global_step, **res})
         self.last_eval = res
         for name, net in self.eval_modules().items():
-            if res[name]["top1"] > self.best_top1.setdefault(name, -1.0):
-                self.best_top1[name] = res[name]["top1"]
-                if self.is_main:
-                    save_atomic(plain_state_dict(net), self.ckpt_dir / f"best-{name}.pt")
+            if self.state.improves(name, res[name]["top1"]) and self.is_main:
+                save_atomic(plain_state_dict(net), self.layout.best(name))
         return res
 
     # ------------------------------------------------------------------ checkpoints
@@ -368,13 +359,9 @@ class Trainer:
         rngs = distributed.all_gather_objects(rng_state())
         if not self.is_main:
             return None
-        path = self.ckpt_dir / "last.pt"
+        path = self.layout.last
         save_atomic(last_state(self, rngs), path)
         return path
-
-    def _load(self, ckpt: dict) -> None:
-        restore(self, ckpt)  # checks first (fastkd.resume), then weights, optimizer, position
-        self._resumed = True
 
     def _request_stop(self, signum: int) -> None:
         """SIGINT/SIGTERM: stop after the current step (checkpoint, clean exit); a second SIGINT
@@ -388,5 +375,26 @@ class Trainer:
     # ------------------------------------------------------------------ report
 
     def summary(self, wall_time: float) -> dict:
-        """What report.json holds (fastkd.report.run_summary)."""
-        return run_summary(self, wall_time)
+        """What report.json holds (rendered by fastkd.report): per network its architecture,
+        parameter count, last and best accuracy (and its EMA's); the teacher's; the training
+        rate; whether the run completed its epochs."""
+        cfg, res, best, networks = self.cfg, self.last_eval or {}, self.state.best_top1, {}
+        for name, net in self.student_modules().items():
+            r = res.get(name, {})
+            networks[name] = {"arch": report_arch(self.archs[name]), "params": count_params(net), "top1": r.get("top1"),
+                              "top5": r.get("top5"), "ece": r.get("ece"), "best_top1": best[name]}  # fmt: skip
+            if self.ema is not None:  # evaluated as "<name>-ema" (eval_modules)
+                e = res.get(f"{name}-ema", {})
+                networks[name].update(ema_top1=e.get("top1"), ema_top5=e.get("top5"), ema_best_top1=best.get(f"{name}-ema"))
+        t, teacher = (self.teacher_eval or {}).get("teacher", {}), None
+        if self.teacher is not None:
+            teacher = {"arch": report_arch(cfg.model.teacher), "params": count_params(self.teacher),
+                       "top1": t.get("top1"), "top5": t.get("top5"), "ece": t.get("ece")}  # fmt: skip
+        return {"method": cfg.loss.method, "networks": networks, "teacher": teacher,
+                "images_per_s": self.state.images_per_s(), "wall_time_s": wall_time,
+                "compile_s": {str(r): sec for r, sec in self.state.compile_seconds.items()} or None,
+                "compile_mode": self.compile_mode,  # compile.mode as resolved for this run
+                "val_pipeline": val_pipeline(self.val_loader),  # what scored top-1: backends resize differently
+                "epochs": self.state.epoch, "total_epochs": cfg.schedule.epochs,
+                "finished": self.state.epoch >= cfg.schedule.epochs, "run_id": self.state.run_id,
+                "world_size": self.dist.world_size, "device": str(self.device), "config": config_to_dict(cfg)}  # fmt: skip

@@ -44,6 +44,7 @@ from fastkd.checkpoint import load_last
 from fastkd.config import TrainConfig, add_config_arguments, overrides_from_args, resolve_config, save_config
 from fastkd.errors import FastKDError
 from fastkd.run_dir import LOCK_ENV, claim, classify
+from fastkd.run_layout import CHECKPOINTS_DIR, RunLayout
 from fastkd.weights import split_weights_spec
 
 # keys a resumed run never inherits from the checkpoint's config
@@ -61,11 +62,11 @@ def resume_path(resume: str | None, out: str) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        path = Path(out) / "checkpoints" / "last.pt"
+        path = RunLayout(out).last
         return path if path.is_file() else None
     path = Path(resume)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = RunLayout(path).last
     if not path.is_file():
         raise FastKDError(f"--resume {resume}: no checkpoint at {path}")
     return path
@@ -75,7 +76,7 @@ def run_dir_of(checkpoint: Path) -> Path:
     """The run directory holding `checkpoint` (RUN/checkpoints/last.pt -> RUN; a checkpoint
     elsewhere: its folder)."""
     folder = checkpoint.resolve().parent
-    return folder.parent if folder.name == "checkpoints" else folder
+    return folder.parent if folder.name == CHECKPOINTS_DIR else folder
 
 
 def _absolute_paths(cfg: TrainConfig) -> None:

@@ -313,7 +313,7 @@ def test_cpu_trainer_keeps_its_eager_default_and_reports_the_mode(tmp_path):
     torch.manual_seed(0)
     trainer = Trainer(cfg, *loaders(n=32, batch_size=16), students={"a": TinyNet(), "b": TinyNet()},
                       teacher=TinyNet().eval().requires_grad_(False))  # fmt: skip
-    assert trainer.compile_mode == "none" and trainer._step.compile_mode == "none" and not trainer._step.compiled
+    assert trainer.compile_mode == "none" and trainer.train_step.compile_mode == "none" and not trainer.train_step.compiled
     trainer.fit()
     assert json.loads((tmp_path / "run/report.json").read_text())["compile_mode"] == "none"
     assert not [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if r["kind"] == "compile"]

@@ -284,7 +284,7 @@ def test_compile_modes_checked(tmp_path):
     # scope step (the default): the networks run plain inside the one compiled forward_loss
     trainer = make_trainer(tmp_path / "step", **{"compile.mode": "inductor", "model.students": ["resnet18"]})
     assert trainer.students._forwards[0] is trainer.students.nets[0]
-    assert trainer._step.compile_mode == "inductor" and trainer._step._forward_loss != trainer._step.forward_loss
+    assert trainer.train_step.compile_mode == "inductor" and trainer.train_step._forward_loss != trainer.train_step.forward_loss
     assert list(trainer.students.state_dict())[0] == "nets.0.conv1.weight"
 
 
