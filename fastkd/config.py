@@ -12,8 +12,7 @@ is its `--help` text, so keep it to one line.
 The peak learning rate is `optim.lr` (absolute) or `optim.lr_per_256` (x global batch / 256;
 both null: per 256 images, 0.5 for SGD and 2.5e-4 for AdamW, `fastkd.schedule.peak_lr`). One
 layer (a file, the command line) may set only one of them; a layer that sets one drops the
-other's value from the layers below, so `--lr 0.1` over a file with lr_per_256 just works. Before lr_per_256 existed, `optim.lr` meant
-per 256 images: see `upgrade_legacy_config` for how old checkpoints and run configs are read.
+other's value from the layers below, so `--lr 0.1` over a file with lr_per_256 just works.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import yaml
 from fastkd.data.spec import BackendName
 from fastkd.errors import FastKDError
 from fastkd.losses import METHODS, PEER_METHODS, TEACHER_METHODS, LossConfig  # noqa: F401 (re-exported)
-from fastkd.recipe import AugmentConfig, EmaConfig, OptimConfig, lr_pair_layer, recipe_problems, upgrade_legacy_config
+from fastkd.recipe import AugmentConfig, EmaConfig, OptimConfig, lr_pair_layer, recipe_problems
 from fastkd.runtime import AmpMode, CompileMode
 
 
@@ -317,23 +316,14 @@ def resolve_config(
     overrides: dict[str, Any] | None = None,
     base: dict | None = None,
     check: bool = True,
-    notes: list[str] | None = None,
 ) -> TrainConfig:
     """defaults -> base (e.g. a checkpoint's config) -> YAML file -> overrides, type-checked;
-    check=False skips the checks across keys (to read run.resume before the base is known).
-    Old configs are upgraded (`upgrade_legacy_config`); what that changed is appended to `notes`."""
+    check=False skips the checks across keys (to read run.resume before the base is known)."""
     merged = config_to_dict(TrainConfig())
-    found = []
     if base:
-        base, note = upgrade_legacy_config(base, saved=True)
-        found.append(note and f"checkpoint config: {note}")
         merged = _merge(merged, base, "checkpoint config")
     if path is not None:
-        data, note = upgrade_legacy_config(load_yaml(path), saved=False)
-        found.append(note and f"config file {path}: {note}")
-        merged = _merge(merged, data, f"config file {path}")
-    if notes is not None:
-        notes.extend(n for n in found if n)
+        merged = _merge(merged, load_yaml(path), f"config file {path}")
     if overrides:
         merged = _merge(merged, parse_overrides(overrides), "command line")
     return config_from_dict(merged, check=check)

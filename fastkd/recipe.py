@@ -42,8 +42,6 @@ from fastkd.errors import FastKDError
 
 MIX_STREAM = 0x6D6978  # "mix": the mixing generator's stream, apart from every other use of the seed
 LR_KEYS = ("lr", "lr_per_256")  # one config layer sets at most one; setting one clears the other below
-# the sections of a full config dump written before optim.lr_per_256 existed
-LEGACY_SECTIONS = ("data", "model", "loss", "optim", "schedule", "precision", "compile", "run", "dist")
 
 
 @dataclass(kw_only=True)
@@ -90,23 +88,6 @@ def lr_pair_layer(values: dict, merged_optim: dict, source: str) -> None:
                           f"(x global batch / 256), not both")  # fmt: skip
     if given:
         merged_optim[next(k for k in LR_KEYS if k not in given)] = None
-
-
-def upgrade_legacy_config(data: dict, saved: bool = True) -> tuple[dict, str | None]:
-    """(`data` as this version reads it, a note or None). Before optim.lr_per_256 existed,
-    optim.lr meant the lr per 256 images. Every config this version writes (checkpoints,
-    config.yaml) carries both keys, so a saved config whose optim has `lr` and no `lr_per_256` is
-    old: its lr moves to lr_per_256. `saved`: data is known to be a saved config (a checkpoint's);
-    else (a YAML file) only a full dump (every section of the old config present) is taken for
-    one, and a hand-written file's optim.lr is the absolute lr."""
-    optim = data.get("optim")
-    if not isinstance(optim, dict) or "lr_per_256" in optim or optim.get("lr") is None:
-        return data, None
-    if not saved and not all(isinstance(data.get(s), dict) for s in LEGACY_SECTIONS):
-        return data, None
-    upgraded = {**data, "optim": {**optim, "lr": None, "lr_per_256": optim["lr"]}}
-    return upgraded, (f"optim.lr {optim['lr']} of a config written before optim.lr_per_256 existed meant "
-                      f"per 256 images: read as optim.lr_per_256 {optim['lr']}")  # fmt: skip
 
 
 def recipe_problems(cfg) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from fastkd.config import config_from_dict, upgrade_legacy_config
+from fastkd.config import config_from_dict
 from fastkd.errors import FastKDError
 
 # the peak lr per 256 images of each optim.name when neither optim.lr nor optim.lr_per_256 is set:
@@ -44,9 +44,8 @@ def peak_lr(cfg, world_size: int) -> tuple[float, str]:
 
 
 def saved_peak_lr(config: dict, world_size: int) -> tuple[float, str]:
-    """`peak_lr` of a saved config dict (a checkpoint's "config") on `world_size` ranks; a config
-    written before optim.lr_per_256 existed is read as it was meant (its optim.lr per 256 images)."""
-    return peak_lr(config_from_dict(upgrade_legacy_config(config)[0], "checkpoint config", check=False), world_size)
+    """`peak_lr` of a saved config dict (a checkpoint's "config") on `world_size` ranks."""
+    return peak_lr(config_from_dict(config, "checkpoint config", check=False), world_size)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, shape: str = "cosine",

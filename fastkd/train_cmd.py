@@ -95,11 +95,9 @@ def resolve(args: argparse.Namespace):
     overrides = overrides_from_args(args)
     first = resolve_config(args.config, overrides, check=False)
     path = resume_path(first.run.resume, first.run.out)
-    notes: list[str] = []
     if path is None:
-        cfg = resolve_config(args.config, overrides, notes=notes)
+        cfg = resolve_config(args.config, overrides)
         _absolute_paths(cfg)
-        _print_notes(notes)
         return cfg, None
     ckpt = load_last(path)
     base = {s: dict(v) for s, v in ckpt["config"].items()}
@@ -113,18 +111,9 @@ def resolve(args: argparse.Namespace):
             "another directory: drop --out (or copy the run there and resume that copy)"
         )
     base["run"]["out"] = str(home)  # the run that holds PATH, wherever it was first written
-    cfg = resolve_config(args.config, overrides, base=base, notes=notes)
+    cfg = resolve_config(args.config, overrides, base=base)
     _absolute_paths(cfg)
-    _print_notes(notes)
     return cfg, ckpt
-
-
-def _print_notes(notes: list[str]) -> None:
-    """What reading the config changed (an old config's lr read as per 256 images), once, on
-    the launching process or rank 0."""
-    if os.environ.get("RANK", "0") == "0" and not os.environ.get(LOCK_ENV):
-        for note in notes:
-            print(f"fastkd train: {note}", file=sys.stderr)
 
 
 def _finished(cfg: TrainConfig, ckpt: dict | None) -> bool:

@@ -134,25 +134,15 @@ def test_lr_and_lr_per_256_exclusive_per_layer(tmp_path):
     assert (cfg.optim.lr, cfg.optim.lr_per_256) == (None, 0.4)
 
 
-def test_old_configs_read_lr_as_per_256(tmp_path):
-    old = config_to_dict(config())
-    old["optim"] = {"lr": 0.4, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5}  # before the rename
-    for section in ("augment", "ema"):
-        del old[section]
-    notes = []
-    cfg = resolve_config(None, base=old, notes=notes)
-    assert (cfg.optim.lr, cfg.optim.lr_per_256) == (None, 0.4) and "optim.lr_per_256 0.4" in notes[0]
-    assert saved_peak_lr(old, 2)[0] == 0.4 * B * 2 / 256  # what a resume note calls the old peak
-    assert saved_peak_lr(config_to_dict(config(**{"optim.lr": 0.3})), 2)[0] == 0.3
-    path = tmp_path / "config.yaml"  # an old run's saved config.yaml: a full dump
-    path.write_text(yaml.safe_dump(old))
-    assert resolve_config(path).optim.lr_per_256 == 0.4
-    path.write_text(yaml.safe_dump({"optim": {"lr": 0.4}}))  # hand-written: absolute
-    assert resolve_config(path).optim.lr == 0.4
-    save_config(config(**{"optim.lr": 0.3}), path)  # this version's dump: never upgraded
-    notes = []
-    cfg = resolve_config(path, base=config_to_dict(config(**{"optim.lr": 0.3})), notes=notes)
-    assert (cfg.optim.lr, cfg.optim.lr_per_256, notes) == (0.3, None, [])
+def test_saved_configs_read_lr_as_written(tmp_path):
+    """A checkpoint's or config.yaml's optim.lr is the absolute peak lr, as this version writes it."""
+    saved = config_to_dict(config(**{"optim.lr": 0.3}))
+    assert saved_peak_lr(saved, 2)[0] == 0.3
+    cfg = resolve_config(None, base=saved)
+    assert (cfg.optim.lr, cfg.optim.lr_per_256) == (0.3, None)
+    path = tmp_path / "config.yaml"
+    save_config(config(**{"optim.lr_per_256": 0.4}), path)
+    assert saved_peak_lr(yaml.safe_load(path.read_text()), 2)[0] == pytest.approx(0.4 * B * 2 / 256)
 
 
 def test_min_lr_floors_the_decay():
