@@ -18,11 +18,12 @@ the EMA update when ema.decay is set. Nothing is read back to the host: the loss
 accuracies and w stay on the device until `StepMeter.read`, the loop's one sync every
 run.log_every steps.
 
-Compilation (compile.mode, compile.scope). Scope `step` (the default): `forward_loss` is compiled
-as one function, so teacher, students and loss are one graph whose backward AOTAutograd compiles
-with it, with static shapes (one graph per resolution; `warm` compiles a resolution ahead of
-training and times it). reduce-overhead adds inductor's CUDA graphs (a new iteration is marked
-each call, and the returned parts are copied out of the graph's memory). Scope `networks`: each
+Compilation (compile.mode, compile.scope). compile.mode auto (the default) is resolved by
+`fastkd.runtime.resolve_compile_mode`: reduce-overhead on one CUDA device, none on CPU and under
+DDP. Scope `step` (the default): `forward_loss` is compiled as one function, so teacher, students
+and loss are one graph whose backward AOTAutograd compiles with it, with static shapes (one graph
+per resolution; `warm` compiles, and records, a resolution ahead of training). reduce-overhead
+and cudagraphs replay CUDA graphs: each call marks an iteration and copies the parts out. Scope `networks`: each
 network is compiled alone and the loss runs eagerly between them. The optimizer update is never
 traced: on CUDA it is torch's fused SGD / AdamW kernel (a few launches for every parameter;
 whether tracing it would be faster has not been measured).
@@ -44,11 +45,11 @@ from torch import Tensor, nn
 
 from fastkd import distributed
 from fastkd.config import TrainConfig
+from fastkd.frozen_teacher import as_frozen_teacher
 from fastkd.losses import LossConfig, distillation_loss
 from fastkd.models import build_model, network_names
 from fastkd.recipe import AugmentConfig, MixParams, StudentsEMA, apply_mix, build_optimizer, draw_mix, load_optimizer_state
 from fastkd.recipe import mix_rng
-from fastkd.frozen_teacher import as_frozen_teacher
 from fastkd.runtime import CUDA_ONLY_MODES, allow_graphs, compile_fn, resolve_compile_mode
 from fastkd.runtime import amp_dtype as resolve_amp_dtype
 from fastkd.schedule import peak_lr
