@@ -85,11 +85,12 @@ class PackResult:
 # ----------------------------------------------------------------------------- pool workers
 
 _JOB: tuple[int, int] = (400, 90)  # (max_side, quality), set by _init_worker
+_ABORT = None  # multiprocessing.Event from the parent (set: the pack failed), set by _init_worker
 
 
-def _init_worker(max_side: int, quality: int) -> None:
-    global _JOB
-    _JOB = (max_side, quality)
+def _init_worker(max_side: int, quality: int, abort=None) -> None:
+    global _JOB, _ABORT
+    _JOB, _ABORT = (max_side, quality), abort
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     try:  # die with the parent, even on kill -9 (Linux)
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -99,6 +100,8 @@ def _init_worker(max_side: int, quality: int) -> None:
 
 def _encode_job(path: str):
     """-> (jpeg, width, height) or the reason (str) the input was skipped."""
+    if _ABORT is not None and _ABORT.is_set():  # the pack failed: queued jobs end at once
+        return "pack stopped"
     try:
         e = _encode.encode_file(path, *_JOB)
     except _encode.BadImage as error:
@@ -133,6 +136,18 @@ def default_workers() -> int:
 
 
 # ----------------------------------------------------------------------------- pack
+
+
+def stop_pool(pool, abort) -> None:
+    """Stop a Pool whose results are no longer wanted (the pack failed or was interrupted).
+    Never Pool.terminate(): a worker killed while it sends a result keeps the result queue's
+    lock, and the pool's task thread then blocks on that lock forever (a hang seen in this
+    project's suite, a pack stopped by a full disk while imap was still feeding). Instead
+    `abort` makes every queued job return at once (`_encode_job`), so close + join end in
+    about one job's time, with no worker killed."""
+    abort.set()
+    pool.close()
+    pool.join()
 
 
 def pack(
@@ -222,7 +237,8 @@ def pack(
         progress.start(len(jobs))
         # fork: workers start in milliseconds and inherit the encoder module; they use only PIL
         ctx = multiprocessing.get_context("fork")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(max_side, quality))
+        abort = ctx.Event()  # set by stop_pool: the workers skip what is still queued
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(max_side, quality, abort))
         results = pool.imap(_encode_job, [str(item.path) for _, item in jobs],
                             chunksize=max(1, min(32, len(jobs) // (workers * 8) or 1)))
         for s in SPLITS:
@@ -302,8 +318,7 @@ def pack(
         _move_into_place(tmp, out, overwrite)
     except BaseException as error:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            stop_pool(pool, abort)
         for writer in [*betons.values(), *shards.values()]:
             writer.abort()  # never raises: a full disk fails the close too
         written = tree_bytes(tmp) if is_disk_full(error) else 0

@@ -220,3 +220,29 @@ def test_failed_overwrite_says_the_earlier_pack_is_kept(tmp_path, monkeypatch):
         pack(src, out, classes="all", workers=1, shard_size=4, overwrite=True)
     assert "nothing was left" not in str(info.value)
     assert files_of(out) == before
+
+
+def test_a_failed_pack_stops_its_workers_without_killing_them(monkeypatch):
+    """stop_pool never kills a worker (a worker killed mid-send keeps the result queue's lock and
+    hangs Pool.terminate): the queued jobs return at once, the workers exit on their own."""
+    import multiprocessing
+    import time as time_
+
+    from fastkd.preprocess import pack as pack_module
+
+    def slow(path, *job):  # each job takes 0.2 s: 60 queued jobs would take 12 s
+        time_.sleep(0.2)
+        raise pack_module._encode.BadImage("not an image")
+
+    monkeypatch.setattr(pack_module._encode, "encode_file", slow)  # the forked workers inherit it
+    ctx = multiprocessing.get_context("fork")
+    abort = ctx.Event()
+    pool = ctx.Pool(2, initializer=pack_module._init_worker, initargs=(64, 90, abort))
+    workers = list(pool._pool)
+    results = pool.imap(pack_module._encode_job, [f"img{i}.jpg" for i in range(60)], chunksize=1)
+    assert next(results) == "not an image"
+    t0 = time_.perf_counter()
+    pack_module.stop_pool(pool, abort)
+    assert time_.perf_counter() - t0 < 3  # about one job, not the 59 still queued
+    assert [w.exitcode for w in workers] == [0, 0]  # exited, not killed
+    assert "pack stopped" in list(results)  # the queued jobs were skipped
