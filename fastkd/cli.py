@@ -8,7 +8,8 @@
     fastkd teacher-cache --data OUT ...  # the teacher's logits over K views per image, once
     fastkd quickstart                    # demo data -> pack -> teacher -> students -> report
 
-Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; modules are
+Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`, or `parse(argv)`
+for a command line it parses itself (`train`: tyro, args.argv holds its arguments); modules are
 imported only when their subcommand runs, so `fastkd --help` stays fast and a missing optional
 package (FFCV, DALI) only matters to the subcommand that needs it.
 """
@@ -39,20 +40,27 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if name != chosen:
+            subparsers.add_parser(name, help=help_text, description=help_text)
+            continue
+        module = importlib.import_module(module_name)  # import only the module that will run
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:  # import only the module that will run
-            module = importlib.import_module(module_name)
+        if not hasattr(module, "parse"):
             module.add_arguments(sub)
-            if module.__doc__:
-                sub.description = module.__doc__
-                sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        if module.__doc__:
+            sub.description = module.__doc__
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser, module
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser, module = build_parser(argv)
-    args = parser.parse_args(argv)
+    if hasattr(module, "parse"):  # a subcommand with its own parser (help included) gets its argv whole
+        at = argv.index(next(a for a in argv if not a.startswith("-")))
+        args = argparse.Namespace(command=argv[at], argv=argv[at + 1 :])
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(module.run(args) or 0)
     except FastKDError as error:

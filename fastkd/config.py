@@ -5,9 +5,10 @@
     save_config(cfg, run_dir / "config.yaml")
 
 Order of layers: dataclass defaults -> (when resuming) the checkpoint's config -> the YAML file
--> command-line overrides. Every layer is checked against the dataclasses: an unknown key or a
-value of the wrong type raises FastKDError naming `section.key`. Each field's trailing comment
-is its `--help` text, so keep it to one line.
+-> command-line overrides (fastkd.config_cli parses them with tyro). Every layer is checked
+against the dataclasses: an unknown key or a value of the wrong type raises FastKDError naming
+`section.key`. Each field's trailing comment is its `--help` text (tyro reads it), so keep it to
+one line.
 
 The peak learning rate is `optim.lr` (absolute) or `optim.lr_per_256` (x global batch / 256;
 both null: per 256 images, 0.5 for SGD and 2.5e-4 for AdamW, `fastkd.schedule.peak_lr`). One
@@ -17,13 +18,9 @@ other's value from the layers below, so `--lr 0.1` over a file with lr_per_256 j
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import inspect
-import re
 import types
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -31,15 +28,15 @@ import yaml
 
 from fastkd.data.spec import BackendName
 from fastkd.errors import FastKDError
-from fastkd.losses import METHODS, PEER_METHODS, TEACHER_METHODS, LossConfig  # noqa: F401 (re-exported)
+from fastkd.losses import PEER_METHODS, TEACHER_METHODS, LossConfig
 from fastkd.recipe import AugmentConfig, EmaConfig, OptimConfig, lr_pair_layer, recipe_problems
 from fastkd.runtime import AmpMode, CompileMode
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    dir: str | None = None  # packed directory written by `fastkd pack` (alias --data)
-    backend: BackendName = "ffcv"  # loader; auto: fastest here, printed (alias --backend)
+    dir: str | None = None  # packed directory written by `fastkd pack`
+    backend: BackendName = "ffcv"  # loader; auto: fastest here, printed
     batch_size: int = 256  # images per step per rank; optim.lr_per_256 scales with batch_size x ranks / 256
     num_workers: int | None = None  # loader workers; null = the backend's default
     decode: Literal["auto", "device", "host"] = "auto"  # torch backend: JPEGs decoded by nvJPEG on the GPU (device) or by the loader workers on host cores (host); auto: device on CUDA
@@ -52,9 +49,9 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    teacher: str = "resnet50"  # teacher: torchvision name, else timm; timm:NAME / tv:NAME pick the zoo (alias --teacher)
+    teacher: str = "resnet50"  # teacher: torchvision name, else timm; timm:NAME / tv:NAME pick the zoo
     teacher_weights: str | None = None  # imagenet (local cache, never downloaded), timm:NAME.TAG, run dir, checkpoint, state_dict/.safetensors
-    teacher_cache: str | None = None  # `fastkd teacher-cache` dir: cached logits, no teacher forward (alias --teacher-cache)
+    teacher_cache: str | None = None  # `fastkd teacher-cache` dir: cached logits, no teacher forward
     students: list[str] = field(default_factory=lambda: ["resnet18", "mobilenet_v2"])  # 1 or 2 archs, named as the teacher
     student_weights: list[str] = field(default_factory=list)  # initial weights NET=PATH (NET: resnet18, resnet18-2; PATH as teacher_weights)
     sync_bn: bool = False  # SyncBatchNorm in the students across ranks (CUDA only)
@@ -63,7 +60,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    epochs: int = 16  # training epochs (alias --epochs)
+    epochs: int = 16  # training epochs
     warmup_epochs: float = 1.0  # linear warm-up from 0 to the peak lr, per iteration
     shape: Literal["cosine", "linear"] = "cosine"  # decay to schedule.min_lr after warm-up
     min_lr: float = 0.0  # lr at the end of the decay (absolute, not scaled by the batch)
@@ -77,14 +74,14 @@ class PrecisionConfig:
 
 @dataclass(kw_only=True)
 class CompileConfig:
-    mode: CompileMode = "auto"  # torch.compile (alias --compile); auto: reduce-overhead (the whole step in CUDA graphs) on one CUDA device, none on CPU and under DDP; reduce-overhead and cudagraphs (no Triton) need CUDA
+    mode: CompileMode = "auto"  # torch.compile; auto: reduce-overhead (the whole step in CUDA graphs) on one CUDA device, none on CPU and under DDP; reduce-overhead and cudagraphs (no Triton) need CUDA
     scope: Literal["step", "networks"] = "step"  # step: teacher + students + loss as one graph (backward compiled with it); networks: each network alone
     warm: bool = True  # compile every train resolution before the first step (timed apart, logged as `compile` records)
 
 
 @dataclass(kw_only=True)
 class RunConfig:
-    out: str = "runs/fastkd"  # run directory (alias --out)
+    out: str = "runs/fastkd"  # run directory
     seed: int = 0  # seed of weights init, data order and augmentation
     log_every: int = 50  # steps between metric reads (the only host syncs of the loop)
     eval_every: int = 1  # epochs between val passes (the last epoch is always evaluated)
@@ -94,13 +91,13 @@ class RunConfig:
     stop_after: int | None = None  # end this invocation after that many epochs (split a run)
     live: bool = True  # rich live progress display on rank 0
     summary: bool = True  # print the final results table on rank 0 (with or without run.live)
-    overwrite: bool = False  # a fresh run may replace the run already in run.out (alias --overwrite)
-    log: list[str] = field(default_factory=lambda: ["tensorboard"])  # loggers beside metrics.jsonl: tensorboard, wandb, none (alias --log)
+    overwrite: bool = False  # a fresh run may replace the run already in run.out
+    log: list[str] = field(default_factory=lambda: ["tensorboard"])  # loggers beside metrics.jsonl: tensorboard, wandb, none
 
 
 @dataclass(kw_only=True)
 class DistConfig:
-    gpus: int = 1  # ranks on this node: >1 relaunches under torch.distributed.run (alias --gpus)
+    gpus: int = 1  # ranks on this node: >1 relaunches under torch.distributed.run
 
 
 @dataclass(kw_only=True)
@@ -118,56 +115,9 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-# Short flags for the keys people type most.
-ALIASES: dict[str, str] = {
-    "--data": "data.dir",
-    "--backend": "data.backend",
-    "--batch-size": "data.batch_size",
-    "--method": "loss.method",
-    "--students": "model.students",
-    "--teacher": "model.teacher",
-    "--teacher-weights": "model.teacher_weights",
-    "--epochs": "schedule.epochs",
-    "--compile": "compile.mode",
-    "--out": "run.out",
-    "--resume": "run.resume",
-    "--gpus": "dist.gpus",
-    "--overwrite": "run.overwrite",
-    "--teacher-cache": "model.teacher_cache",
-    "--student-weights": "model.student_weights",
-    "--log": "run.log",
-    "--lr": "optim.lr",
-    "--optimizer": "optim.name",
-}
-
-
-def _sections() -> dict[str, type]:
+def section_classes() -> dict[str, type]:
+    """Section name -> its dataclass, in TrainConfig's order."""
     return {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
-
-
-def _class_body(cls: type) -> list[str]:
-    """The lines of `cls`'s body, read as text from its module's file. Not inspect.getsource: it
-    parses the whole module with ast, which CPython 3.11.7 can refuse ("AST constructor recursion
-    depth mismatch") in a process where deep recursion happened before, e.g. torch.compile's."""
-    lines = Path(inspect.getsourcefile(cls)).read_text(encoding="utf-8").splitlines()
-    start = next(i for i, line in enumerate(lines) if re.match(rf"class {cls.__name__}\b", line))
-    body = []
-    for line in lines[start + 1 :]:
-        if line and not line[0].isspace():  # the next top-level statement
-            break
-        body.append(line)
-    return body
-
-
-@lru_cache(maxsize=None)
-def _field_help(cls: type) -> dict[str, str]:
-    """Field name -> its trailing `# comment` in the class source (the one-line doc)."""
-    helps = {}
-    for line in _class_body(cls):
-        match = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
-        if match:
-            helps[match.group(1)] = match.group(2).strip()
-    return helps
 
 
 def _type_name(tp: Any) -> str:
@@ -225,7 +175,7 @@ def _merge(base: dict, update: dict, source: str) -> dict:
     """`update` (a partial nested dict) checked and laid over `base` (a full nested dict)."""
     if not isinstance(update, dict):
         raise FastKDError(f"{source}: expected a mapping of sections, got {type(update).__name__}")
-    sections = _sections()
+    sections = section_classes()
     merged = {name: dict(values) for name, values in base.items()}
     for section, values in update.items():
         if section not in sections:
@@ -254,7 +204,7 @@ def config_from_dict(data: dict, source: str = "config", check: bool = True) -> 
     """A full TrainConfig from a (possibly partial) nested dict over the defaults, type-checked
     and (check=True) validated across keys."""
     merged = _merge(config_to_dict(TrainConfig()), data, source)
-    sections = _sections()
+    sections = section_classes()
     cfg = TrainConfig(**{name: sections[name](**values) for name, values in merged.items()})
     if check:
         validate(cfg)
@@ -273,9 +223,10 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def parse_overrides(overrides: dict[str, Any]) -> dict:
-    """{"optim.lr": "0.3"} -> {"optim": {"lr": 0.3}}: strings from the command line typed by
-    the field (`null` means None; `str` fields keep the text as it is)."""
-    sections = _sections()
+    """{"optim.lr": "0.3"} -> {"optim": {"lr": 0.3}}: the dotted form of the Python API, the
+    benchmarks and fastkd.config_cli. A string for a field that is not a string is read as YAML
+    (`null` means None); `str` fields keep the text as it is; values are checked by _merge."""
+    sections = section_classes()
     nested: dict[str, dict] = {}
     for dotted, raw in overrides.items():
         section, _, key = dotted.partition(".")
@@ -284,15 +235,13 @@ def parse_overrides(overrides: dict[str, Any]) -> dict:
         tp = get_type_hints(sections[section])[key]
         value = raw
         if isinstance(raw, str):
-            if raw in ("null", "None", "~") and _check_or_none(None, tp, dotted):
+            if raw in ("null", "None", "~") and accepts_none(tp):
                 value = None
             elif not _accepts_str(tp):
                 try:
                     value = yaml.safe_load(raw)
                 except yaml.YAMLError:
                     value = raw
-        elif isinstance(raw, list) and len(raw) == 1 and get_origin(tp) is list:
-            value = raw[0]  # `--students a,b` arrives as ["a,b"]
         nested.setdefault(section, {})[key] = value
     return nested
 
@@ -303,12 +252,9 @@ def _accepts_str(tp: Any) -> bool:
     return tp is str or get_origin(tp) in (Literal, list)
 
 
-def _check_or_none(value: Any, tp: Any, key: str) -> bool:
-    try:
-        _check(value, tp, key)
-        return True
-    except FastKDError:
-        return False
+def accepts_none(tp: Any) -> bool:
+    """Whether a field of type `tp` may be None (null in YAML)."""
+    return tp is type(None) or (get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp))
 
 
 def resolve_config(
@@ -378,49 +324,3 @@ def check_runnable(cfg: TrainConfig, has_data: bool = False, has_teacher: bool =
             f"loss.method {cfg.loss.method} distils from a teacher: pass --teacher-weights "
             "CHECKPOINT|RUN_DIR|WEIGHTS|imagenet or --teacher-cache DIR (or --method ce / dml, which need none)"
         )
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--section.key VALUE` for every config field (plus the short aliases), help from the
-    field comments. Values stay strings here; `overrides_from_args` collects the ones given."""
-    inverse = {key: alias for alias, key in ALIASES.items()}
-    for section, cls in _sections().items():
-        group = parser.add_argument_group(f"{section} (config section)")
-        helps = _field_help(cls)
-        hints = get_type_hints(cls)
-        default = cls()
-        for f in dataclasses.fields(cls):
-            dotted = f"{section}.{f.name}"
-            flags = [f"--{dotted}"] + ([inverse[dotted]] if dotted in inverse else [])
-            tp = hints[f.name]
-            kwargs: dict[str, Any] = {"nargs": "+"} if get_origin(tp) is list else {}
-            if tp is bool:  # `--overwrite` alone means true; `--run.live false` still works
-                kwargs = {"nargs": "?", "const": "true"}
-            group.add_argument(
-                *flags,
-                dest=dotted,
-                default=argparse.SUPPRESS,
-                metavar=_metavar(tp),
-                help=f"{helps.get(f.name, '')} [{getattr(default, f.name)}]",
-                **kwargs,
-            )
-
-
-def _metavar(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "{" + ",".join(str(a) for a in get_args(tp)) + "}"
-    if get_origin(tp) in (Union, types.UnionType):
-        return _metavar(next(a for a in get_args(tp) if a is not type(None)))
-    if get_origin(tp) is list:
-        return "X" if get_args(tp)[0] is float else "NAME"
-    return {int: "N", float: "X", bool: "true|false"}.get(tp, "VALUE")
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The `--section.key` values present on the command line, as {"section.key": raw}."""
-    sections = _sections()
-    return {
-        key: value
-        for key, value in vars(args).items()
-        if "." in key and key.partition(".")[0] in sections
-    }

@@ -80,7 +80,7 @@ IMPL_ENV = "FASTKD_LOSS_IMPL"  # "reference" forces the PyTorch reference; "fuse
 class LossConfig:
     """Settings of the distillation loss; `method` picks the terms, the rest are their constants."""
 
-    method: MethodName = "uadkd"  # which terms are on: ce kd uakd dml dual uadkd (alias --method)
+    method: MethodName = "uadkd"  # which terms are on: ce kd uakd dml dual uadkd
     temperature: float = 4.0  # T of the KD and peer softmaxes; KL terms are scaled by T^2
     entropy_temperature: float = 1.0  # T_w of the teacher softmax whose entropy gives w
     a_ce: float = 1.0  # weight of the label-smoothed cross-entropy (every method)

@@ -46,8 +46,8 @@ LR_KEYS = ("lr", "lr_per_256")  # one config layer sets at most one; setting one
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"  # sgd (momentum, nesterov) or adamw (betas, eps) (alias --optimizer)
-    lr: float | None = None  # absolute peak lr, whatever the batch (alias --lr); set this or lr_per_256
+    name: Literal["sgd", "adamw"] = "sgd"  # sgd (momentum, nesterov) or adamw (betas, eps)
+    lr: float | None = None  # absolute peak lr, whatever the batch; set this or lr_per_256
     lr_per_256: float | None = None  # peak lr per 256 images, x global batch / 256; both null = sgd 0.5, adamw 2.5e-4
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # SGD Nesterov momentum

@@ -5,8 +5,8 @@ Single GPU (the ImageNet-100 paper recipe: teacher ResNet-50, students ResNet-18
     fastkd train --config fastkd/configs/imagenet100_uadkd.yaml --data data/imagenet100-packed \
         --teacher-weights runs/imagenet100-teacher/checkpoints/best-resnet50.pt --out runs/uadkd
 
-One node, 8 GPUs (relaunches itself through torch.distributed.run; batch size is per GPU and the
-lr scales with batch size x GPUs / 256):
+One node, 8 GPUs (relaunches itself through torch.distributed.run; batch size is per GPU and
+the lr scales with batch size x GPUs / 256):
 
     fastkd train --config fastkd/configs/imagenet100_uadkd.yaml --data data/imagenet100-packed --gpus 8
 
@@ -19,16 +19,15 @@ A teacher is the same trainer with method `ce` and one network:
 
     fastkd train --config fastkd/configs/imagenet100_teacher.yaml --data data/imagenet100-packed
 
-Config: dataclass defaults, then `--config FILE.yaml`, then any `--section.key VALUE` below (short
-aliases: --data --backend --batch-size --method --students --teacher --teacher-weights --epochs
---compile --out --resume --gpus). `--resume auto` continues OUT/checkpoints/last.pt when it
+Config: dataclass defaults, then `--config FILE.yaml`, then any `--section.key VALUE` flag
+(the short aliases are listed below). `--resume auto` continues OUT/checkpoints/last.pt when it
 exists; `--resume PATH` (a run directory or its checkpoints/last.pt) continues that run, in the
 directory that holds it, with its config (flags given now override). A finished run is left
 untouched (exit 0). A fresh run into a directory that already holds a run is refused unless
---overwrite; one training at a time holds a run directory (a lock; a dead holder's is taken over).
-On resume, metrics.jsonl records past the checkpoint (after a kill -9) are dropped.
-Ctrl-C finishes the current step, saves last.pt and exits with status 130 (SIGTERM: 143).
-On CPU, `--gpus N --run.device cpu` runs N gloo ranks (tests). The run directory OUT holds
+`--overwrite`; one training at a time holds a run directory (a lock; a dead holder's is taken
+over). On resume, metrics.jsonl records past the checkpoint (after a kill -9) are dropped.
+Ctrl-C finishes the current step, saves last.pt and exits with status 130 (SIGTERM: 143). On
+CPU, `--gpus N --run.device cpu` runs N gloo ranks (tests). The run directory OUT holds
 config.yaml, metrics.jsonl, checkpoints/{last,best-<net>}.pt, report.json, report.md, plots/.
 """
 from __future__ import annotations
@@ -41,7 +40,8 @@ from pathlib import Path
 
 from fastkd import distributed
 from fastkd.checkpoint import load_last
-from fastkd.config import TrainConfig, add_config_arguments, overrides_from_args, resolve_config, save_config
+from fastkd.config import TrainConfig, resolve_config, save_config
+from fastkd.config_cli import TrainArgs, parse_train_argv
 from fastkd.errors import FastKDError
 from fastkd.run_dir import LOCK_ENV, claim, classify
 from fastkd.run_layout import CHECKPOINTS_DIR, RunLayout
@@ -51,9 +51,10 @@ from fastkd.weights import split_weights_spec
 _NOT_INHERITED = {"run": ("resume", "stop_after", "overwrite")}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="YAML", help="config file (before the flags below)")
-    add_config_arguments(parser)
+def parse(argv: list[str]) -> TrainArgs:
+    """`fastkd train`'s argv -> the config file and the typed keys the command line set (the
+    whole command line, `--help` included, goes to tyro: fastkd.config_cli)."""
+    return parse_train_argv(argv, description=__doc__)
 
 
 def resume_path(resume: str | None, out: str) -> Path | None:
@@ -89,10 +90,10 @@ def _absolute_paths(cfg: TrainConfig) -> None:
         cfg.model.teacher_weights = os.path.abspath(weights) + (f":{prefix.rstrip('.')}" if prefix else "")
 
 
-def resolve(args: argparse.Namespace):
+def resolve(args: TrainArgs):
     """(config, loaded checkpoint or None): a resumed run starts from the checkpoint's config and
     continues in the directory that holds the checkpoint."""
-    overrides = overrides_from_args(args)
+    overrides = args.overrides
     first = resolve_config(args.config, overrides, check=False)
     path = resume_path(first.run.resume, first.run.out)
     if path is None:
@@ -134,7 +135,7 @@ def claim_run_dir(cfg: TrainConfig, ckpt: dict | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, ckpt = resolve(args)
+    cfg, ckpt = resolve(parse(args.argv))
     if _finished(cfg, ckpt):
         state = "finished" if classify(cfg.run.out) == "finished" else "at its last epoch"
         print(f"fastkd train: the run in {cfg.run.out} is {state} ({ckpt['epoch']} of {cfg.schedule.epochs} "

@@ -31,7 +31,7 @@ PY="$VENV/bin/python"
 # 3. Packages. torch/torchvision pinned to the CUDA 13 build this platform serves (runs on CPU too).
 "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 "$PY" -m pip install -q numpy pillow pyyaml rich numba scikit-learn matplotlib pytest pytest-xdist \
-    timm safetensors tensorboard wandb nvidia-dali-cuda130 nvidia-nvimgcodec-cu13 nvidia-nvjpeg
+    timm safetensors tensorboard wandb tyro nvidia-dali-cuda130 nvidia-nvimgcodec-cu13 nvidia-nvjpeg
 # FFCV builds from source against the apt libraries; it needs numpy + cython at build time.
 "$PY" -m pip install -q cython
 "$PY" -m pip install -q --no-build-isolation "ffcv==1.0.2"

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 from importlib import resources
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fastkd.config import (
-    TrainConfig,
-    add_config_arguments,
-    config_to_dict,
-    overrides_from_args,
-    resolve_config,
-    save_config,
-)
+from fastkd.config import TrainConfig, config_to_dict, resolve_config, save_config
+from fastkd.config_cli import ALIASES, config_flags, parse_train_argv
 from fastkd.errors import FastKDError
 from fastkd.schedule import lr_at, resolution_at, scaled_lr
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config")
-    add_config_arguments(parser)
-    return parser.parse_args(argv)
+def parse(argv: list[str]):
+    """(config file, overrides) of a `fastkd train` argv, through the real parser (tyro)."""
+    return parse_train_argv(argv)
 
 
 def shipped_configs() -> list[Path]:
@@ -47,7 +38,7 @@ def test_yaml_then_flags_and_aliases(tmp_path):
     path.write_text(yaml.safe_dump({"optim": {"lr_per_256": 0.2, "weight_decay": "5e-5"}, "loss": {"method": "ce"}}))
     args = parse(["--config", str(path), "--optim.lr_per_256", "0.3", "--data", "D", "--students", "resnet18",
                   "--gpus", "2", "--batch-size", "64", "--model.teacher_weights", "null", "--run.live", "false"])
-    cfg = resolve_config(args.config, overrides_from_args(args))
+    cfg = resolve_config(args.config, args.overrides)
     assert cfg.optim.lr_per_256 == 0.3 and cfg.optim.lr is None  # flag beats file
     assert cfg.optim.weight_decay == 5e-5  # YAML-1.1 string float accepted
     assert cfg.loss.method == "ce" and cfg.data.dir == "D" and cfg.dist.gpus == 2
@@ -56,10 +47,9 @@ def test_yaml_then_flags_and_aliases(tmp_path):
 
 
 def test_students_comma_and_list():
-    cfg = resolve_config(None, overrides_from_args(parse(["--students", "resnet18,resnet18",
-                                                          "--teacher-weights", "imagenet"])))
+    cfg = resolve_config(None, parse(["--students", "resnet18,resnet18", "--teacher-weights", "imagenet"]).overrides)
     assert cfg.model.students == ["resnet18", "resnet18"]
-    cfg = resolve_config(None, overrides_from_args(parse(["--students", "a", "b", "--teacher-weights", "x"])))
+    cfg = resolve_config(None, parse(["--students", "a", "b", "--teacher-weights", "x"]).overrides)
     assert cfg.model.students == ["a", "b"]
 
 
@@ -94,9 +84,12 @@ def test_run_needs_data_and_teacher_weights():
     check_runnable(resolve_config(None, {"data.dir": "d", "loss.method": "dml"}))
 
 
-def test_unknown_flag_value_type_named():
-    with pytest.raises(FastKDError, match=r"data\.batch_size"):
-        resolve_config(None, overrides_from_args(parse(["--batch-size", "lots"])))
+def test_unknown_flag_value_type_named(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--batch-size", "lots"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.batch_size" in err and "lots" in err
 
 
 def test_missing_config_file_named(tmp_path):
@@ -111,11 +104,52 @@ def test_saved_config_round_trips(tmp_path):
     assert config_to_dict(again) == config_to_dict(cfg)
 
 
-def test_every_field_has_help():
-    help_text = argparse.ArgumentParser()
-    add_config_arguments(help_text)
-    for action in help_text._actions[1:]:
-        assert action.help and not action.help.startswith(" ["), action.dest
+def test_every_field_and_alias_has_help(capsys, monkeypatch):
+    """`fastkd train --help` lists every --section.key with its one-line help (the field's
+    trailing comment) and every short alias."""
+    monkeypatch.setenv("COLUMNS", "100")  # one column of options
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--help"])
+    assert exit_.value.code == 0
+    lines = [line.strip("│ ") for line in capsys.readouterr().out.splitlines()]
+    for flag in config_flags():
+        at = next((i for i, line in enumerate(lines) if line.startswith(flag + " ") or line.startswith(flag + ",")
+                   or line == flag), None)
+        assert at is not None, flag
+        assert lines[at + 1] and not lines[at + 1].startswith("(default"), f"{flag} has no help"
+    for alias, key in ALIASES.items():
+        assert any(line.split() == [alias, f"--{key}"] for line in lines), alias
+
+
+@pytest.mark.parametrize(
+    "argv, key, value",
+    [
+        (["--run.live", "false"], "run.live", False),
+        (["--run.live=False"], "run.live", False),
+        (["--run.no_live"], "run.live", False),
+        (["--run.no-live"], "run.live", False),
+        (["--overwrite"], "run.overwrite", True),
+        (["--overwrite", "true"], "run.overwrite", True),
+        (["--model.fold_teacher_bn", "off"], "model.fold_teacher_bn", False),
+        (["--lr", "null"], "optim.lr", None),
+        (["--teacher-weights", "~"], "model.teacher_weights", None),
+        (["--data.num_workers=null"], "data.num_workers", None),
+        (["--log", "tensorboard,wandb"], "run.log", ["tensorboard", "wandb"]),
+        (["--optim.betas", "0.8", "0.9"], "optim.betas", [0.8, 0.9]),
+        (["--epochs=3"], "schedule.epochs", 3),
+    ],
+)
+def test_flag_spellings(argv, key, value):
+    args = parse(argv + ["--data", "D"])
+    assert args.overrides == {key: value, "data.dir": "D"}  # only the keys given come back
+
+
+def test_flags_lie_over_a_checkpoint_config_not_the_defaults(tmp_path):
+    """A flag not given leaves the layer below alone, even where it equals the default."""
+    args = parse(["--epochs", "5"])
+    base = {"run": {"live": False}, "schedule": {"epochs": 9}, "optim": {"lr": 0.3}}
+    cfg = resolve_config(args.config, args.overrides, base=base)
+    assert cfg.schedule.epochs == 5 and cfg.run.live is False and cfg.optim.lr == 0.3
 
 
 @pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastkd import quickstart
-from fastkd.cli import build_parser, main
-from fastkd.config import overrides_from_args, resolve_config
+from fastkd.cli import main
+from fastkd.config import resolve_config
 from fastkd.metrics import read_metrics
 from fastkd.quickstart import config_path
 
@@ -25,9 +25,11 @@ def test_quickstart_configs_validate():
 
 def _train_config(argv):
     """The TrainConfig a `fastkd train` argv resolves to (flags parsed by the real CLI parser)."""
-    parser, _ = build_parser(argv)
-    args = parser.parse_args(argv)
-    return resolve_config(args.config, overrides_from_args(args), check=False)
+    from fastkd.train_cmd import parse
+
+    assert argv[0] == "train"
+    args = parse(argv[1:])
+    return resolve_config(args.config, args.overrides, check=False)
 
 
 def test_quickstart_prints_one_table_and_replaces_only_unresumable_runs(tmp_path, monkeypatch, capsys):

@@ -96,11 +96,9 @@ def test_resumed_optimizer_keeps_this_devices_kernels(name):
 
 
 def test_optimizer_flag_alias():
-    from test_config import parse
+    from fastkd.config_cli import parse_train_argv
 
-    from fastkd.config import overrides_from_args
-
-    cfg = resolve_config(None, overrides_from_args(parse(["--optimizer", "adamw", "--lr", "0.002"])))
+    cfg = resolve_config(None, parse_train_argv(["--optimizer", "adamw", "--lr", "0.002"]).overrides)
     assert cfg.optim.name == "adamw" and cfg.optim.lr == 0.002 and cfg.optim.lr_per_256 is None
 
 

@@ -233,8 +233,6 @@ def test_step_has_no_host_sync_on_cuda(tmp_path):
 
 
 def test_resume_takes_checkpoint_config_then_flags(tmp_path):
-    import argparse
-
     from fastkd import train_cmd
     from fastkd.checkpoint import build_last, save_atomic
     from fastkd.config import config_to_dict
@@ -247,9 +245,7 @@ def test_resume_takes_checkpoint_config_then_flags(tmp_path):
                            global_step=8, scaler={}, best_top1={}, rng=[], num_classes=4), path)
 
     def resolve(argv):
-        parser = argparse.ArgumentParser()
-        train_cmd.add_arguments(parser)
-        return train_cmd.resolve(parser.parse_args(argv))
+        return train_cmd.resolve(train_cmd.parse(argv))
 
     cfg, ckpt = resolve(["--resume", str(path), "--optim.lr_per_256", "0.1"])  # nothing else on the line
     assert ckpt is not None and cfg.run.resume == str(path)

@@ -103,12 +103,10 @@ def test_bad_teacher_file_is_named(packed, tmp_path, capsys):
 
 
 WORKER = """
-import argparse, os, sys, torch
+import os, sys, torch
 from fastkd import distributed, train_cmd
 from fastkd.train import Trainer
-parser = argparse.ArgumentParser()
-train_cmd.add_arguments(parser)
-cfg, ckpt = train_cmd.resolve(parser.parse_args(sys.argv[1:]))
+cfg, ckpt = train_cmd.resolve(train_cmd.parse(sys.argv[1:]))
 trainer = Trainer(cfg, resume=ckpt)
 trainer.fit()
 params = {k: p.detach() for k, p in trainer.students.named_parameters()}
