@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from fastkd.losses import LossConfig, distillation_loss, reference_loss
+from fastkd.runtime import triton_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py: machine description, result JSON)
@@ -51,20 +52,6 @@ import common  # noqa: E402  (benchmarks/common.py: machine description, result 
 SHAPES = [(256, 100), (256, 1000), (1024, 100), (1024, 1000)]
 QUICK_SHAPES = [(256, 100), (1024, 1000)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def has_triton() -> bool:
-    try:
-        from torch.utils._triton import has_triton as _has_triton
-
-        return bool(_has_triton())
-    except Exception:  # older/newer torch without the helper: import triton directly
-        try:
-            import triton  # noqa: F401
-
-            return True
-        except ImportError:
-            return False
 
 
 def time_interleaved(fns: dict, device: str, warmup: int, iters: int) -> dict[str, float]:
@@ -210,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         compiled = None
         if not args.no_compile and not (args.quick and device == "cpu"):
-            if device == "cuda" and not has_triton():
+            if device == "cuda" and not triton_available():
                 notes.append("compiled reference skipped on cuda: Triton is absent (inductor needs it on GPU)")
             else:
                 torch._dynamo.reset()
