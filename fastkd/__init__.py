@@ -15,6 +15,12 @@ from fastkd import nvjpeg_library as _nvjpeg_library  # noqa: E402  (ctypes only
 # libnvjpeg.so.13 soname): map the carried nvidia-nvjpeg wheel's, 13.2 or newer, see that module.
 _nvjpeg_library.preload()
 
+from fastkd import short_tempdir as _short_tempdir  # noqa: E402  (os and sys only, unless $TMPDIR is long)
+
+# Before any DataLoader worker or Pool starts: a long $TMPDIR makes multiprocessing's AF_UNIX
+# socket paths too long and the workers hang; see that module.
+_short_tempdir.ensure()
+
 __all__ = ["fit", "Trainer", "TrainConfig", "make_config"]
 
 
