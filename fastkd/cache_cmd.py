@@ -36,6 +36,7 @@ sha256, is written last: until then `--teacher-cache OUT` refuses the folder as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -57,6 +58,8 @@ from fastkd.data.torch_loader import crop_batch, decode_host, decode_jpegs, deco
 from fastkd.data.transforms import crop_params, mean_std_255, normalize_uint8
 from fastkd.errors import FastKDError
 from fastkd.losses import confidence_weight
+from fastkd.notes import console as shared_console
+from fastkd.notes import drawing, say, show
 from fastkd.packformat import sha256_file
 from fastkd.runtime import AMP_MODES, amp_dtype, amp_mode, input_dtype, resolve_device
 
@@ -83,18 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console(stderr=True)
     manifest = build_cache(args.data, args.teacher, args.teacher_weights, args.views, args.out,
                            resolution=args.resolution, seed=args.seed, batch_size=args.batch_size,
                            device=args.device, amp=args.amp, entropy_temperature=args.entropy_temperature,
                            chunk_size=args.chunk_size, num_workers=args.workers, topk=args.topk,
-                           overwrite=args.overwrite, progress=not args.quiet, console=console)
+                           overwrite=args.overwrite, progress=not args.quiet, console=shared_console(err=True))
     n, per = manifest["pack"]["count"], manifest["bytes_per_image"]
-    print(f"fastkd teacher-cache: {args.out}: {n:,} images x {manifest['views']} views x "
-          f"{manifest['num_classes']} classes ({manifest['storage']['kind']}), {_size(per)} per image, "
-          f"{_size(per * n)} in all; identity {manifest['identity']}")
+    show(f"fastkd teacher-cache: {args.out}: {n:,} images x {manifest['views']} views x "
+         f"{manifest['num_classes']} classes ({manifest['storage']['kind']}), {_size(per)} per image, "
+         f"{_size(per * n)} in all; identity {manifest['identity']}")
     return 0
 
 
@@ -222,15 +222,19 @@ class _Bar:
 
         self.bar = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                            TimeRemainingColumn(), console=console, disable=not enabled)
+                            TimeRemainingColumn(), console=console or shared_console(), disable=not enabled)
         self.task = self.bar.add_task("cache", total=total, completed=done, rate="- img/s")
+        self._drawing = contextlib.ExitStack()
 
     def __enter__(self):
         self.bar.start()
+        if not self.bar.disable:  # the build's notes go above the bar
+            self._drawing.enter_context(drawing(self.bar.console))
         return self
 
     def __exit__(self, *exc):
         self.bar.stop()
+        self._drawing.close()
 
     def advance(self, n: int) -> None:
         self.bar.advance(self.task, n)
@@ -277,9 +281,8 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
     if any(not (out / array_file(name)).is_file() for name in specs):  # arrays gone: no marker can be trusted
         for mark in marks.glob(MARKER_GLOB):
             mark.unlink()
-    say = console.print if console is not None else print
     writer = CacheWriter(out, n, views, len(classes), storage, resume=mode == "resume", note=say)
-    digests = _kept_chunks(marks, writer, chunk_size, n, say)  # chunk -> digest of its rows
+    digests = _kept_chunks(marks, writer, chunk_size, n)  # chunk -> digest of its rows
     chunks = [(c, *chunk_range(c, chunk_size, n)) for c in range(num_chunks(chunk_size, n)) if c not in digests]
 
     net = load_teacher(weights, teacher, pack, channels_last=True).to(dev)
@@ -324,7 +327,7 @@ def build_cache(data, teacher: str, weights: str, views: int, out, *, resolution
     return manifest
 
 
-def _kept_chunks(marks: Path, writer: CacheWriter, rows: int, n: int, say) -> dict[int, str]:
+def _kept_chunks(marks: Path, writer: CacheWriter, rows: int, n: int) -> dict[int, str]:
     """{chunk: digest} of the finished chunks an interrupted build may keep: those whose marker
     holds a checksum their rows on disk still match. Any other marker (damaged rows, a truncated
     array made anew, a marker without a checksum) is removed and its chunk made again."""
@@ -359,5 +362,5 @@ if __name__ == "__main__":  # python -m fastkd.cache_cmd ...
     try:
         sys.exit(run(parser.parse_args()))
     except FastKDError as error:
-        print(f"fastkd teacher-cache: error: {error}", file=sys.stderr)
+        say(f"fastkd teacher-cache: error: {error}")
         sys.exit(2)

@@ -23,6 +23,7 @@ from fastkd.atomic import atomic_write_bytes
 from fastkd.cache_chunks import chunk_digest
 from fastkd.packformat import sha256_file
 from fastkd.cacheformat import FORMAT, MANIFEST, VERSION, array_file, array_specs, compress_logits, identity_of
+from fastkd.notes import say
 
 
 def _reopen(path: Path, shape: tuple, dtype: str) -> np.ndarray | None:
@@ -50,7 +51,7 @@ class CacheWriter:
     array made anew on resume."""
 
     def __init__(self, root: str | Path, n: int, views: int, num_classes: int, storage: dict, resume: bool,
-                 note: Callable[[str], None] = print):  # fmt: skip
+                 note: Callable[[str], None] = say):  # fmt: skip
         self.root, self.storage, self.num_classes = Path(root), storage, num_classes
         self.specs = array_specs(n, views, num_classes, storage)
         self.root.mkdir(parents=True, exist_ok=True)

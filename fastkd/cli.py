@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         report_error(f"fastkd {args.command}: error: {error}")
         return 2
     except KeyboardInterrupt:
-        print("fastkd: interrupted", file=sys.stderr)
+        from fastkd.notes import say
+
+        say("fastkd: interrupted")
         return 130
 
 

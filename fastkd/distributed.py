@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from fastkd.errors import FastKDError
+from fastkd.notes import say
 
 
 @dataclass(frozen=True)
@@ -119,13 +120,13 @@ class _Launch:
     def on_signal(self, signum: int, frame) -> None:
         if self.first is None:
             self.first = signum
-            _say(f"{signal.Signals(signum).name}: the ranks stop at their next metric read and save "
-                 f"checkpoints/last.pt (up to {self.grace_s} s); signal again to kill them now")  # fmt: skip
+            say(f"fastkd train: {signal.Signals(signum).name}: the ranks stop at their next metric read and save "
+                f"checkpoints/last.pt (up to {self.grace_s} s); signal again to kill them now", rank=0)  # fmt: skip
             if self.proc.returncode is None:
                 _signal(self.proc.pid, signal.SIGTERM, group=False)  # torchrun forwards it to every rank
             return
         if not self.hard:
-            _say("second signal: killing torchrun and the ranks now (nothing more is saved)")
+            say("fastkd train: second signal: killing torchrun and the ranks now (nothing more is saved)", rank=0)
         self.hard = True
         self.kill_all()
 
@@ -157,7 +158,7 @@ class _Launch:
         if not self.alive_ranks():
             return
         if not self.hard:
-            _say("torchrun exited with ranks still running: asking them to stop and save")
+            say("fastkd train: torchrun exited with ranks still running: asking them to stop and save", rank=0)
             for pid in self.alive_ranks():
                 _signal(pid, signal.SIGTERM, group=False)
             deadline = time.monotonic() + self.grace_s
@@ -180,10 +181,6 @@ def _handled(signums: tuple[int, ...], handler):
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
-
-
-def _say(message: str) -> None:
-    print(f"fastkd train: {message}", file=sys.stderr, flush=True)
 
 
 def _signal(pid: int, signum: int, group: bool) -> None:

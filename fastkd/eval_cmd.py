@@ -22,6 +22,7 @@ import yaml
 
 from fastkd.data.spec import AUTO, BACKENDS, val_pipeline
 from fastkd.errors import FastKDError
+from fastkd.notes import say, show
 from fastkd.run_layout import BEST_PREFIX, RunLayout
 from fastkd.runtime import resolve_device
 
@@ -86,12 +87,10 @@ def arch_of_best(path: Path, config: dict) -> str:
 def pick_network(nets: dict, name: str, path: Path) -> dict:
     """The one network --arch names among a checkpoint's several (said on stderr); FastKDError
     listing them when none is that one: evaluating them all would answer another question."""
-    import sys
-
     if name not in nets:
         raise FastKDError(f"--arch {name}: {path} holds the networks {', '.join(nets)} and no {name}, and there is no "
                           f"best-{name}.pt beside it; pass --arch with one of those names, or that network's weights")
-    print(f"fastkd eval: no best-{name}.pt in {path.parent}; evaluating network {name} of {path}", file=sys.stderr)
+    say(f"fastkd eval: no best-{name}.pt in {path.parent}; evaluating network {name} of {path}")
     return {name: nets[name]}
 
 
@@ -119,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(nets, loader)
 
     print_results(path, args.data, resolution, {name: res[name] for name in nets})
-    print(f"val pipeline: {val_pipeline(loader)}")  # backends resize differently: say which one scored
+    show(f"val pipeline: {val_pipeline(loader)}")  # backends resize differently: say which one scored
     return 0
 
 
@@ -128,13 +127,11 @@ def print_results(weights, data, resolution: int, res: dict[str, dict]) -> None:
     would wrap them), then one table row per network of `res` (fastkd.evaluate's results)."""
     from rich.table import Table
 
-    from fastkd.tables import print_table
-
-    print(f"weights: {weights}")
-    print(f"data: {data}")
+    show(f"weights: {weights}")
+    show(f"data: {data}")
     table = Table(title=f"val, {resolution} px")
     for column in ("network", "top-1 %", "top-5 %", "loss", "ECE %", "images"):
         table.add_column(column, justify="left" if column == "network" else "right")
     for name, r in res.items():
         table.add_row(name, f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['loss']:.4f}", f"{100 * r['ece']:.2f}", str(r["n"]))
-    print_table(table)
+    show(table)

@@ -1,6 +1,8 @@
 """The live progress display of a training run on rank 0: a rich bar per epoch with images/s,
 elapsed time, ETA, the latest losses and lr; one plain line per update when stdout is no terminal
 (logs, CI), and one summary line per finished epoch (train losses, val top-1/top-5, mean w).
+Its lines go out through fastkd.notes.show; while the bar is drawn, fastkd.notes.say prints the
+run's notes above it (the bar draws on fastkd.notes.console() unless given a console).
 
     with LiveDisplay(enabled=is_rank0, total_epochs=16) as live:
         live.start_epoch(epoch, total_steps)
@@ -10,6 +12,7 @@ elapsed time, ETA, the latest losses and lr; one plain line per update when stdo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -27,6 +30,8 @@ from rich.progress import (
 )
 
 from fastkd.metrics import eval_networks, is_rank0, teacher_w_of
+from fastkd.notes import drawing, show
+from fastkd.notes import console as shared_console
 
 
 def format_duration(seconds: float | None) -> str:
@@ -77,7 +82,7 @@ class LiveDisplay:
         self.enabled = is_rank0() if enabled is None else bool(enabled)
         self.total_epochs = total_epochs
         self.file = file if file is not None else sys.stdout
-        self.console = console or Console(file=self.file)
+        self.console = console or (Console(file=file) if file is not None else shared_console())
         self.interactive = self.console.is_terminal
         self._progress: Progress | None = None
         self._task = None
@@ -86,6 +91,7 @@ class LiveDisplay:
         self._epoch_start = 0.0
         self._last: dict[str, Any] = {}
         self._last_ips = 0.0
+        self._drawing = contextlib.ExitStack()
 
     # context manager: the rich Progress lives for the whole fit
     def __enter__(self) -> LiveDisplay:
@@ -102,12 +108,14 @@ class LiveDisplay:
                 console=self.console,
             )
             self._progress.start()
+            self._drawing.enter_context(drawing(self.console))  # notes go above the bar
         return self
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        self._drawing.close()
 
     def _epoch_label(self) -> str:
         total = f"/{self.total_epochs}" if self.total_epochs else ""
@@ -135,12 +143,8 @@ class LiveDisplay:
             return
         elapsed = time.perf_counter() - self._epoch_start
         eta = elapsed / step * (self._total_steps - step) if step else float("nan")
-        print(
-            f"{self._epoch_label()} step {step}/{self._total_steps} | {info} | {ips} img/s"
-            f" | eta {format_duration(eta)}",
-            file=self.file,
-            flush=True,
-        )
+        show(f"{self._epoch_label()} step {step}/{self._total_steps} | {info} | {ips} img/s"
+             f" | eta {format_duration(eta)}", file=self.file)
 
     def end_epoch(self, eval_res: Mapping[str, Any] | None = None) -> None:
         """Close the epoch's bar and print one line: time, last losses, val top-1/top-5, w."""
@@ -166,19 +170,7 @@ class LiveDisplay:
         self.print(line)
 
     def print(self, message: str) -> None:
-        """A line above the bar (or on stdout without one); nothing where disabled."""
-        if not self.enabled:
-            return
-        if self._progress is not None:
-            # soft_wrap: no newline inserted at the terminal width (a path stays copy-pasteable)
-            self._progress.console.print(message, highlight=False, markup=False, soft_wrap=True)
-        else:
-            print(message, file=self.file, flush=True)
-
-
-def say(live, is_main: bool, message: str) -> None:
-    """A message for the user on rank 0: above the live bar, or on stderr without one."""
-    if live.enabled:
-        live.print(message)
-    elif is_main:
-        print(f"fastkd train: {message}", file=sys.stderr, flush=True)
+        """A line above the bar (or on `file`, stdout by default, without one); nothing where
+        disabled. Never wrapped: a path stays copy-pasteable (fastkd.notes.show)."""
+        if self.enabled:
+            show(message, file=self.console.file if self._progress is not None else self.file)

@@ -31,7 +31,6 @@ import netrc
 import os
 import secrets
 import string
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from urllib.parse import urlsplit
 from fastkd.atomic import atomic_write_bytes
 from fastkd.errors import FastKDError
 from fastkd.metrics import Sink, eval_networks, teacher_w_of
+from fastkd.notes import say
 
 LOGGERS = ("tensorboard", "wandb")
 DEFAULT_LOGGERS = ["tensorboard"]  # RunConfig.log's default: skipped with a note without the package
@@ -95,8 +95,8 @@ def build_loggers(names: str | Sequence[str] | None, run_dir: str | os.PathLike,
                     f"pip install {PACKAGES[name]} (or drop {name} from --log / run.log)"
                 ) from None
             if enabled:
-                _note(f"{name} is not installed: no {name} logs (pip install {PACKAGES[name]}; "
-                      f"--log none silences this); metrics.jsonl has every record")  # fmt: skip
+                say(f"fastkd: {name} is not installed: no {name} logs (pip install {PACKAGES[name]}; "
+                    f"--log none silences this); metrics.jsonl has every record")  # fmt: skip
             continue
         usable.append(name)
     if not enabled:
@@ -111,7 +111,7 @@ def build_loggers(names: str | Sequence[str] | None, run_dir: str | os.PathLike,
                 sink.close()
             raise
         except Exception as e:  # a logger must not stop the run
-            _note(f"the {name} logger did not start ({type(e).__name__}: {e}); the run goes on without it")
+            say(f"fastkd: the {name} logger did not start ({type(e).__name__}: {e}); the run goes on without it")
     return sinks
 
 
@@ -120,10 +120,6 @@ def _import_package(name: str) -> None:
     importlib.import_module(PACKAGES[name])
     if name == "tensorboard":
         importlib.import_module("torch.utils.tensorboard")
-
-
-def _note(message: str) -> None:
-    print(f"fastkd: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- records -> scalars, histograms

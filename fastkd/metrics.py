@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from fastkd.atomic import atomic_write_bytes
+from fastkd.notes import say
 
 
 def is_rank0() -> bool:
@@ -142,8 +142,8 @@ class MetricsLog:
 
 def _sink_failed(sink: Sink, action: str, error: Exception) -> None:
     name = getattr(sink, "name", type(sink).__name__)
-    print(f"fastkd: the {name} logger failed in {action} ({type(error).__name__}: {error}); it is off for "
-          f"the rest of this run; metrics.jsonl keeps every record", file=sys.stderr, flush=True)  # fmt: skip
+    say(f"fastkd: the {name} logger failed in {action} ({type(error).__name__}: {error}); it is off for "
+        f"the rest of this run; metrics.jsonl keeps every record")  # fmt: skip
 
 
 def _close_quietly(sink: Sink) -> None:

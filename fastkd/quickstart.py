@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fastkd.data.spec import AUTO, BACKENDS
 from fastkd.errors import FastKDError
+from fastkd.notes import say, show
 from fastkd.run_layout import RunLayout
 
 STEPS = ("demo", "packed", "teacher", "students")
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _cli(argv: list[str], what: str) -> None:
     from fastkd.cli import main
 
-    print(f"\n[quickstart] {what}: fastkd {' '.join(argv)}", flush=True)
+    say(f"\n[quickstart] {what}: fastkd {' '.join(argv)}", err=False)
     rc = main(argv)
     if rc != 0:
         raise FastKDError(f"{what} failed (fastkd {argv[0]} exit status {rc}); see the messages above")
@@ -94,7 +95,7 @@ def train_run(config: str, data: Path, out: Path, backend: str | None, epochs: i
     """One `fastkd train` run into `out` unless its report.json already exists; returns the report."""
     report = RunLayout(out).report_json
     if report.is_file():
-        print(f"\n[quickstart] reusing {out} (report.json present; --fresh to retrain)", flush=True)
+        say(f"\n[quickstart] reusing {out} (report.json present; --fresh to retrain)", err=False)
     else:
         _cli(train_argv(config, data, out, backend, epochs, extra, teacher_weights), f"train {out.name}")
     try:
@@ -125,7 +126,7 @@ def prepare(out: str | Path, backend: str | None = None, teacher_epochs: int | N
             shutil.rmtree(out / step, ignore_errors=True)
     demo, packed = out / "demo", out / "packed"
     if (packed / "manifest.json").is_file():
-        print(f"[quickstart] reusing {packed} (manifest.json present)", flush=True)
+        say(f"[quickstart] reusing {packed} (manifest.json present)", err=False)
     else:
         if not (demo / "train").is_dir() or not (demo / "val").is_dir():
             _cli(["demo-data", str(demo), "--overwrite"], "demo data")
@@ -157,22 +158,21 @@ def _extra(train_args: list[str] | None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from fastkd.live import format_duration
     from fastkd.report import summary_table
-    from fastkd.tables import print_table
 
     report = run_quickstart(args.out, args.backend, args.teacher_epochs, args.epochs, args.fresh,
                             args.train_args)
     teacher_run = report["teacher_report"]
     t_name, t_net = next(iter(teacher_run["networks"].items()))
-    print()
-    print_table(summary_table(report))
-    # plain prints: paths stay on one line (copy-pasteable), whatever the terminal width
-    print(
+    show("")
+    show(summary_table(report))
+    # plain lines: paths stay on one line (copy-pasteable), whatever the terminal width
+    show(
         f"teacher {t_name} trained with ce: val top-1 {t_net.get('top1') or float('nan'):.2f} % in "
         f"{format_duration(teacher_run.get('wall_time_s'))}; students ({report['method']}) in "
         f"{format_duration(report.get('wall_time_s'))}; whole quickstart "
         f"{format_duration(report['pipeline_wall_time_s'])}"
     )
     out = Path(args.out)
-    print(f"run directory: {out / 'students'} (report.md, plots/, checkpoints/)")
-    print(f"teacher run: {out / 'teacher'}")
+    show(f"run directory: {out / 'students'} (report.md, plots/, checkpoints/)")
+    show(f"teacher run: {out / 'teacher'}")
     return 0

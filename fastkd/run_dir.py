@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from fastkd.errors import FastKDError
 from fastkd.metrics import read_metrics, truncate_metrics
+from fastkd.notes import say
 from fastkd.run_layout import CHECKPOINTS_DIR, CONFIG, LAST, METRICS, PLOTS_DIR, REPORT_JSON, REPORT_MD, RunLayout, best_name
 
 LOCK_NAME = ".lock"
@@ -55,10 +55,6 @@ RUN_MARKERS = (CONFIG, METRICS, f"{CHECKPOINTS_DIR}/{LAST}")
 # run dirs this process holds: a POSIX lock is per process, so a second RunLock of the same dir
 # in this process would "succeed" and its close would drop the first one's lock
 _HELD: set[Path] = set()
-
-
-def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -99,7 +95,7 @@ class RunLock:
     kill -9), and unlike flock it is not inherited by forked DataLoader workers, which would keep
     a dead trainer's lock alive. Where the file system has no locks (ENOLCK), the PID written in
     the file decides: a live PID on this host holds the dir. A lock file naming a process that is
-    gone is taken over with a one-line note (`note`, default stderr).
+    gone is taken over with a one-line note (`note`, default fastkd.notes.say: stderr).
 
     Take it in the one process that lives for the whole training (rank 0 / the launcher), not
     in every rank, and never open RUN/.lock elsewhere in that process (closing any fd of the file
@@ -107,7 +103,7 @@ class RunLock:
     different files of one name).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, note: Callable[[str], None] = _note):
+    def __init__(self, run_dir: str | os.PathLike, note: Callable[[str], None] = say):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.note = note
@@ -318,8 +314,8 @@ def prepare_fresh(run_dir: str | os.PathLike, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     entries, strangers = _run_entries(run_dir) if overwrite else ([], [])  # without a run, leftovers stay
     if strangers:
-        _note(f"fastkd: --overwrite of {run_dir} keeps {len(strangers)} file(s) the run did not write: "
-              + ", ".join(str(p.relative_to(run_dir)) for p in strangers[:10]))
+        say(f"fastkd: --overwrite of {run_dir} keeps {len(strangers)} file(s) the run did not write: "
+            + ", ".join(str(p.relative_to(run_dir)) for p in strangers[:10]))
     if not entries:
         return
     trash = run_dir / f"{TRASH_PREFIX}{os.getpid()}"

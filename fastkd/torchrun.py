@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from fastkd.notes import current_rank, say
+
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # set by torchrun for each rank
 
 
@@ -29,13 +31,12 @@ def report_error(text: str) -> None:
     rank's torchrun error file (read back by `main` should rank 0 not fail). Rank 0 writes its
     file too, first, marked `printed`: when another rank fails first and torchrun stops rank 0
     after it printed, `main` knows the error was said."""
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0 = current_rank() == 0
     path = os.environ.get(ERROR_FILE_ENV)
     if path:
         with open(path, "w") as f:
             json.dump({"message": text, "timestamp": int(time.time()), "printed": rank0}, f)
-    if rank0:
-        print(text, file=sys.stderr, flush=True)
+    say(text)  # rank 0 only, as `printed` above says
 
 
 def quiet_elastic_loggers() -> None:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as failed:
         code, line = failure_line(failed.failures)
         if line:
-            print(line, file=sys.stderr)
+            say(line, rank=0)  # torchrun's own process: no rank of the job, the one that reports
         return code
     return 0
 

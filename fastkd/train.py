@@ -36,10 +36,11 @@ from fastkd.data.contract import start_pass
 from fastkd.divergence import LossGuard, NonFiniteLoss  # noqa: F401 (NonFiniteLoss re-exported)
 from fastkd.errors import FastKDError
 from fastkd.evaluate import evaluate
-from fastkd.live import LiveDisplay, say
+from fastkd.live import LiveDisplay
 from fastkd.loggers import build_loggers
 from fastkd.metrics import MetricsLog, NullLog
 from fastkd.models import build_model, count_params, load_student_weights, load_teacher, network_names
+from fastkd.notes import say
 from fastkd.report import report_arch, summary_table, write_report
 from fastkd.resume import last_state, restore
 from fastkd.run_dir import claim
@@ -222,11 +223,11 @@ class Trainer:
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
         with self.log, live, stop_signals(self._request_stop):
-            say(live, self.is_main, self.peak_lr_how)
+            say(f"fastkd train: {self.peak_lr_how}", rank=self.dist.rank)
             if self.cache_feed is not None:  # no teacher forward: say whose logits train the students
-                say(live, self.is_main, self.cache_feed.describe())
+                say(f"fastkd train: {self.cache_feed.describe()}", rank=self.dist.rank)
             for note in self.resume_notes:
-                say(live, self.is_main, f"resume: {note}")
+                say(f"fastkd train: resume: {note}", rank=self.dist.rank)
             if self._resumed:  # where a resume starts: loggers drop what they had logged past it
                 self.log.write({"kind": "resume", "epoch": self.state.epoch, "step": self.state.global_step,
                                 "world_size": self.dist.world_size, "notes": self.resume_notes})  # fmt: skip
@@ -237,7 +238,8 @@ class Trainer:
                 if done < self.steps_per_epoch:  # stop requested inside the epoch (ranks agree)
                     self.state.step_in_epoch = done
                     path = self.save_last()
-                    say(live, self.is_main, f"interrupted at epoch {epoch + 1} step {done}: saved {path}")
+                    say(f"fastkd train: interrupted at epoch {epoch + 1} step {done}: saved {path}",
+                        rank=self.dist.rank)
                     raise Interrupted(path, self._stop_signum)
                 self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
                 res = None
@@ -260,7 +262,7 @@ class Trainer:
         each logged as a `compile` record, so no epoch's images/s carries a compile."""
         cfg = self.cfg
         if self.compile_note:
-            say(live, self.is_main, self.compile_note)
+            say(f"fastkd train: {self.compile_note}", rank=self.dist.rank)
         resolutions = sorted({self._resolution(e) for e in range(self.state.epoch, end_epoch)})
         batch = int(getattr(self.train_loader, "batch_size", None) or cfg.data.batch_size)  # per rank
         dtype = input_dtype(cfg.precision.amp, self.device)
@@ -268,8 +270,8 @@ class Trainer:
             self.state.compile_seconds[res] = seconds
             self.log.write({"kind": "compile", "epoch": self.state.epoch, "step": self.state.global_step, "resolution": res,
                             "batch_size": batch, "seconds": seconds})  # fmt: skip
-            say(live, self.is_main, f"compiled the step ({self.compile_mode}) for batches of "
-                                    f"{batch} x {res} px in {seconds:.1f} s")  # fmt: skip
+            say(f"fastkd train: compiled the step ({self.compile_mode}) for batches of "
+                f"{batch} x {res} px in {seconds:.1f} s", rank=self.dist.rank)  # fmt: skip
 
     def _train_epoch(self, epoch: int, live) -> int:
         """Steps of one epoch, from step_in_epoch (a Ctrl-C checkpoint's position) on; returns the

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from fastkd.checkpoint import load_last
 from fastkd.config import TrainConfig, resolve_config, save_config
 from fastkd.config_cli import TrainArgs, parse_train_argv
 from fastkd.errors import FastKDError
+from fastkd.notes import say
 from fastkd.run_dir import LOCK_ENV, claim, classify
 from fastkd.run_layout import CHECKPOINTS_DIR, RunLayout
 from fastkd.weights import split_weights_spec
@@ -138,12 +138,11 @@ def run(args: argparse.Namespace) -> int:
     cfg, ckpt = resolve(parse(args.argv))
     if _finished(cfg, ckpt):
         state = "finished" if classify(cfg.run.out) == "finished" else "at its last epoch"
-        print(f"fastkd train: the run in {cfg.run.out} is {state} ({ckpt['epoch']} of {cfg.schedule.epochs} "
-              "epochs); nothing to do. Raise --epochs to train on, or use --overwrite/another --out for a new "
-              "run", file=sys.stderr)  # fmt: skip
+        say(f"fastkd train: the run in {cfg.run.out} is {state} ({ckpt['epoch']} of {cfg.schedule.epochs} "
+            "epochs); nothing to do. Raise --epochs to train on, or use --overwrite/another --out for a new run")
         return 0
     if cfg.run.resume == "auto" and ckpt is None:
-        print(f"fastkd train: no checkpoint in {cfg.run.out}/checkpoints, starting fresh", file=sys.stderr)
+        say(f"fastkd train: no checkpoint in {cfg.run.out}/checkpoints, starting fresh")
     if _lock_held_for_us(cfg) or cfg.dist.gpus <= 1 or distributed.under_torchrun():
         return _train(cfg, ckpt)  # the Trainer claims the run dir (fastkd.run_dir.claim), after its checks
     with claim_run_dir(cfg, ckpt):  # held for the ranks it launches
@@ -155,7 +154,7 @@ def _launch(cfg: TrainConfig) -> int:
     with tempfile.TemporaryDirectory(prefix="fastkd-launch-") as tmp:
         path = Path(tmp) / "config.yaml"
         save_config(cfg, path)
-        print(f"fastkd train: launching {cfg.dist.gpus} ranks (torch.distributed.run)", file=sys.stderr)
+        say(f"fastkd train: launching {cfg.dist.gpus} ranks (torch.distributed.run)")
         os.environ[LOCK_ENV] = cfg.run.out
         try:
             return distributed.relaunch(cfg.dist.gpus, ["train", "--config", str(path)])
@@ -172,10 +171,10 @@ def _train(cfg: TrainConfig, ckpt: dict | None) -> int:
         trainer.fit()
     except Interrupted as stop:
         if stop.path is not None:
-            print(f"fastkd train: stopped; resume with --resume {stop.path}", file=sys.stderr)
+            say(f"fastkd train: stopped; resume with --resume {stop.path}")
         return stop.exit_code
     finally:
         distributed.shutdown()
     if trainer.is_main:
-        print(f"fastkd train: run directory {cfg.run.out} (report.md, checkpoints/)")
+        say(f"fastkd train: run directory {cfg.run.out} (report.md, checkpoints/)", err=False)
     return 0

@@ -17,6 +17,7 @@ import io
 from pathlib import Path
 
 from fastkd.errors import FastKDError
+from fastkd.notes import show
 
 VAL_EVERY = 5
 
@@ -61,7 +62,7 @@ def run(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FastKDError(f"{out} exists and is not empty; pass --overwrite to write into it")
     counts = write_demo(out, size=args.size)
-    print(f"wrote {counts['train']} train + {counts['val']} val images of 10 digit classes "
-          f"({args.size}x{args.size} RGB JPEG) to {out}")
-    print(f"next: fastkd pack {out} PACKED --classes all")
+    show(f"wrote {counts['train']} train + {counts['val']} val images of 10 digit classes "
+         f"({args.size}x{args.size} RGB JPEG) to {out}")
+    show(f"next: fastkd pack {out} PACKED --classes all")
     return 0

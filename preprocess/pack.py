@@ -31,13 +31,13 @@ import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import fastkd
 from fastkd.errors import FastKDError
+from fastkd.notes import say
 from fastkd.packformat import FORMAT, FORMAT_VERSION, FORMATS, MANIFEST_NAME, PAGE_SIZE, file_entry, write_manifest
 from fastkd.preprocess import encode as _encode
 from fastkd.preprocess.safety import (TMP_MARK, check_no_overlap, check_replaceable, disk_full_message,
@@ -48,15 +48,12 @@ from fastkd.preprocess.writers import BetonWriter, ShardWriter
 
 
 class Progress:
-    """Callbacks for a progress display; the default shows no bar and prints notes to stderr."""
+    """Callbacks for a progress display; the default shows no bar. The pack's notes (stale
+    folders removed, images dropped) go through fastkd.notes.say, above a bar where one is drawn."""
 
     def start(self, total: int) -> None: ...
 
     def advance(self, n: int = 1) -> None: ...
-
-    def note(self, message: str) -> None:
-        """One line the user should see (stale folders removed, images dropped): stderr."""
-        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -197,28 +194,28 @@ def pack(
         scan = scan_labels(src, labels, classes, val_fraction, seed)
         chosen, scanned, dropped, labels_sha256 = scan.classes, scan.splits, scan.dropped, scan.sha256
         for line in scan.notes:
-            progress.note(line)
+            say(line)
     else:
         classes = classes or "imagenet100"
         chosen = select_classes(src, classes)
         scanned: dict[str, ScannedSplit] = {s: scan_split(src, s, chosen, val_labels, allow_missing_val)
                                             for s in SPLITS}  # fmt: skip
         if scanned["val"].missing_rows:
-            progress.note(f"val: {scanned['val'].missing_rows:,} --val-labels row(s) of the chosen classes name no "
-                          f"image in {src / 'val'} (--allow-missing-val; counted in {MANIFEST_NAME})")
+            say(f"val: {scanned['val'].missing_rows:,} --val-labels row(s) of the chosen classes name no "
+                f"image in {src / 'val'} (--allow-missing-val; counted in {MANIFEST_NAME})")
         dropped = [row for s in SPLITS for row in scanned[s].dropped]
         for s in SPLITS:
             if scanned[s].dropped:
-                progress.note(f"{s}: dropped {len(scanned[s].dropped):,} of "
-                              f"{len(scanned[s].dropped) + len(scanned[s].items):,} image(s) whose --val-labels "
-                              f"class is not among the chosen classes (listed under 'dropped' in {MANIFEST_NAME})")
+                say(f"{s}: dropped {len(scanned[s].dropped):,} of "
+                    f"{len(scanned[s].dropped) + len(scanned[s].items):,} image(s) whose --val-labels "
+                    f"class is not among the chosen classes (listed under 'dropped' in {MANIFEST_NAME})")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stale = remove_stale_temporaries(out.parent)
         if stale:
-            progress.note(f"removed {len(stale)} temporary folder(s) of earlier packs that did not finish "
-                          f"(process gone) in {out.parent}: {', '.join(p.name for p in stale[:3])}"
-                          f"{' ...' if len(stale) > 3 else ''}")
+            say(f"removed {len(stale)} temporary folder(s) of earlier packs that did not finish "
+                f"(process gone) in {out.parent}: {', '.join(p.name for p in stale[:3])}"
+                f"{' ...' if len(stale) > 3 else ''}")
         tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -32,7 +32,10 @@ are skipped and listed (path + reason); --strict makes them fatal. SRC and OUT m
 from __future__ import annotations
 
 import argparse
+import contextlib
 
+from fastkd.notes import console as shared_console
+from fastkd.notes import drawing, show
 from fastkd.packformat import FORMATS
 from fastkd.preprocess.pack import Progress, default_workers, pack
 
@@ -77,9 +80,12 @@ class RichProgress(Progress):
                       TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                       TimeRemainingColumn(), console=console, transient=False, disable=not enabled)
         self.task = None
+        self._drawing = contextlib.ExitStack()
 
     def start(self, total: int) -> None:
         self.bar.start()
+        if self.enabled:  # the pack's notes (fastkd.notes.say) go above the bar, a path whole
+            self._drawing.enter_context(drawing(self.bar.console))
         self.task = self.bar.add_task("pack", total=total, rate="- img/s")
 
     def advance(self, n: int = 1) -> None:
@@ -89,12 +95,10 @@ class RichProgress(Progress):
             speed = task.speed
             self.bar.update(self.task, rate=f"{speed:,.0f} img/s" if speed else "- img/s")
 
-    def note(self, message: str) -> None:
-        self.bar.console.print(message, markup=False, highlight=False, soft_wrap=True)  # a path stays whole
-
     def stop(self) -> None:
         if self.task is not None:
             self.bar.stop()
+        self._drawing.close()
 
 
 def _mib(n: int) -> str:
@@ -109,10 +113,8 @@ def summary(result) -> None:
     on their own lines (in a table cell or title, a narrow terminal would wrap or cut them)."""
     from rich.table import Table
 
-    from fastkd.tables import print_table
-
     m = result.manifest
-    print(f"fastkd pack -> {result.out}")
+    show(f"fastkd pack -> {result.out}")
     table = Table()
     for header in ("split", "images", "skipped", "ignored folders", "JPEG bytes", "shards", "time", "images/s"):
         table.add_column(header, justify="left" if header == "split" else "right")
@@ -120,26 +122,23 @@ def summary(result) -> None:
         rate = (s.count + s.skipped) / s.seconds if s.seconds > 0 else float("nan")
         table.add_row(name, f"{s.count:,}", f"{s.skipped:,}", f"{s.ignored_folders:,}", _mib(s.jpeg_bytes),
                       str(s.shards), f"{s.seconds:.1f} s", f"{rate:,.0f}")
-    print_table(table)
+    show(table)
     sizes = {f: sum(e["size"] for e in m["files"] if e["path"].startswith(f + "/")) for f in m["params"]["formats"]}
-    print(f"{len(m['classes'])} classes, max side {m['params']['max_side']}, quality "
-          f"{m['params']['quality']}; " + ", ".join(f"{f} {_mib(b)}" for f, b in sizes.items()))
+    show(f"{len(m['classes'])} classes, max side {m['params']['max_side']}, quality "
+         f"{m['params']['quality']}; " + ", ".join(f"{f} {_mib(b)}" for f, b in sizes.items()))
     total = result.images + sum(s.skipped for s in result.splits.values())
-    print(f"{total:,} inputs in {result.seconds:.1f} s end to end (scan, encode, write, hash): "
-          f"{total / max(result.seconds, 1e-9):,.0f} images/s")
+    show(f"{total:,} inputs in {result.seconds:.1f} s end to end (scan, encode, write, hash): "
+         f"{total / max(result.seconds, 1e-9):,.0f} images/s")
     if m["skipped"]:
-        print(f"skipped inputs ({len(m['skipped'])}, also in manifest.json):")
+        show(f"skipped inputs ({len(m['skipped'])}, also in manifest.json):")
         for row in m["skipped"][:50]:
-            print(f"  {row['path']}: {row['reason']}")
+            show(f"  {row['path']}: {row['reason']}")
         if len(m["skipped"]) > 50:
-            print(f"  ... {len(m['skipped']) - 50} more in manifest.json")
+            show(f"  ... {len(m['skipped']) - 50} more in manifest.json")
 
 
 def run(args) -> int:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    progress = RichProgress(console, enabled=not args.quiet)
+    progress = RichProgress(shared_console(err=True), enabled=not args.quiet)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     try:
         result = pack(args.src, args.out, classes=args.classes, val_labels=args.val_labels,

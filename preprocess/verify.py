@@ -16,6 +16,7 @@ import argparse
 import time
 
 from fastkd.errors import FastKDError
+from fastkd.notes import say, show
 from fastkd.teacher_cache import TeacherCache, is_teacher_cache
 from fastkd.packformat import FORMATS, check_outputs, digest_state, load_manifest
 
@@ -36,8 +37,8 @@ def run(args) -> int:
         return _verify_cache(args.out)
     manifest = load_manifest(args.out)  # refuses a manifest whose digest does not match
     if digest_state(manifest) == "absent":
-        print(f"note: {args.out}/manifest.json has no digest (written by an older fastkd): its own content "
-              "cannot be checked, only the files it lists")
+        say(f"note: {args.out}/manifest.json has no digest (written by an older fastkd): its own content "
+            "cannot be checked, only the files it lists", err=False)
     t0 = time.perf_counter()
     problems = check_outputs(args.out, manifest, full_hash=True, formats=formats)
     checked = [e for e in manifest["files"] if formats is None or e["path"].split("/", 1)[0] in formats]
@@ -46,15 +47,16 @@ def run(args) -> int:
 
 
 def print_outcome(out, problems: list[str], checked: list[dict], seconds: float) -> int:
-    """OK with the counts (exit status 0), or one line per file that differs (1). Plain lines,
-    not a table: a path stays whole on its line whatever the terminal's width."""
+    """OK with the counts (exit status 0), or one line per file that differs (1), on stdout
+    (fastkd.notes.show: the command's output). Plain lines, not a table: a path stays whole on
+    its line whatever the terminal's width."""
     if not problems:
         nbytes = sum(e["size"] for e in checked)
-        print(f"OK: {len(checked)} files, {nbytes:,} bytes match {out}/manifest.json ({seconds:.1f} s)")
+        show(f"OK: {len(checked)} files, {nbytes:,} bytes match {out}/manifest.json ({seconds:.1f} s)")
         return 0
-    print(f"{len(problems)} of {len(checked)} files differ from {out}/manifest.json:")
+    show(f"{len(problems)} of {len(checked)} files differ from {out}/manifest.json:")
     for message in problems:  # "<file in the pack>: <difference>"
-        print(f"  {message}")
+        show(f"  {message}")
     return 1
 
 
@@ -65,11 +67,11 @@ def _verify_cache(root: str) -> int:
     try:
         cache = TeacherCache.open(root, verify=True)
     except FastKDError as error:
-        print(f"FAILED: {error}")
+        show(f"FAILED: {error}")
         return 1
     arrays = cache.manifest["arrays"].values()
     chunks = len((cache.manifest.get("chunks") or {}).get("sha256", []))
     how = f"{chunks} chunk checksums" if chunks else "no chunk checksums (a cache made by an older fastkd)"
-    print(f"OK: teacher cache {root}: {len(arrays)} arrays, {sum(e['size'] for e in arrays):,} bytes and {how} "
-          f"match its manifest.json ({time.perf_counter() - t0:.1f} s)")
+    show(f"OK: teacher cache {root}: {len(arrays)} arrays, {sum(e['size'] for e in arrays):,} bytes and {how} "
+         f"match its manifest.json ({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastkd.data import auto, build_loader, nvimgcodec_loader
+from fastkd.data import build_loader, nvimgcodec_loader
 from fastkd.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from fastkd.data.torch_loader import TorchLoader, default_workers, upload
+from fastkd import notes
 from fastkd.errors import FastKDError
 from loader_checks import assert_pass_without_host_sync, one_pass, write_textured_jpegs
 
@@ -110,7 +111,7 @@ def test_build_loader_takes_decode_for_torch_only(packed):
 def test_nvimgcodec_cpu_fallback_decodes_on_the_host(packed, monkeypatch, capsys):
     """Without nvImageCodec, decoders="cpu" falls back to torch with decode="host" (torch's options
     only: hw_decoder_load is dropped) and the note says where it decodes."""
-    monkeypatch.setattr(auto, "_said", set())
+    monkeypatch.setattr(notes, "_said", set())
     monkeypatch.setattr(nvimgcodec_loader, "available", lambda: "ModuleNotFoundError: no nvidia.nvimgcodec")
     loader = build_loader(packed, "train", "nvimgcodec", 4, 32, "cpu", "fp32", num_workers=1,
                           decoders="cpu", hw_decoder_load=0.5, batched_resize=True)

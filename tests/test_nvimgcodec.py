@@ -21,7 +21,7 @@ from fastkd.data import auto, build_loader, nvimgcodec_loader
 from fastkd.data.nvimgcodec_loader import NvImgCodecLoader
 from fastkd.data.torch_loader import TorchLoader
 from fastkd.data.transforms import center_crop_box, train_params
-from fastkd import nvjpeg_library
+from fastkd import notes, nvjpeg_library
 from fastkd.errors import FastKDError
 from loader_checks import assert_pass_without_host_sync, one_pass, write_textured_jpegs
 
@@ -55,7 +55,7 @@ def _load(packed, split, backend, **kw):
 @pytest.fixture(autouse=True)
 def fresh_notes(monkeypatch):
     """Each test sees the once-per-process notes afresh."""
-    monkeypatch.setattr(auto, "_said", set())
+    monkeypatch.setattr(notes, "_said", set())
 
 
 # ----------------------------------------------------------------------------- CPU decode == torch

@@ -34,11 +34,12 @@ from typing import Sequence
 
 import torch
 
-from fastkd.data.auto import choose_backend, say_once
+from fastkd.data.auto import choose_backend
 from fastkd.data.contract import Loader, LoaderSpec, parse_device
 from fastkd.data.packed import open_packed, shard_paths
 from fastkd.data.spec import AUTO, BACKEND_CHOICES, BACKENDS, LOADERS
 from fastkd.errors import FastKDError
+from fastkd.notes import say
 from fastkd.packformat import load_manifest, split_files
 
 __all__ = ["build_loader", "available_backends", "Loader", "BACKENDS"]
@@ -59,7 +60,7 @@ def build_loader(data_dir, split: str, backend: str, batch_size: int, resolution
         formats = load_manifest(data_dir).get("params", {}).get("formats") or ["ffcv", "dali"]
         backend, why = choose_backend(parse_device(device), formats)
         chosen = " (chosen by --backend auto)"
-        say_once(f"fastkd: loader backend auto -> {backend} ({why})", int(rank))
+        say(f"fastkd: loader backend auto -> {backend} ({why})", once=True, rank=int(rank))
     if backend not in LOADERS:
         raise FastKDError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     unknown = sorted(set(backend_opts) - LOADERS[backend].options)
@@ -104,6 +105,6 @@ def _nvimgcodec_or_torch(device, rank: int, opts: dict) -> tuple[str, dict]:
         torch_opts["decode"] = "host"
     host = device.type != "cuda" or torch_opts.get("decode") == "host"
     decoder = "libjpeg-turbo on the host cores" if host else "nvJPEG on the GPU"
-    say_once(f"fastkd: loader backend nvimgcodec falls back to torch: {why}; the torch backend reads the same "
-             f"shards with the same crops, decoded by {decoder}", rank)
+    say(f"fastkd: loader backend nvimgcodec falls back to torch: {why}; the torch backend reads the same "
+        f"shards with the same crops, decoded by {decoder}", once=True, rank=rank)
     return "torch", torch_opts

@@ -18,30 +18,18 @@ order of 1-3 is the expected speed on a GPU (engines free the SMs the step needs
 pipeline beats a Python thread); `benchmarks/gpu_check.sh` measures all three end to end, and
 the rule should follow those figures where they disagree.
 
-`build_loader(..., backend="auto")` prints the choice once per process on rank 0:
+`build_loader(..., backend="auto")` says the choice once per process on rank 0
+(fastkd.notes.say, once=True), as does the nvimgcodec backend's fallback note:
     fastkd: loader backend auto -> nvimgcodec (CUDA device cuda:0 with hardware JPEG decoders ...)
-`say_once` is also what the nvimgcodec backend's fallback note goes through.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 import torch
 
 from fastkd.errors import FastKDError
-
-_said: set[str] = set()
-
-
-def say_once(message: str, rank: int = 0) -> bool:
-    """Print `message` to stderr on rank 0, the first time it comes in this process."""
-    if rank != 0 or message in _said:
-        return False
-    _said.add(message)
-    print(message, file=sys.stderr, flush=True)
-    return True
 
 
 # availability probes: None when usable, else why not (tests monkeypatch these)
