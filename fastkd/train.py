@@ -223,11 +223,11 @@ class Trainer:
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng[self.dist.rank % len(self._resume_rng)])
         with self.log, live, stop_signals(self._request_stop):
-            say(f"fastkd train: {self.peak_lr_how}", rank=self.dist.rank)
+            say(f"fastkd train: {self.peak_lr_how}")
             if self.cache_feed is not None:  # no teacher forward: say whose logits train the students
-                say(f"fastkd train: {self.cache_feed.describe()}", rank=self.dist.rank)
+                say(f"fastkd train: {self.cache_feed.describe()}")
             for note in self.resume_notes:
-                say(f"fastkd train: resume: {note}", rank=self.dist.rank)
+                say(f"fastkd train: resume: {note}")
             if self._resumed:  # where a resume starts: loggers drop what they had logged past it
                 self.log.write({"kind": "resume", "epoch": self.state.epoch, "step": self.state.global_step,
                                 "world_size": self.dist.world_size, "notes": self.resume_notes})  # fmt: skip
@@ -238,8 +238,7 @@ class Trainer:
                 if done < self.steps_per_epoch:  # stop requested inside the epoch (ranks agree)
                     self.state.step_in_epoch = done
                     path = self.save_last()
-                    say(f"fastkd train: interrupted at epoch {epoch + 1} step {done}: saved {path}",
-                        rank=self.dist.rank)
+                    say(f"fastkd train: interrupted at epoch {epoch + 1} step {done}: saved {path}")
                     raise Interrupted(path, self._stop_signum)
                 self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
                 res = None
@@ -262,7 +261,7 @@ class Trainer:
         each logged as a `compile` record, so no epoch's images/s carries a compile."""
         cfg = self.cfg
         if self.compile_note:
-            say(f"fastkd train: {self.compile_note}", rank=self.dist.rank)
+            say(f"fastkd train: {self.compile_note}")
         resolutions = sorted({self._resolution(e) for e in range(self.state.epoch, end_epoch)})
         batch = int(getattr(self.train_loader, "batch_size", None) or cfg.data.batch_size)  # per rank
         dtype = input_dtype(cfg.precision.amp, self.device)
@@ -270,8 +269,7 @@ class Trainer:
             self.state.compile_seconds[res] = seconds
             self.log.write({"kind": "compile", "epoch": self.state.epoch, "step": self.state.global_step, "resolution": res,
                             "batch_size": batch, "seconds": seconds})  # fmt: skip
-            say(f"fastkd train: compiled the step ({self.compile_mode}) for batches of "
-                f"{batch} x {res} px in {seconds:.1f} s", rank=self.dist.rank)  # fmt: skip
+            say(f"fastkd train: compiled the step ({self.compile_mode}) for batches of {batch} x {res} px in {seconds:.1f} s")
 
     def _train_epoch(self, epoch: int, live) -> int:
         """Steps of one epoch, from step_in_epoch (a Ctrl-C checkpoint's position) on; returns the
