@@ -10,9 +10,9 @@ preprocess/ and kernels/ install as fastkd.preprocess and fastkd.kernels, so the
 from __future__ import annotations
 
 import ast
-import contextlib
-import gc
 from pathlib import Path
+
+from source_walk import parse_files
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "fastkd"
@@ -31,18 +31,6 @@ def source_files(root: Path = PACKAGE) -> list[Path]:
     """fastkd's Python files; for the real package, preprocess/ and kernels/ beside it too."""
     folders = [root] + ([root.parent / folder for folder in SUBPACKAGES] if root == PACKAGE else [])
     return sorted(path for folder in folders for path in folder.rglob("*.py"))
-
-
-@contextlib.contextmanager
-def no_garbage_collection():
-    """A finalizer raising while ast.parse runs (numba's, of dispatchers that earlier tests left)
-    makes CPython 3.11 fail the parse with "AST constructor recursion depth mismatch"."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _imports(tree: ast.Module):
@@ -65,13 +53,12 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
     `__version__`, and its lazy `fastkd.fit` / `fastkd.Trainer` getters are the public entry."""
     modules = {module_name(p, root): p for p in source_files(root)}
     top = root.name
-    with no_garbage_collection():  # once for all files: a full collection costs ~0.2 s in a busy worker
-        trees = {name: ast.parse(path.read_text(), filename=str(path)) for name, path in modules.items()}
+    trees = parse_files(list(modules.values()))
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         is_pkg = path.name == "__init__.py"
         deps: set[str] = set()
-        for node in _imports(trees[name]):
+        for node in _imports(trees[path]):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:

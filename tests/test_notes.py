@@ -4,8 +4,6 @@ stream, above a live display), and no other fastkd module printing on its own.""
 from __future__ import annotations
 
 import ast
-import contextlib
-import gc
 import io
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from rich.table import Table
 from fastkd import notes
 from fastkd.live import LiveDisplay
 from fastkd.notes import say, show
+from source_walk import parse_files
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("fastkd", "preprocess")
@@ -30,40 +29,20 @@ def clean(monkeypatch):
     monkeypatch.setattr(notes, "_said", set())
 
 
-def bare_prints(path: Path) -> list[int]:
-    """Lines where `path` calls print() or hands the builtin print on (note=print)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+def bare_prints(tree: ast.Module) -> list[int]:
+    """Lines where the module calls print() or hands the builtin print on (note=print)."""
     return sorted({n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "print"})
 
 
-@contextlib.contextmanager
-def no_garbage_collection():
-    """A finalizer raising while ast.parse runs (numba's, of dispatchers that earlier tests left)
-    makes CPython 3.11 fail the parse with "AST constructor recursion depth mismatch"."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def test_only_the_notes_module_prints():
-    found = {}
-    with no_garbage_collection():
-        for folder in SOURCES:
-            for path in sorted((ROOT / folder).rglob("*.py")):
-                name = path.relative_to(ROOT).as_posix()
-                lines = bare_prints(path)
-                if lines and name != "fastkd/notes.py":
-                    found[name] = lines
+    trees = parse_files(sorted(path for folder in SOURCES for path in (ROOT / folder).rglob("*.py")))
+    found = {path.relative_to(ROOT).as_posix(): lines for path, tree in trees.items() if (lines := bare_prints(tree))}
+    assert found.pop("fastkd/notes.py", None), "the notes module is where printing happens"
     assert not found, f"print outside fastkd/notes.py (file: lines): {found}"
-    assert bare_prints(ROOT / "fastkd/notes.py"), "the notes module is where printing happens"
 
 
-def test_the_check_sees_a_print(tmp_path):
-    (tmp_path / "m.py").write_text("def f(x):\n    g(x, note=print)\n    print(x)\n    obj.print(x)\n")
-    assert bare_prints(tmp_path / "m.py") == [2, 3]
+def test_the_check_sees_a_print():
+    assert bare_prints(ast.parse("def f(x):\n    g(x, note=print)\n    print(x)\n    obj.print(x)\n")) == [2, 3]
 
 
 def test_streams(capsys):
