@@ -12,25 +12,17 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from source_walk import parse_files
+from source_walk import REPO, SOURCE_FOLDERS, parse_files, source_files
 
-REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "fastkd"
-SUBPACKAGES = {"preprocess": "fastkd.preprocess", "kernels": "fastkd.kernels"}  # folder -> installed name
 MAX_LINES = 400
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
     parts = path.relative_to(root.parent).with_suffix("").parts
-    if parts[0] in SUBPACKAGES and root == PACKAGE:
-        parts = (*SUBPACKAGES[parts[0]].split("."), *parts[1:])
+    if root == PACKAGE:  # preprocess/x.py is fastkd.preprocess.x
+        parts = (*SOURCE_FOLDERS[parts[0]].split("."), *parts[1:])
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def source_files(root: Path = PACKAGE) -> list[Path]:
-    """fastkd's Python files; for the real package, preprocess/ and kernels/ beside it too."""
-    folders = [root] + ([root.parent / folder for folder in SUBPACKAGES] if root == PACKAGE else [])
-    return sorted(path for folder in folders for path in folder.rglob("*.py"))
 
 
 def _imports(tree: ast.Module):
@@ -51,7 +43,8 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
     as importing pkg.name when that is a module, else pkg. The top package itself is left out:
     Python runs fastkd/__init__.py before any submodule, modules reach it only for
     `__version__`, and its lazy `fastkd.fit` / `fastkd.Trainer` getters are the public entry."""
-    modules = {module_name(p, root): p for p in source_files(root)}
+    files = source_files() if root == PACKAGE else sorted(root.rglob("*.py"))
+    modules = {module_name(p, root): p for p in files}
     top = root.name
     trees = parse_files(list(modules.values()))
     graph: dict[str, set[str]] = {}

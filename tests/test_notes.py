@@ -8,7 +8,6 @@ import io
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -17,10 +16,8 @@ from rich.table import Table
 from fastkd import notes
 from fastkd.live import LiveDisplay
 from fastkd.notes import say, show
-from source_walk import parse_files
+from source_walk import REPO, parse_files, source_files
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("fastkd", "preprocess")
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +32,8 @@ def bare_prints(tree: ast.Module) -> list[int]:
 
 
 def test_only_the_notes_module_prints():
-    trees = parse_files(sorted(path for folder in SOURCES for path in (ROOT / folder).rglob("*.py")))
-    found = {path.relative_to(ROOT).as_posix(): lines for path, tree in trees.items() if (lines := bare_prints(tree))}
+    trees = parse_files(source_files())
+    found = {path.relative_to(REPO).as_posix(): lines for path, tree in trees.items() if (lines := bare_prints(tree))}
     assert found.pop("fastkd/notes.py", None), "the notes module is where printing happens"
     assert not found, f"print outside fastkd/notes.py (file: lines): {found}"
 
@@ -130,5 +127,5 @@ def test_a_table_at_its_natural_width(capsys):
 
 def test_importing_notes_loads_neither_torch_nor_rich():
     code = "import sys, fastkd.notes; print(sorted(m for m in ('torch', 'rich') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
