@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Annotated, Any, get_origin, get_type_hints
 
 from fastkd.config import TrainConfig, accepts_none, section_classes
+from fastkd.gc_paused import gc_paused
 
 # Short flags for the keys people type most (the one list: --help shows it).
 ALIASES: dict[str, str] = {
@@ -149,8 +150,9 @@ def parse_train_argv(argv: list[str], prog: str = "fastkd train", description: s
     ])
 
     tyro_argv, given = normalise_argv(argv)
-    parsed = tyro.cli(command, args=tyro_argv, prog=prog, description=_help_text(description),
-                      use_underscores=True)
+    with gc_paused():  # tyro parses the config's source for its help (see fastkd.gc_paused)
+        parsed = tyro.cli(command, args=tyro_argv, prog=prog, description=_help_text(description),
+                          use_underscores=True)
     types = _field_types()
     overrides = {}
     for key in given:

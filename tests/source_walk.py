@@ -4,8 +4,9 @@ run it."""
 from __future__ import annotations
 
 import ast
-import gc
 from pathlib import Path
+
+from fastkd.gc_paused import gc_paused
 
 REPO = Path(__file__).resolve().parent.parent
 # the folders that install as the fastkd package: fastkd/, and preprocess/ and kernels/ beside it
@@ -19,13 +20,6 @@ def source_files() -> list[Path]:
 
 
 def parse_files(paths: list[Path]) -> dict[Path, ast.Module]:
-    """path -> its syntax tree. Garbage collection is off while parsing: a finalizer raising
-    inside ast.parse (numba's, of dispatchers that earlier tests left) makes CPython 3.11 fail
-    the parse with "AST constructor recursion depth mismatch". One collection first, not one per
-    file: in a worker that has run other tests a full collection costs ~0.2 s."""
-    gc.collect()
-    gc.disable()
-    try:
+    """path -> its syntax tree, parsed with the collector paused (fastkd.gc_paused says why)."""
+    with gc_paused():
         return {path: ast.parse(path.read_text(), filename=str(path)) for path in paths}
-    finally:
-        gc.enable()
